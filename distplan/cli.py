@@ -1,0 +1,164 @@
+"""The ``distplan`` command line.
+
+Each pipeline stage registers its own sub-commands from its package's ``cli.py`` (``register(app)``), so
+the stages stay independent. Those modules import torch and other heavy libraries inside the command
+functions only, which keeps ``distplan --help`` and ``distplan plan graph.json`` fast.
+
+Errors a user can cause (:class:`~distplan.errors.DistplanError`) print one paragraph and exit with code 2;
+``--debug`` (anywhere on the line) or ``DISTPLAN_DEBUG=1`` shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import NoReturn
+
+import typer
+
+from distplan.errors import DistplanError
+
+__all__ = ["app", "fail", "main"]
+
+app = typer.Typer(
+    name="distplan",
+    help="Plan, lower and validate the distribution of a PyTorch model over a (mixed) GPU cluster.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Sub-packages that contribute commands, in the order of the pipeline.
+_COMMAND_MODULES = (
+    "distplan.tracer.cli",
+    "distplan.planner.cli",
+    "distplan.lowering.cli",
+    "distplan.service.cli",
+    "distplan.report_cli",
+)
+
+_registered = False
+
+
+def _register_all() -> None:
+    global _registered
+    if _registered:
+        return
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # that stage has no commands yet
+                continue
+            raise
+        module.register(app)
+    _registered = True
+
+
+@app.command("clusters")
+def clusters_command(
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """List the built-in cluster presets: name, device count and the device kinds each holds."""
+    import json
+
+    from distplan.profiles import list_presets, preset_cluster
+
+    rows = []
+    for name in list_presets():
+        c = preset_cluster(name)
+        rows.append(
+            {
+                "name": name,
+                "num_devices": c.num_devices,
+                "num_hosts": len(c.hosts),
+                "kinds": c.kind_counts(),
+                "description": c.description,
+            }
+        )
+    if json_out:
+        typer.echo(json.dumps({"clusters": rows}, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="cluster presets (use with --cluster NAME, or pass a YAML file)")
+    for col in ("name", "devices", "hosts", "kinds", "description"):
+        t.add_column(col)
+    for r in rows:
+        kinds = ", ".join(f"{n} x {k}" for k, n in r["kinds"].items())
+        t.add_row(r["name"], str(r["num_devices"]), str(r["num_hosts"]), kinds, r["description"])
+    Console().print(t)
+
+
+@app.command("device-kinds")
+def device_kinds_command(
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """List the device-kind catalogue: memory, bandwidth and peak TFLOP/s per dtype."""
+    import json
+
+    from distplan.profiles import device_kinds
+
+    kinds = device_kinds()
+    if json_out:
+        typer.echo(json.dumps({"kinds": [k.to_dict() for k in kinds.values()]}, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="device kinds")
+    for col in ("name", "memory GiB", "HBM GB/s", "fp32", "tf32", "bf16", "fp16", "efficiency"):
+        t.add_column(col)
+    for k in kinds.values():
+        tf = [f"{k.peak_flops[d] / 1e12:g}" if d in k.peak_flops else "-" for d in ("fp32", "tf32", "bf16", "fp16")]
+        t.add_row(k.name, f"{k.memory_bytes / 2**30:g}", f"{k.memory_bandwidth_bytes_s / 1e9:g}", *tf, f"{k.efficiency:g}")
+    Console().print(t)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print an error paragraph to stderr and exit (for commands' own argument checks)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("DISTPLAN_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
+    _register_all()
+    try:
+        app(args=args, prog_name="distplan", standalone_mode=False)
+    except DistplanError as e:
+        if debug:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        if e.__cause__ is not None and not isinstance(e.__cause__, DistplanError):
+            typer.echo(f"  caused by {type(e.__cause__).__name__}: {str(e.__cause__)[:500]}", err=True)
+        typer.echo("  (run with --debug for the traceback)", err=True)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # click usage errors and the like
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if debug:
+            raise
+        typer.echo(f"internal error: {type(e).__name__}: {e}", err=True)
+        typer.echo("  (this is a distplan bug; run with --debug for the traceback and report it)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

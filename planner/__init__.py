@@ -1,0 +1,1 @@
+"""distplan.planner."""

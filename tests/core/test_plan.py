@@ -1,0 +1,50 @@
+import pytest
+
+from distplan.errors import PlanError
+from distplan.plan import Plan, PlanRequest, Stage, build_rank_map, parse_layout
+from distplan.profiles import load_cluster
+
+
+def make_plan(devs0=(8, 9), devs1=(0, 1), *, global_batch=16, mb=4) -> Plan:
+    c = load_cluster("a100x8-v100x8")
+    req = PlanRequest("g", "h" * 32, "s" * 32, c, global_batch=global_batch)
+    stages = (
+        Stage(0, 0, 10, devs0, c.devices()[devs0[0]].kind, dp=len(devs0), memory_bytes=2**30),
+        Stage(1, 10, 20, devs1, c.devices()[devs1[0]].kind, dp=len(devs1), memory_bytes=2**30),
+    )
+    ranks = build_rank_map(c, [s.devices for s in stages])
+    return Plan(req, stages, mb, global_batch // (mb * len(devs0)), "1f1b", ranks)
+
+
+def test_rank_map_is_host_major() -> None:
+    p = make_plan()
+    # devices 0,1 (a100 host 0) get ranks 0,1 although they run stage 1
+    assert [(r.rank, r.device, r.stage, r.replica, r.local_rank) for r in p.rank_map] == [
+        (0, 0, 1, 0, 0),
+        (1, 1, 1, 1, 1),
+        (2, 8, 0, 0, 0),
+        (3, 9, 0, 1, 1),
+    ]
+    assert p.mesh() == [[2, 3], [0, 1]]
+    p.check()
+
+
+def test_plan_round_trip_and_layout() -> None:
+    p = make_plan()
+    assert Plan.from_json(p.to_json()) == p
+    assert p.layout == "1f1b m4x2 | 0:10@8,9 | 10:20@0,1"
+    assert parse_layout(p.layout) == ("1f1b", 4, 2, [(0, 10, (8, 9)), (10, 20, (0, 1))])
+    assert make_plan().id == p.id
+
+
+def test_check_rejects_bad_plans() -> None:
+    with pytest.raises(PlanError, match="device 8 is used by stages 0 and 1"):
+        make_plan((8, 9), (8, 10)).check()
+    with pytest.raises(PlanError, match="4 microbatches x 1 samples x dp 2 = 8, but global_batch is 10"):
+        make_plan(global_batch=10).check()
+    with pytest.raises(PlanError, match="not divisible into 3 microbatches"):
+        PlanRequest("g", "h", "s", load_cluster("h100x8"), global_batch=16, microbatches=3)
+    d = make_plan().to_dict()
+    d["schema_version"] = 7
+    with pytest.raises(PlanError, match="schema_version: 7 is not supported"):
+        Plan.from_dict(d)
