@@ -36,7 +36,8 @@ _COMMAND_MODULES = (
     "distplan.planner.cli",
     "distplan.lowering.cli",
     "distplan.service.cli",
-    "distplan.report_cli",
+    "distplan.service.report_cli",
+    "distplan.service.demo_cli",
 )
 
 _registered = False
