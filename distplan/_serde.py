@@ -83,14 +83,18 @@ def get_float(
     return float(v)
 
 
-def get_bool(d: Mapping[str, Any], key: str, path: str, exc: type[Exception], default: Any = _REQUIRED) -> bool:
+def get_bool(
+    d: Mapping[str, Any], key: str, path: str, exc: type[Exception], default: Any = _REQUIRED
+) -> bool:
     v = _field(d, key, path, exc, default)
     if not isinstance(v, bool):
         raise _fail(exc, f"{path}.{key}", "true or false", v)
     return v
 
 
-def get_list(d: Mapping[str, Any], key: str, path: str, exc: type[Exception], default: Any = _REQUIRED) -> list[Any]:
+def get_list(
+    d: Mapping[str, Any], key: str, path: str, exc: type[Exception], default: Any = _REQUIRED
+) -> list[Any]:
     v = _field(d, key, path, exc, default)
     if not isinstance(v, (list, tuple)):
         raise _fail(exc, f"{path}.{key}", "a list", v)

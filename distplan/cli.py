@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
 
@@ -67,7 +67,7 @@ def clusters_command(
 
     from distplan.profiles import list_presets, preset_cluster
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in list_presets():
         c = preset_cluster(name)
         rows.append(
@@ -90,7 +90,7 @@ def clusters_command(
         t.add_column(col)
     for r in rows:
         kinds = ", ".join(f"{n} x {k}" for k, n in r["kinds"].items())
-        t.add_row(r["name"], str(r["num_devices"]), str(r["num_hosts"]), kinds, r["description"])
+        t.add_row(str(r["name"]), str(r["num_devices"]), str(r["num_hosts"]), kinds, str(r["description"]))
     Console().print(t)
 
 
@@ -114,8 +114,17 @@ def device_kinds_command(
     for col in ("name", "memory GiB", "HBM GB/s", "fp32", "tf32", "bf16", "fp16", "efficiency"):
         t.add_column(col)
     for k in kinds.values():
-        tf = [f"{k.peak_flops[d] / 1e12:g}" if d in k.peak_flops else "-" for d in ("fp32", "tf32", "bf16", "fp16")]
-        t.add_row(k.name, f"{k.memory_bytes / 2**30:g}", f"{k.memory_bandwidth_bytes_s / 1e9:g}", *tf, f"{k.efficiency:g}")
+        tf = [
+            f"{k.peak_flops[d] / 1e12:g}" if d in k.peak_flops else "-"
+            for d in ("fp32", "tf32", "bf16", "fp16")
+        ]
+        t.add_row(
+            k.name,
+            f"{k.memory_bytes / 2**30:g}",
+            f"{k.memory_bandwidth_bytes_s / 1e9:g}",
+            *tf,
+            f"{k.efficiency:g}",
+        )
     Console().print(t)
 
 

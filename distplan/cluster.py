@@ -146,14 +146,14 @@ class DeviceKind:
         name = get_str(m, "name", path, _E)
         path = f"{path}[{name}]"
         mem = _one_of(m, path, {"memory_bytes": 1.0, "memory_gib": GIB, "memory_gb": 1e9})
-        bw = _one_of(
-            m, path, {"memory_bandwidth_bytes_s": 1.0, "memory_bandwidth_gbyte_s": 1e9}
-        )
+        bw = _one_of(m, path, {"memory_bandwidth_bytes_s": 1.0, "memory_bandwidth_gbyte_s": 1e9})
         if ("peak_flops" in m) == ("peak_tflops" in m):
             raise _E(f"{path}: give exactly one of peak_flops or peak_tflops")
         key, scale = ("peak_flops", 1.0) if "peak_flops" in m else ("peak_tflops", 1e12)
         pf = get_map(m[key], f"{path}.{key}", _E)
-        peak = {k: get_float(pf, k, f"{path}.{key}", _E, positive=True) * scale for k in pf if pf[k] is not None}
+        peak = {
+            k: get_float(pf, k, f"{path}.{key}", _E, positive=True) * scale for k in pf if pf[k] is not None
+        }
         reserved = 0.0
         if "memory_reserved_bytes" in m or "memory_reserved_gib" in m:
             reserved = _one_of(
@@ -240,7 +240,7 @@ class Cluster:
 
     # ------------------------------------------------------------------ queries
     def devices(self) -> tuple[Device, ...]:
-        out = []
+        out: list[Device] = []
         for hi, h in enumerate(self.hosts):
             for li, k in enumerate(h.devices):
                 out.append(Device(len(out), hi, h.name, li, k))
@@ -323,7 +323,9 @@ class Cluster:
                     raise _E(f"{gp}.count: at most 4096 devices per host, got {count}")
                 devs.extend([kname] * count)
             if "link" not in hm:
-                raise _E(f"{hp}.link: missing (the intra-host link, e.g. {{bandwidth_gbyte_s: 300, latency_us: 5}})")
+                raise _E(
+                    f"{hp}.link: missing (the intra-host link, e.g. {{bandwidth_gbyte_s: 300, latency_us: 5}})"
+                )
             link = Link.from_dict(hm["link"], f"{hp}.link")
             repeat = get_int(hm, "repeat", hp, _E, 1, minimum=1)
             if repeat > 1024:

@@ -189,7 +189,9 @@ class OpGraph:
                 f"graph schema_version {self.schema_version} is not supported (this distplan reads {GRAPH_SCHEMA_VERSION})"
             )
         if self.num_params < 0 or self.param_bytes < 0:
-            raise GraphError(f"num_params and param_bytes must be >= 0, got {self.num_params}, {self.param_bytes}")
+            raise GraphError(
+                f"num_params and param_bytes must be >= 0, got {self.num_params}, {self.param_bytes}"
+            )
 
     # ------------------------------------------------------------------ checks
     def lint(self) -> None:
@@ -204,7 +206,9 @@ class OpGraph:
                 j = index.get(src)
                 if j is None:
                     known = any(m.name == src for m in self.nodes[i + 1 :])
-                    why = "is defined later (cycle or not topologically ordered)" if known else "does not exist"
+                    why = (
+                        "is defined later (cycle or not topologically ordered)" if known else "does not exist"
+                    )
                     raise GraphError(f"node {i} {n.name!r}: input {src!r} {why}")
             index[n.name] = i
         for o in self.outputs:
@@ -267,9 +271,7 @@ class OpGraph:
 
     def crossing_values(self, position: int) -> list[str]:
         """Names of the nodes whose values cross a cut at ``position``."""
-        return [
-            self.nodes[i].name for i, last in enumerate(self.last_uses()) if i < position <= last
-        ]
+        return [self.nodes[i].name for i, last in enumerate(self.last_uses()) if i < position <= last]
 
     @property
     def structure_hash(self) -> str:

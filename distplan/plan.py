@@ -366,7 +366,9 @@ class Plan:
 
     def __post_init__(self) -> None:
         if self.schema_version != PLAN_SCHEMA_VERSION:
-            raise _E(f"plan schema_version {self.schema_version} is not supported (this distplan reads {PLAN_SCHEMA_VERSION})")
+            raise _E(
+                f"plan schema_version {self.schema_version} is not supported (this distplan reads {PLAN_SCHEMA_VERSION})"
+            )
         if self.schedule not in SCHEDULES:
             raise _E(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not self.stages:
@@ -445,7 +447,9 @@ class Plan:
                 raise _E(f"stage {i} starts at node {s.start}, expected {pos} (stages must be contiguous)")
             pos = s.end
             if s.dp != self.dp:
-                raise _E(f"stage {i} has dp={s.dp} but stage 0 has dp={self.dp}; all stages share one dp degree")
+                raise _E(
+                    f"stage {i} has dp={s.dp} but stage 0 has dp={self.dp}; all stages share one dp degree"
+                )
             for d in s.devices:
                 if not 0 <= d < len(devices):
                     raise _E(f"stage {i} uses device {d}, but the cluster has {len(devices)} devices")
@@ -468,7 +472,9 @@ class Plan:
             )
         expected = build_rank_map(cluster, [s.devices for s in self.stages])
         if tuple(self.rank_map) != expected:
-            raise _E("rank map does not match the stages' devices in host-major order (see [Note: rank order])")
+            raise _E(
+                "rank map does not match the stages' devices in host-major order (see [Note: rank order])"
+            )
 
     # ------------------------------------------------------------------ serde
     def to_dict(self) -> dict[str, Any]:
@@ -502,7 +508,10 @@ class Plan:
                 raise _E(f"plan.baselines.{k}: expected a number or null, got {v!r}")
         return cls(
             request=PlanRequest.from_dict(m.get("request")),
-            stages=tuple(Stage.from_dict(s, f"plan.stages[{i}]") for i, s in enumerate(get_list(m, "stages", "plan", _E))),
+            stages=tuple(
+                Stage.from_dict(s, f"plan.stages[{i}]")
+                for i, s in enumerate(get_list(m, "stages", "plan", _E))
+            ),
             num_microbatches=get_int(m, "num_microbatches", "plan", _E, minimum=1),
             microbatch_size=get_int(m, "microbatch_size", "plan", _E, minimum=1),
             schedule=get_str(m, "schedule", "plan", _E),

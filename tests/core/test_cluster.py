@@ -48,9 +48,13 @@ def test_malformed_profile_names_file_field_and_value(tmp_path: Path) -> None:
         "    link: {bandwidth_gbyte_s: 300}\n  - name: b\n    devices: [{kind: t4-16g}]\n"
         "    link: {bandwidth_gbyte_s: 16}\nnetwork: {bandwidth_gbit_s: -5}\n"
     )
-    with pytest.raises(ProfileError, match=r"bad.yaml: cluster.network.bandwidth_gbit_s: expected a positive number, got -5"):
+    with pytest.raises(
+        ProfileError, match=r"bad.yaml: cluster.network.bandwidth_gbit_s: expected a positive number, got -5"
+    ):
         load_cluster(f)
-    f.write_text("name: x\nhosts:\n  - name: a\n    devices: [{kind: b200, count: 2}]\n    link: {bandwidth_gbyte_s: 1}\n")
+    f.write_text(
+        "name: x\nhosts:\n  - name: a\n    devices: [{kind: b200, count: 2}]\n    link: {bandwidth_gbyte_s: 1}\n"
+    )
     with pytest.raises(ProfileError, match=r"hosts\[0\].devices\[0\].kind: unknown device kind 'b200'"):
         load_cluster(f)
     f.write_text("name: [unclosed\n")
@@ -63,7 +67,9 @@ def test_malformed_profile_names_file_field_and_value(tmp_path: Path) -> None:
 def test_inline_kind_and_empty_cluster() -> None:
     spec = {
         "name": "custom",
-        "kinds": [{"name": "x1", "memory_gib": 8, "memory_bandwidth_gbyte_s": 100, "peak_tflops": {"fp32": 1}}],
+        "kinds": [
+            {"name": "x1", "memory_gib": 8, "memory_bandwidth_gbyte_s": 100, "peak_tflops": {"fp32": 1}}
+        ],
         "hosts": [{"name": "h", "devices": [{"kind": "x1", "count": 3}], "link": {"bandwidth_gbyte_s": 10}}],
     }
     c = load_cluster(spec)

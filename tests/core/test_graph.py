@@ -12,10 +12,22 @@ def skip_graph() -> OpGraph:
     # x -> a -> b -> c(a, b) -> d ; a skips over b (a residual)
     nodes = [
         OpNode("x", "placeholder", "x", outputs=t(100)),
-        OpNode("a", "call_function", "aten.mm", "l1", ("x",), t(40), fwd_flops=10, param_bytes=16, params=("l1.w",)),
+        OpNode(
+            "a",
+            "call_function",
+            "aten.mm",
+            "l1",
+            ("x",),
+            t(40),
+            fwd_flops=10,
+            param_bytes=16,
+            params=("l1.w",),
+        ),
         OpNode("b", "call_function", "aten.relu", "l1", ("a",), t(40)),
         OpNode("c", "call_function", "aten.add", "", ("a", "b"), t(40)),
-        OpNode("d", "call_function", "aten.mm", "l2", ("c",), t(8), fwd_flops=5, param_bytes=8, params=("l2.w",)),
+        OpNode(
+            "d", "call_function", "aten.mm", "l2", ("c",), t(8), fwd_flops=5, param_bytes=8, params=("l2.w",)
+        ),
     ]
     return make_graph("skip", nodes, outputs=("d",), num_params=6)
 
@@ -36,7 +48,12 @@ def test_graph_json_round_trip_and_hashes() -> None:
     assert g.fwd_flops == 15
     bigger = make_graph(
         "skip",
-        [OpNode(n.name, n.op, n.target, n.module, n.inputs, t(999), n.fwd_flops, 0, 0, n.param_bytes, n.params) for n in g.nodes],
+        [
+            OpNode(
+                n.name, n.op, n.target, n.module, n.inputs, t(999), n.fwd_flops, 0, 0, n.param_bytes, n.params
+            )
+            for n in g.nodes
+        ],
         outputs=("d",),
     )
     assert bigger.structure_hash == g.structure_hash
