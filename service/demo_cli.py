@@ -1,0 +1,209 @@
+"""``distplan demo``: the README's main job (see :mod:`distplan.service.demo`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from distplan.service.demo import (
+    DEFAULT_CLUSTER,
+    DEFAULT_GLOBAL_BATCH,
+    DEFAULT_MODEL,
+    DEFAULT_SEQ,
+    DEFAULT_TIME_LIMIT_S,
+)
+
+if TYPE_CHECKING:
+    from distplan.service.demo import DemoResult
+    from rich.console import Console
+
+__all__ = ["demo_command", "print_plan_table", "register"]
+
+
+def print_plan_table(result: DemoResult, console: Console) -> None:
+    """The plan as a table: one row per stage."""
+    from distplan.service.report import format_bytes, format_seconds
+    from rich.table import Table
+
+    plan, graph = result.plan, result.graph
+    cluster = plan.request.cluster
+    s = plan.solver
+    title = (
+        f"Plan: {plan.num_stages} stages x dp {plan.dp} on {len(plan.devices_used)} of {cluster.num_devices} devices, "
+        f"{plan.schedule}, {plan.num_microbatches} microbatches of {plan.microbatch_size} "
+        f"(solver {s.status}, gap {s.gap * 100:.1f}%, {s.seconds:.1f} s)"
+    )
+    t = Table(title=title, title_justify="left")
+    for col, justify in (
+        ("stage", "right"),
+        ("devices", "left"),
+        ("kind", "left"),
+        ("layers / modules", "left"),
+        ("fwd+bwd / microbatch", "right"),
+        ("memory / device", "right"),
+    ):
+        t.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for st in plan.stages:
+        cap = cluster.kinds[st.kind].usable_memory_bytes
+        mods = _layer_span(graph, st.start, st.end) or (
+            st.modules[0] if st.modules else f"nodes {st.start}-{st.end}"
+        )
+        t.add_row(
+            str(st.index),
+            ",".join(str(d) for d in st.devices),
+            st.kind,
+            mods,
+            format_seconds(st.fwd_time_s + st.bwd_time_s),
+            f"{format_bytes(st.memory_bytes)} / {format_bytes(cap)}",
+        )
+    console.print(t)
+
+
+def _layer_span(graph: object, start: int, end: int) -> str:
+    """``transformer.h.0 … transformer.h.5`` style: the first and last module of a stage at layer depth."""
+    from distplan.graph import OpGraph
+
+    if not isinstance(graph, OpGraph):
+        return ""
+    mods = [n.module for n in graph.nodes[start:end] if n.module]
+    if not mods:
+        return "(inputs)"
+
+    def layer(m: str) -> str:
+        parts = m.split(".")
+        for i, p in enumerate(parts):
+            if p.isdigit():
+                return ".".join(parts[: i + 1])
+        return ".".join(parts[:2])
+
+    first, last = layer(mods[0]), layer(mods[-1])
+    return first if first == last else f"{first} … {last}"
+
+
+def _missing_parts() -> list[str]:
+    """Pipeline steps not installed in this checkout (while the project is being assembled)."""
+    import importlib
+
+    missing = []
+    for module, attr in (
+        ("distplan.tracer", "trace"),
+        ("distplan.planner", "plan"),
+        ("distplan.planner", "simulate"),
+        ("distplan.lowering", "validate"),
+    ):
+        try:
+            if not hasattr(importlib.import_module(module), attr):
+                missing.append(f"{module}.{attr}")
+        except ImportError:
+            missing.append(f"{module}.{attr}")
+    return missing
+
+
+def demo_command(
+    model: str = typer.Option(
+        DEFAULT_MODEL,
+        "--model",
+        "-m",
+        help="Built-in model name (see `distplan models`) or HF config.json path.",
+    ),
+    cluster: str = typer.Option(
+        DEFAULT_CLUSTER,
+        "--cluster",
+        "-c",
+        help="Cluster preset name (see `distplan clusters`) or a YAML file.",
+    ),
+    global_batch: int = typer.Option(
+        DEFAULT_GLOBAL_BATCH, "--global-batch", "-b", help="Samples per training iteration."
+    ),
+    seq: int = typer.Option(DEFAULT_SEQ, "--seq", help="Sequence length the model is traced and planned at."),
+    time_limit: float = typer.Option(
+        DEFAULT_TIME_LIMIT_S, "--time-limit", help="Solver time limit in seconds."
+    ),
+    steps: int = typer.Option(1, "--steps", help="Training steps the CPU validation runs and compares."),
+    validate: bool = typer.Option(
+        True, "--validate/--no-validate", help="Validate the lowered plan on this machine's CPU (gloo)."
+    ),
+    report: Path | None = typer.Option(
+        None,
+        "--report",
+        help="Also write the plan's HTML report page here (default: none).",
+        show_default=False,
+    ),
+    plan_out: Path | None = typer.Option(
+        None, "--plan-out", help="Also save the plan JSON here (default: none).", show_default=False
+    ),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print one JSON object instead of tables (no progress)."
+    ),
+) -> None:
+    """Run the whole pipeline on a built-in default: trace a model, plan it on a mixed cluster, simulate
+    it, validate the lowered plan on CPU, and summarise. Exits 1 if the validation fails."""
+    from distplan.service.demo import run_demo, summary_dict, summary_lines
+    from rich.console import Console
+
+    from distplan.progress import ProgressLine
+
+    missing = _missing_parts()
+    if missing:
+        # The project is assembled step by step; until every step is in, say what is not there yet.
+        typer.echo(f"distplan demo: pipeline incomplete in this checkout, missing: {', '.join(missing)}")
+        return
+    console = Console(width=None if sys.stdout.isatty() else 120, highlight=False)
+    with ProgressLine("starting", json_out=json_out) as show:
+        result = run_demo(
+            model=model,
+            cluster=cluster,
+            global_batch=global_batch,
+            seq=seq,
+            time_limit_s=time_limit,
+            validate=validate,
+            steps=steps,
+            progress=show,
+        )
+    if plan_out is not None:
+        _write(plan_out, result.plan.to_json())
+    if report is not None:
+        from distplan.service.report import render_report
+
+        _write(report, render_report(result.plan, graph=result.graph, timeline=result.timeline))
+    if json_out:
+        typer.echo(json.dumps(summary_dict(result), indent=1))
+    else:
+        g = result.graph
+        c = result.plan.request.cluster
+        kinds = ", ".join(f"{n} x {k}" for k, n in c.kind_counts().items())
+        timing = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+        console.print(
+            f"distplan demo: {g.name} ({g.num_params / 1e6:,.0f}M parameters, {len(g.nodes):,} graph nodes) "
+            f"on {c.name} ({kinds})"
+        )
+        console.print()
+        print_plan_table(result, console)
+        console.print()
+        for line in summary_lines(result):
+            console.print(line)
+        if plan_out is not None:
+            console.print(f"Plan saved to {plan_out}")
+        if report is not None:
+            console.print(f"Report page written to {report}")
+        console.print(f"[dim]({timing})[/dim]")
+    if result.passed is False:
+        raise typer.Exit(1)
+
+
+def _write(path: Path, text: str) -> None:
+    from distplan.errors import DistplanError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise DistplanError(f"cannot write {str(path)!r}: {e.strerror}") from e
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``demo`` command to the ``distplan`` CLI."""
+    app.command("demo")(demo_command)

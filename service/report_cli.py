@@ -1,0 +1,123 @@
+"""``distplan report``: write a plan's report page (and its timeline as SVG / PNG) from a plan file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+if TYPE_CHECKING:
+    from distplan.graph import OpGraph
+    from distplan.plan import Plan
+    from distplan.timeline import Timeline
+
+__all__ = ["register", "report_command"]
+
+
+def _simulate(plan: Plan, graph: OpGraph | None) -> Timeline | None:
+    try:
+        from distplan.planner import simulate
+    except ImportError:  # a checkout without the planner: the page says the timeline is missing
+        typer.echo("note: no timeline (the planner's simulator is not available); pass --timeline", err=True)
+        return None
+    return simulate(plan, graph)
+
+
+def report_command(
+    plan_file: Path = typer.Argument(
+        ...,
+        help="Plan JSON written by `distplan plan --out` (or the service).",
+        show_default=False,
+        metavar="PLAN.json",
+    ),
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="Where to write the HTML page."),
+    graph_file: Path | None = typer.Option(
+        None,
+        "--graph",
+        help="Traced graph JSON (`distplan trace --out`) the plan is for: sizes the model view by compute. "
+        "(default: none; the model view lists each stage's modules)",
+        show_default=False,
+    ),
+    timeline_file: Path | None = typer.Option(
+        None,
+        "--timeline",
+        help="Timeline JSON (`distplan simulate --timeline`) to draw. (default: simulate the plan now)",
+        show_default=False,
+    ),
+    timeline_svg: Path | None = typer.Option(
+        None,
+        "--timeline-svg",
+        help="Also write the timeline alone as a standalone SVG file, for docs. (default: none)",
+        show_default=False,
+    ),
+    timeline_png: Path | None = typer.Option(
+        None,
+        "--timeline-png",
+        help="Also write the timeline as a PNG (rendered by headless chromium, which must be installed). "
+        "(default: none)",
+        show_default=False,
+    ),
+) -> None:
+    """Write one self-contained HTML page for a plan: the cluster coloured by stage, per-stage time and
+    memory against capacity, the model's layers by stage, the simulated timeline, baselines and solver."""
+    from distplan.service.report import render_report, render_timeline_svg, write_timeline_png
+
+    from distplan.errors import DistplanError
+    from distplan.graph import OpGraph
+    from distplan.plan import Plan
+
+    plan = Plan.load(plan_file)
+    graph = OpGraph.load(graph_file) if graph_file is not None else None
+    if graph is not None:
+        plan.check(graph)
+    timeline = _load_timeline(timeline_file) if timeline_file is not None else _simulate(plan, graph)
+    page = render_report(plan, graph=graph, timeline=timeline)
+    _write(out, page)
+    typer.echo(f"wrote {out} ({len(page) / 1024:.0f} KiB): open it in a browser")
+    if timeline is None and (timeline_svg is not None or timeline_png is not None):
+        raise DistplanError("--timeline-svg/--timeline-png need a timeline: pass --timeline timeline.json")
+    if timeline is not None and timeline_svg is not None:
+        _write(
+            timeline_svg,
+            render_timeline_svg(timeline, title=f"{plan.request.graph_name} on {plan.request.cluster.name}"),
+        )
+        typer.echo(f"wrote {timeline_svg}")
+    if timeline is not None and timeline_png is not None:
+        write_timeline_png(
+            timeline, timeline_png, title=f"{plan.request.graph_name} on {plan.request.cluster.name}"
+        )
+        typer.echo(f"wrote {timeline_png}")
+
+
+def _load_timeline(path: Path) -> Timeline:
+    import json
+
+    from distplan.errors import DistplanError
+    from distplan.timeline import Timeline
+
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise DistplanError(f"cannot read timeline file {str(path)!r}: {e.strerror}") from e
+    except json.JSONDecodeError as e:
+        raise DistplanError(f"timeline file {str(path)!r} is not valid JSON: {e}") from e
+    try:
+        return Timeline.from_dict(data)
+    except DistplanError as e:
+        raise DistplanError(f"{path}: {e}") from e
+
+
+def _write(path: Path, text: str) -> None:
+    from distplan.errors import DistplanError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise DistplanError(f"cannot write {str(path)!r}: {e.strerror}") from e
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``report`` command to the ``distplan`` CLI."""
+    app.command("report")(report_command)
