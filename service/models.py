@@ -1,0 +1,236 @@
+"""Request and response bodies of the REST API (pydantic, used at the edge only).
+
+Layered like the FastAPI full-stack template: ``*Base`` holds the fields a client sends and reads back,
+``*Create`` is the request body, ``*Public`` the response. Routes convert these to the core dataclasses
+(``Cluster``, ``OpGraph``, ``Plan``) through ``distplan.service.specs`` before any work starts; nothing
+below the routes sees a pydantic object.
+
+Request models are strict (``"8"`` is not an integer) and reject unknown fields, so a typo in a field name
+is a 422 that names it rather than a silently ignored option.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "BuiltinModel",
+    "ClusterPublic",
+    "ClusterSummary",
+    "DeviceKindPublic",
+    "ErrorBody",
+    "ErrorInfo",
+    "GraphModel",
+    "HFConfigModel",
+    "Health",
+    "JobPublic",
+    "LauncherPublic",
+    "ModelInfoPublic",
+    "ModelSpec",
+    "PlanBase",
+    "PlanCreate",
+    "PlanPublic",
+    "Readiness",
+    "ValidationCreate",
+    "ValidationPublic",
+]
+
+Status = Literal["queued", "running", "done", "failed"]
+Scalar = int | float | bool | str
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+class ErrorInfo(BaseModel):
+    """What went wrong: the error class and a message that names the problem."""
+
+    type: str = Field(description="Error class, e.g. `InfeasiblePlanError`, `RequestValidationError`.")
+    message: str = Field(description="What is wrong and by how much.")
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer."""
+
+    error: ErrorInfo
+
+
+# ---------------------------------------------------------------------------------------------- models
+class BuiltinModel(_Request):
+    """A model of the built-in zoo (see `GET /v1/models`), with optional config overrides."""
+
+    builtin: str = Field(min_length=1, max_length=64, description="Built-in model name, e.g. `gpt-tiny`.")
+    config: dict[str, Scalar] = Field(
+        default_factory=dict,
+        max_length=64,
+        description='Overrides of the model\'s config fields, e.g. `{"n_layer": 4}`.',
+    )
+
+
+class HFConfigModel(_Request):
+    """A Hugging Face model given by its `config.json` contents; built from the config with random weights.
+    Remote code is never run: configs with `auto_map` are rejected."""
+
+    hf_config: dict[str, Any] = Field(description="The contents of a Hugging Face `config.json`.")
+
+
+class GraphModel(_Request):
+    """A graph traced by the client (`distplan trace --json`); planned as is, but cannot be validated."""
+
+    graph: dict[str, Any] = Field(description="An OpGraph JSON document (schema_version 1).")
+
+
+ModelSpec = BuiltinModel | HFConfigModel | GraphModel
+
+
+# ---------------------------------------------------------------------------------------------- plans
+class PlanBase(_Request):
+    """What to plan: a model, its example input size, a cluster and the training batch."""
+
+    model: ModelSpec = Field(description="`{builtin, config}`, `{hf_config}` or `{graph}`.")
+    batch: int = Field(
+        1, ge=1, le=65_536, description="Batch size of the example input the model is traced at."
+    )
+    seq: int = Field(
+        128, ge=1, le=1_048_576, description="Sequence length of the example input (token models)."
+    )
+    cluster: str | dict[str, Any] = Field(
+        description="A preset name (see `GET /v1/clusters`) or an inline cluster (same schema as the YAML presets)."
+    )
+    global_batch: int = Field(
+        ge=1, le=2**24, description="Samples per training iteration, over all replicas."
+    )
+    microbatches: int | None = Field(None, ge=1, le=2**20, description="Fix the number of microbatches.")
+    schedule: Literal["gpipe", "1f1b", "interleaved-1f1b"] | None = Field(
+        None, description="Fix the schedule."
+    )
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Compute dtype (bf16/fp16: mixed precision)."
+    )
+    optimizer: Literal["adam", "adamw", "sgd"] = Field(
+        "adam", description="Optimizer whose state is counted."
+    )
+    time_limit_s: float | None = Field(
+        None, gt=0, le=3600, description="Solver time limit in seconds (clamped to the server's cap)."
+    )
+
+
+class PlanCreate(PlanBase):
+    """Body of `POST /v1/plans`."""
+
+
+class PlanPublic(BaseModel):
+    """A stored plan: its state and, once done, the plan with predictions, solver report and baselines."""
+
+    id: str = Field(description="Content address of the canonical request: the same request, the same id.")
+    status: Status
+    job_id: str | None = Field(None, description="The job producing (or that produced) the plan.")
+    attempts: int = Field(
+        description="How many jobs ran for this plan (1 unless a retryable failure was retried)."
+    )
+    created_at: float
+    updated_at: float
+    error: ErrorInfo | None = None
+    request: dict[str, Any] = Field(description="The canonical request (uploaded graphs by content hash).")
+    plan: dict[str, Any] | None = Field(None, description="The plan (distplan Plan JSON), when done.")
+    layout: str | None = Field(None, description="Compact text form of the plan.")
+    predictions: dict[str, Any] | None = None
+    solver: dict[str, Any] | None = None
+    baselines: dict[str, float | None] | None = None
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class LauncherPublic(BaseModel):
+    """The emitted program: files (entry point, plan.json, ...) and the torchrun command per host."""
+
+    plan_id: str
+    model_spec: str = Field(description="The model spec the entry point builds the model from.")
+    files: dict[str, str]
+    commands: list[str]
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+class JobPublic(BaseModel):
+    """One attempt at producing a plan or validation."""
+
+    id: str
+    kind: Literal["plan", "validation"]
+    subject_id: str = Field(description="The plan or validation id the job produces.")
+    status: Status
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: ErrorInfo | None = None
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- validations
+class ValidationCreate(_Request):
+    """Body of `POST /v1/plans/{id}/validations` (optional)."""
+
+    steps: int = Field(1, ge=1, le=8, description="Training steps to compare against the single-process run.")
+    timeout_s: float | None = Field(
+        None, gt=0, le=24 * 3600, description="Time limit of the run (clamped to the server's limit)."
+    )
+
+
+class ValidationPublic(BaseModel):
+    """A validation of a plan's numerics on CPU/gloo, and its report once done."""
+
+    id: str
+    plan_id: str
+    status: Status
+    job_id: str | None = None
+    attempts: int
+    created_at: float
+    updated_at: float
+    error: ErrorInfo | None = None
+    request: dict[str, Any]
+    report: dict[str, Any] | None = Field(
+        None, description="The numerics report (`passed`, `max_abs_error`, ...)."
+    )
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- catalogue
+class ClusterSummary(BaseModel):
+    name: str
+    description: str
+    num_devices: int
+    num_hosts: int
+    kinds: dict[str, int] = Field(description="Device count per device kind.")
+
+
+class ClusterPublic(ClusterSummary):
+    cluster: dict[str, Any] = Field(description="The full cluster (SI units); usable as an inline `cluster`.")
+
+
+class DeviceKindPublic(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class ModelInfoPublic(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    family: str = ""
+    description: str = ""
+    params: int | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    workers: int
+    workers_ready: int
+    queued: int
+    running: int
+    queue_limit: int

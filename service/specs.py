@@ -1,0 +1,209 @@
+"""Turn a checked request body into a canonical request: the content address, and safe inputs for a worker.
+
+Everything a client sends is checked here before a job is queued, with errors that name the field:
+
+- a built-in model must be a name of the zoo; a ``package.module:function`` spec (code) is refused;
+- an ``hf_config`` must name a ``model_type`` this transformers knows, must not carry ``auto_map`` or
+  ``trust_remote_code`` (remote code), and its layer count is capped; private ``_*`` keys are dropped;
+- an uploaded graph is size-checked (node count) *before* it is parsed, then parsed and linted by
+  ``OpGraph.from_dict`` (cycles, dangling inputs, negative sizes) and its numbers range-checked;
+- a cluster is a preset name (never a file path) or an inline cluster, and its device count is capped;
+- the batch arithmetic is checked by ``PlanRequest``'s own rules.
+
+The canonical request is plain JSON: the cluster in full, the graph by content hash, the solver time limit
+after the server cap. Its hash is the plan id (:func:`plan_id`), so the same request is solved once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from distplan.service.models import BuiltinModel, GraphModel, HFConfigModel, PlanCreate, ValidationCreate
+from distplan.service.settings import Settings
+
+from distplan._serde import canonical_hash
+from distplan.cluster import Cluster
+from distplan.errors import GraphError, ModelSpecError, PlanError, ProfileError
+from distplan.graph import OpGraph
+from distplan.plan import PlanRequest
+from distplan.profiles import list_presets, load_cluster, preset_cluster
+
+__all__ = ["PlanSpec", "ValidationSpec", "check_cluster", "plan_spec", "validation_spec"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_LAYER_KEYS = (
+    "num_hidden_layers",
+    "n_layer",
+    "num_layers",
+    "n_layers",
+    "num_decoder_layers",
+    "num_encoder_layers",
+)
+_REMOTE_CODE_KEYS = ("auto_map", "trust_remote_code", "custom_pipelines")
+_MAX_NUMBER = 2**53  # the largest integer JSON clients reliably round-trip
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSpec:
+    """A checked plan request: its id, canonical JSON, and the parsed graph JSON for uploaded graphs."""
+
+    id: str
+    request: dict[str, Any]
+    graph: dict[str, Any] | None
+    graph_json: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationSpec:
+    """A checked validation request."""
+
+    id: str
+    request: dict[str, Any]
+
+
+def check_cluster(spec: str | dict[str, Any], *, max_devices: int) -> Cluster:
+    """A cluster from a preset name or an inline cluster (never a file path)."""
+    if isinstance(spec, str):
+        presets = list_presets()
+        if spec not in presets:
+            raise ProfileError(f"unknown cluster preset {spec[:80]!r}; presets: {', '.join(presets)}")
+        cluster = preset_cluster(spec)
+    else:
+        cluster = load_cluster(dict(spec))
+    if cluster.num_devices > max_devices:
+        raise ProfileError(
+            f"cluster {cluster.name!r} has {cluster.num_devices} devices, more than this server's limit of {max_devices}"
+        )
+    return cluster
+
+
+def _builtin(m: BuiltinModel, catalog: dict[str, Any]) -> dict[str, Any]:
+    name = m.builtin
+    if ":" in name or "/" in name or "\\" in name:
+        raise ModelSpecError(
+            f"model.builtin {name!r} looks like a code path (package.module:function); the service only builds "
+            "built-in models, hf_config or graph models, never code named by a client"
+        )
+    known = [str(x["name"]) for x in catalog.get("models", [])]
+    if not _NAME.match(name) or name not in known:
+        raise ModelSpecError(f"unknown built-in model {name[:64]!r}; built-in models: {', '.join(known)}")
+    for k, v in m.config.items():
+        if not _NAME.match(k):
+            raise ModelSpecError(f"model.config: {k[:64]!r} is not a config field name")
+        if isinstance(v, str) and len(v) > 256:
+            raise ModelSpecError(f"model.config.{k}: string of {len(v)} characters (at most 256)")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) > _MAX_NUMBER:
+            raise ModelSpecError(f"model.config.{k}: {v} is out of range (|value| <= 2**53)")
+    return {"builtin": name, "config": dict(sorted(m.config.items()))}
+
+
+def _hf(m: HFConfigModel, catalog: dict[str, Any], *, max_layers: int) -> dict[str, Any]:
+    cfg = m.hf_config
+    bad = [k for k in _REMOTE_CODE_KEYS if k in cfg]
+    if bad:
+        raise ModelSpecError(
+            f"hf_config carries {', '.join(bad)}, which asks for remote code; the service never runs remote code"
+        )
+    mt = cfg.get("model_type")
+    if not isinstance(mt, str) or not mt:
+        raise ModelSpecError(
+            "hf_config.model_type: missing (a Hugging Face config.json names its model_type)"
+        )
+    known = set(catalog.get("hf_model_types", []))
+    if mt not in known:
+        close = sorted(k for k in known if k[:3] == mt[:3])[:8]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise ModelSpecError(
+            f"hf_config.model_type {mt[:64]!r} is not a model type this transformers knows ({len(known)} known{hint})"
+        )
+    for key in _LAYER_KEYS:
+        v = cfg.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and not 1 <= v <= max_layers:
+            raise ModelSpecError(f"hf_config.{key}: {v} is out of range (1..{max_layers} on this server)")
+    # Private keys (``_name_or_path``, ``_commit_hash``) may point transformers at files or the hub.
+    return {"hf_config": {k: v for k, v in sorted(cfg.items()) if not k.startswith("_")}}
+
+
+def _graph(m: GraphModel, *, max_nodes: int) -> OpGraph:
+    nodes = m.graph.get("nodes")
+    if isinstance(nodes, list) and len(nodes) > max_nodes:
+        raise GraphError(f"graph has {len(nodes)} nodes, more than this server's limit of {max_nodes}")
+    g = OpGraph.from_dict(m.graph)
+    for i, n in enumerate(g.nodes):
+        for f in ("fwd_flops", "bwd_flops", "bytes_moved", "param_bytes", "activation_bytes"):
+            if getattr(n, f) > _MAX_NUMBER:
+                raise GraphError(f"graph.nodes[{i}].{f}: {getattr(n, f)} is out of range (at most 2**53)")
+        for j, t in enumerate(n.outputs):
+            if t.nbytes > _MAX_NUMBER or any(s > _MAX_NUMBER for s in t.shape):
+                raise GraphError(f"graph.nodes[{i}].outputs[{j}]: size out of range (at most 2**53)")
+    if g.param_bytes > _MAX_NUMBER or g.num_params > _MAX_NUMBER:
+        raise GraphError("graph.param_bytes / num_params: out of range (at most 2**53)")
+    return g
+
+
+def plan_spec(body: PlanCreate, *, settings: Settings, catalog: dict[str, Any]) -> PlanSpec:
+    """Check a plan request and make its canonical form (see the module docstring)."""
+    cluster = check_cluster(body.cluster, max_devices=settings.max_cluster_devices)
+    time_limit = min(body.time_limit_s or settings.default_time_limit_s, settings.solver_time_cap_s)
+    graph: OpGraph | None = None
+    model: dict[str, Any]
+    if isinstance(body.model, BuiltinModel):
+        model = _builtin(body.model, catalog)
+    elif isinstance(body.model, HFConfigModel):
+        model = _hf(body.model, catalog, max_layers=settings.max_hf_layers)
+    else:
+        graph = _graph(body.model, max_nodes=settings.max_graph_nodes)
+        model = {"graph": graph.content_hash, "name": graph.name}
+    # PlanRequest's own checks (microbatches divide the batch, ...) with placeholders for the graph.
+    PlanRequest(
+        graph_name="request",
+        graph_hash="-",
+        structure_hash="-",
+        cluster=cluster,
+        global_batch=body.global_batch,
+        trace_batch=body.batch,
+        dtype=body.dtype,
+        optimizer=body.optimizer,
+        microbatches=body.microbatches,
+        schedule=body.schedule,
+        time_limit_s=time_limit,
+    )
+    request = {
+        "model": model,
+        # An uploaded graph fixes its own example input size.
+        "batch": None if graph is not None else body.batch,
+        "seq": None if graph is not None else body.seq,
+        "cluster": cluster.to_dict(),
+        "global_batch": body.global_batch,
+        "microbatches": body.microbatches,
+        "schedule": body.schedule,
+        "dtype": body.dtype,
+        "optimizer": body.optimizer,
+        "time_limit_s": time_limit,
+    }
+    graph_dict = graph.to_dict() if graph is not None else None
+    return PlanSpec(
+        id=canonical_hash({"kind": "plan", "v": 1, **request}),
+        request=request,
+        graph=graph_dict,
+        graph_json=graph.to_json() if graph is not None else None,
+    )
+
+
+def validation_spec(
+    plan_id: str, plan_request: dict[str, Any], body: ValidationCreate, *, settings: Settings
+) -> ValidationSpec:
+    """Check a validation request for a stored plan."""
+    if "graph" in plan_request["model"]:
+        raise PlanError(
+            f"plan {plan_id} was made from an uploaded graph; validation needs a model the service can build "
+            "(a built-in model or an hf_config), so plan one of those to validate"
+        )
+    timeout = min(body.timeout_s or settings.validation_timeout_s, settings.validation_timeout_s)
+    request = {"plan_id": plan_id, "steps": body.steps, "timeout_s": timeout}
+    return ValidationSpec(
+        id=canonical_hash({"kind": "validation", "v": 1, "plan_id": plan_id, "steps": body.steps}),
+        request=request,
+    )

@@ -1,0 +1,224 @@
+"""What the worker processes run: trace + plan + simulate + emit the launcher, and validation.
+
+This module is imported in the spawned worker processes (see ``distplan.service.jobs``); the server process
+imports only :func:`worker_main` by name, so it never imports torch.
+
+A task gets a JSON payload made by the service from a request it has already checked
+(``distplan.service.specs``) and returns named text artifacts. Models are built only from the built-in zoo
+(by name) or from a Hugging Face ``config.json`` written by this module to a fresh temporary folder under a
+fixed file name; nothing a client sends becomes a file name, an import path or code, and
+``trust_remote_code`` is never set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TASKS", "build_graph", "catalog", "run_plan", "run_validation", "worker_main"]
+
+
+# ---------------------------------------------------------------------------------------------- models
+@contextmanager
+def hf_config_dir(config: dict[str, Any]) -> Iterator[Path]:
+    """A temporary folder holding ``config.json`` with ``config`` (already sanitised by the service)."""
+    with tempfile.TemporaryDirectory(prefix="distplan-hf-") as tmp:
+        path = Path(tmp) / "config.json"
+        path.write_text(json.dumps(config))
+        yield Path(tmp)
+
+
+@contextmanager
+def model_source(model: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """The tracer's model spec string and config overrides for a checked model spec."""
+    if "builtin" in model:
+        yield str(model["builtin"]), (dict(model.get("config") or {}) or None)
+    elif "hf_config" in model:
+        with hf_config_dir(model["hf_config"]) as folder:
+            yield str(folder / "config.json"), None
+    else:
+        raise ValueError(f"no model source in {sorted(model)}")
+
+
+def build_graph(request: dict[str, Any], graph: dict[str, Any] | None, *, max_nodes: int) -> Any:
+    """The ``OpGraph`` of a checked plan request: the uploaded graph, or a trace of the named model."""
+    from distplan.errors import GraphError
+    from distplan.graph import OpGraph
+
+    if graph is not None:
+        g = OpGraph.from_dict(graph)
+    else:
+        from distplan.tracer import resolve_model, trace
+
+        with model_source(request["model"]) as (spec, overrides):
+            bundle = resolve_model(
+                spec, batch=request["batch"], seq=request["seq"], device="meta", config_overrides=overrides
+            )
+            g = trace(bundle, batch=request["batch"], seq=request["seq"])
+    if len(g.nodes) > max_nodes:
+        raise GraphError(
+            f"the traced graph has {len(g.nodes)} nodes, more than this server's limit of {max_nodes}"
+        )
+    return g
+
+
+def _plain(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {k: _plain(v) for k, v in asdict(obj).items()}
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def catalog() -> dict[str, Any]:
+    """What the service needs to check requests without importing torch itself: the built-in models and
+    the Hugging Face ``model_type`` values this transformers version knows."""
+    from distplan.tracer import list_models
+
+    models = [_plain(m) for m in list_models()]
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        hf_types = sorted(CONFIG_MAPPING_NAMES)
+    except ImportError:  # transformers is an optional extra
+        hf_types = []
+    return {"models": models, "hf_model_types": hf_types}
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+def run_plan(payload: dict[str, Any]) -> dict[str, str]:
+    """Trace (or read) the graph, plan, simulate, emit the launcher; return the artifacts as text."""
+    from distplan.planner import plan as make_plan
+    from distplan.planner import simulate
+
+    from distplan.cluster import Cluster
+
+    request = payload["request"]
+    graph = build_graph(request, payload.get("graph"), max_nodes=int(payload["max_graph_nodes"]))
+    cluster = Cluster.from_dict(request["cluster"])
+    plan = make_plan(
+        graph,
+        cluster=cluster,
+        global_batch=request["global_batch"],
+        microbatches=request["microbatches"],
+        schedule=request["schedule"],
+        dtype=request["dtype"],
+        optimizer=request["optimizer"],
+        time_limit_s=request["time_limit_s"],
+        workers=int(payload["solver_threads"]),
+    )
+    timeline = simulate(plan, graph)
+    artifacts = {
+        "plan": plan.to_json(indent=None),
+        "graph": graph.to_json(),
+        "timeline": json.dumps(timeline.to_chrome_trace()),
+        "timeline_data": json.dumps(timeline.to_dict()),
+    }
+    artifacts["launcher"] = json.dumps(launcher(plan, request["model"]))
+    return artifacts
+
+
+def launcher(plan: Any, model: dict[str, Any]) -> dict[str, Any]:
+    """The emitted entry point, plan file and torchrun commands for a plan, as ``{files, commands}``."""
+    from distplan.lowering import emit_launcher
+
+    with tempfile.TemporaryDirectory(prefix="distplan-launch-") as tmp:
+        if "builtin" in model:
+            spec: str = str(model["builtin"])
+        elif "hf_config" in model:
+            (Path(tmp) / "config.json").write_text(json.dumps(model["hf_config"]))
+            spec = "config.json"
+        else:
+            spec = "<your-package.module:factory>"
+        out = emit_launcher(plan, spec, Path(tmp))
+        files = {p.name: p.read_text() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+        commands = list(getattr(out, "commands", []) or [])
+    return {"model_spec": spec, "files": files, "commands": commands}
+
+
+def run_validation(payload: dict[str, Any]) -> dict[str, str]:
+    """Validate a stored plan's numerics on CPU/gloo; return the report."""
+    from distplan.lowering import validate
+
+    from distplan.plan import Plan
+
+    plan = Plan.from_dict(payload["plan"])
+    with model_source(payload["model"]) as (spec, overrides):
+        kwargs: dict[str, Any] = {"steps": int(payload["steps"]), "timeout_s": float(payload["timeout_s"])}
+        if overrides:
+            kwargs["config_overrides"] = overrides
+        report = validate(plan, spec, **kwargs)
+    return {"report": json.dumps(report.to_dict())}
+
+
+TASKS: dict[str, Callable[[dict[str, Any]], dict[str, str]]] = {
+    "plan": run_plan,
+    "validation": run_validation,
+}
+
+
+# ---------------------------------------------------------------------------------------------- process
+def _error_message(exc: BaseException) -> dict[str, Any]:
+    from distplan.service.errors import status_for
+
+    from distplan.errors import DistplanError
+
+    if isinstance(exc, DistplanError):
+        message = str(exc)
+        cause = exc.__cause__
+        if cause is not None and not isinstance(cause, DistplanError) and str(cause) not in message:
+            message += f" (caused by {type(cause).__name__}: {str(cause)[:300]})"
+        return {
+            "ok": False,
+            "type": type(exc).__name__,
+            "message": message,
+            "status": status_for(exc),
+            "retryable": False,
+        }
+    traceback.print_exc(file=sys.stderr)
+    return {
+        "ok": False,
+        "type": "InternalError",
+        "message": f"internal error ({type(exc).__name__}: {str(exc)[:300]}); this is a distplan bug",
+        "status": 500,
+        "retryable": True,
+    }
+
+
+def worker_main(conn: Any) -> None:
+    """Body of a worker process: warm up, report the catalog, then run tasks until the pipe closes."""
+    # Lead a process group of our own, so the service can kill us together with any rank processes a
+    # validation starts (see distplan.service.jobs).
+    os.setsid()
+    try:
+        cat = catalog()
+        import distplan.planner  # noqa: F401  (warm-up: the first job should not pay for imports)
+
+        conn.send_bytes(json.dumps({"ready": True, "catalog": cat}).encode())
+    except Exception as e:
+        traceback.print_exc(file=sys.stderr)
+        conn.send_bytes(json.dumps({"ready": False, "error": f"{type(e).__name__}: {e}"}).encode())
+        return
+    while True:
+        try:
+            msg = json.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+        try:
+            artifacts = TASKS[msg["task"]](msg["payload"])
+            reply: dict[str, Any] = {"ok": True, "artifacts": artifacts}
+        except Exception as e:
+            reply = _error_message(e)
+        conn.send_bytes(json.dumps(reply).encode())
