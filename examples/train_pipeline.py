@@ -1,0 +1,120 @@
+"""Train a model split by distplan, inside an ordinary torchrun training script.
+
+Run on this machine's CPU with two processes (gloo):
+
+    torchrun --standalone --nproc-per-node 2 examples/train_pipeline.py
+
+or with a plan made earlier (``distplan plan MODEL --cluster ... --out plan.json``), on the cluster it was
+made for (one torchrun per host; ``distplan lower`` prints the exact commands):
+
+    torchrun --standalone --nproc-per-node 2 examples/train_pipeline.py --plan plan.json
+
+What it does, in the order a training script would:
+
+1. build the model (a built-in name here; any ``nn.Module`` works with ``distplan.lower``'s
+   ``example_inputs``/``loss_fn``),
+2. rank 0 traces it and asks the planner for a plan on a cluster of ``WORLD_SIZE`` devices of this
+   machine's kind, then sends the plan to every rank (one plan, even if a solver were to time out
+   differently on two ranks),
+3. ``distplan.lower(plan, model)`` gives each rank its stage(s) and its data-parallel group,
+4. each step feeds the same global batch to every rank (each rank takes what its stage needs) and the
+   ranks running the last stage print the loss (one fixed batch here, so the loss visibly falls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import distplan.tracer
+import torch
+import torch.distributed as dist
+
+import distplan
+
+
+def local_cluster(world_size: int) -> dict[str, object]:
+    """This machine as a one-host cluster of ``world_size`` CPU devices (the catalogue's CPU kind)."""
+    return {
+        "name": f"this-machine-{world_size}",
+        "description": "the CPU ranks of this torchrun launch",
+        "hosts": [
+            {
+                "name": "localhost",
+                "devices": [{"kind": "cpu-epyc-2core", "count": world_size}],
+                "link": {"bandwidth_gbyte_s": 5, "latency_us": 50},
+            }
+        ],
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--model", default="gpt-tiny", help="built-in model name or HF config.json (default: gpt-tiny)"
+    )
+    p.add_argument("--seq", type=int, default=64, help="sequence length (default: 64)")
+    p.add_argument("--global-batch", type=int, default=8, help="samples per iteration (default: 8)")
+    p.add_argument("--steps", type=int, default=5, help="training steps (default: 5)")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: 3e-3)")
+    p.add_argument("--plan", default=None, help="use this plan JSON instead of planning (default: plan now)")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # A timeout, so that a rank that dies never leaves the others waiting for half an hour.
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=120))
+
+    # 1. The model, with identical seeded weights on every rank.
+    model = distplan.tracer.resolve_model(args.model, batch=1, seq=args.seq, device="cpu", seed=0)
+
+    # 2. One plan for all ranks: rank 0 makes (or loads) it and broadcasts it as JSON.
+    box: list[str | None] = [None]
+    if rank == 0:
+        if args.plan:
+            plan = distplan.Plan.load(args.plan)
+        else:
+            graph = distplan.trace(args.model, seq=args.seq)
+            plan = distplan.plan(
+                graph, cluster=local_cluster(world), global_batch=args.global_batch, time_limit_s=5
+            )
+        box[0] = plan.to_json()
+        print(
+            f"plan: {plan.layout}  (predicted {plan.predictions.iteration_time_s * 1e3:.1f} ms / iteration)"
+        )
+    dist.broadcast_object_list(box, src=0)
+    assert box[0] is not None
+    plan = distplan.Plan.from_json(box[0])
+    if plan.world_size != world:
+        if rank == 0:
+            print(
+                f"error: the plan uses {plan.world_size} ranks but torchrun started {world}; "
+                f"run with --nproc-per-node {plan.world_size}",
+                file=sys.stderr,
+            )
+        dist.destroy_process_group()
+        return 2
+
+    # 3. This rank's stage(s), data-parallel group and optimizer.
+    runner = distplan.lower(plan, model, seq=args.seq, optimizer="adam", lr=args.lr)
+    info = runner.rank_info
+
+    # 4. Train. Every rank gets the same global batch; each takes the slice its stage and replica need.
+    # One fixed batch, so that the loss visibly falls within a few steps.
+    inputs, targets = model.make_batch(plan.request.global_batch, seed=0)
+    for step in range(args.steps):
+        loss = runner.train_step(inputs, targets)
+        if loss is not None and info.replica == 0:
+            print(f"step {step}  loss {loss:.4f}  (rank {rank}, stage {info.stages[-1]})", flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
