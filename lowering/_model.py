@@ -1,0 +1,195 @@
+"""Glue between the lowering and the tracer: resolve a model, capture it, check a plan belongs to it.
+
+A model reaches the lowering as a spec string (built-in name, HF ``config.json`` path,
+``package.module:function`` factory), a tracer ``ModelBundle``, or a plain ``nn.Module`` with example inputs
+and a loss function. All three become a :class:`ModelSource` here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from distplan.errors import LoweringError, ModelSpecError, PlanError
+from distplan.graph import OpGraph
+from distplan.plan import Plan
+
+__all__ = ["CapturedModel", "ModelSource", "capture_model", "check_plan_graph", "resolve_source"]
+
+
+@dataclass
+class ModelSource:
+    """A model with what the lowering needs around it.
+
+    Attributes:
+        module: the model; ``module(*args, **kwargs)`` returns one tensor.
+        loss: ``loss(output, target) -> scalar``, a mean over the batch (so microbatch losses average to the
+            whole batch's loss).
+        make_batch: ``make_batch(batch, seed=...) -> (inputs tuple, target)``, or ``None`` for a plain module.
+        example_kwargs: keyword arguments passed on every call (non-tensor flags such as ``use_cache``).
+        spec: the spec string it came from, if any (the validation's worker processes rebuild it from it).
+        bundle: the tracer's ``ModelBundle``, if any.
+    """
+
+    module: nn.Module
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    make_batch: Callable[..., tuple[tuple[torch.Tensor, ...], torch.Tensor]] | None = None
+    example_args: tuple[Any, ...] = ()
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
+    spec: str | None = None
+    bundle: Any = None
+
+    def inputs(self, batch: int, *, seed: int = 0) -> tuple[tuple[Any, ...], Any]:
+        """Example (inputs, target) of ``batch`` samples."""
+        if self.make_batch is None:
+            raise LoweringError("this model has no batch generator; pass example inputs of one microbatch")
+        inputs, target = self.make_batch(batch, seed=seed)
+        return tuple(inputs), target
+
+
+def resolve_source(
+    model: Any,
+    *,
+    batch: int,
+    seq: int | None,
+    seed: int = 0,
+    device: str = "cpu",
+    example_inputs: Sequence[Any] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> ModelSource:
+    """Turn a spec string, ``ModelBundle`` or ``nn.Module`` into a :class:`ModelSource`."""
+    if isinstance(model, str):
+        from distplan.tracer import resolve_model
+
+        kw: dict[str, Any] = {"batch": batch, "device": device, "seed": seed}
+        if seq is not None:
+            kw["seq"] = seq
+        bundle = resolve_model(model, **kw)
+        return _from_bundle(bundle, spec=model)
+    if isinstance(model, nn.Module):
+        if example_inputs is None or loss_fn is None:
+            raise LoweringError(
+                "a plain nn.Module needs example_inputs= (one microbatch) and loss_fn=; "
+                "or pass a model spec string or a distplan.tracer ModelBundle"
+            )
+        return ModelSource(module=model, loss=loss_fn, example_args=tuple(example_inputs))
+    if hasattr(model, "module") and hasattr(model, "loss"):
+        return _from_bundle(model, spec=getattr(model, "spec", None))
+    raise ModelSpecError(
+        f"cannot use a {type(model).__name__} as a model: pass a spec string, a ModelBundle or an nn.Module"
+    )
+
+
+def _from_bundle(bundle: Any, *, spec: str | None) -> ModelSource:
+    return ModelSource(
+        module=bundle.module,
+        loss=bundle.loss,
+        make_batch=bundle.make_batch,
+        example_args=tuple(getattr(bundle, "example_args", ()) or ()),
+        example_kwargs=dict(getattr(bundle, "example_kwargs", {}) or {}),
+        spec=spec,
+        bundle=bundle,
+    )
+
+
+@dataclass
+class CapturedModel:
+    """The captured graph of a model at the microbatch shape.
+
+    Attributes:
+        gm: the captured ``GraphModule`` (the tracer's capture: node names equal the OpGraph's).
+        node_names: the graph's node names in order, ``get_attr``/``output`` excluded (= OpGraph positions).
+        input_names: the placeholders that take tensors, in the order stage 0 receives them.
+        constant_inputs: placeholders fed a non-tensor value, baked into stage 0.
+        flatten: ``flatten(args, kwargs) -> tensors`` in ``input_names`` order.
+    """
+
+    gm: fx.GraphModule
+    node_names: list[str]
+    input_names: list[str]
+    constant_inputs: dict[str, Any]
+    flatten: Callable[[tuple[Any, ...], dict[str, Any]], list[torch.Tensor]]
+
+
+def capture_model(source: ModelSource, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CapturedModel:
+    """Capture ``source.module`` with the tracer's own ``capture`` at the given (one microbatch) inputs."""
+    from distplan.tracer import capture
+
+    cap = capture(source.module, tuple(args), dict(kwargs))
+    gm = cap.gm
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [n.name for n in gm.graph.nodes if n.op not in ("get_attr", "output")]
+    if getattr(gm, "_in_spec", None) is not None or str(getattr(cap, "method", "")).startswith("export"):
+        # torch.export: placeholders are the pytree leaves of (args, kwargs), in order.
+        def flat_all(a: tuple[Any, ...], k: dict[str, Any]) -> list[Any]:
+            return list(pytree.tree_leaves((tuple(a), dict(k))))
+    else:
+        # fx.symbolic_trace: placeholders are the forward's parameters, by name.
+        sig = inspect.signature(source.module.forward)
+
+        def flat_all(a: tuple[Any, ...], k: dict[str, Any]) -> list[Any]:
+            bound = sig.bind(*a, **k)
+            bound.apply_defaults()
+            return [bound.arguments.get(p.target) for p in placeholders]  # type: ignore[call-overload]
+
+    example = flat_all(args, kwargs)
+    if len(example) != len(placeholders):
+        raise LoweringError(
+            f"the captured graph has {len(placeholders)} inputs but the example gives {len(example)} values"
+        )
+    tensor_idx = [i for i, v in enumerate(example) if isinstance(v, torch.Tensor)]
+    constants = {placeholders[i].name: v for i, v in enumerate(example) if not isinstance(v, torch.Tensor)}
+
+    def flatten(a: tuple[Any, ...], k: dict[str, Any]) -> list[torch.Tensor]:
+        vals = flat_all(a, k)
+        return [vals[i] for i in tensor_idx]
+
+    return CapturedModel(
+        gm=gm,
+        node_names=names,
+        input_names=[placeholders[i].name for i in tensor_idx],
+        constant_inputs=constants,
+        flatten=flatten,
+    )
+
+
+def check_plan_graph(plan: Plan, graph: OpGraph) -> None:
+    """Raise :class:`PlanError` unless ``plan`` was made for a graph of the same structure as ``graph``."""
+    if graph.structure_hash != plan.request.structure_hash:
+        raise PlanError(
+            f"the plan does not belong to this model: it was made for graph {plan.request.graph_name!r} "
+            f"(structure hash {plan.request.structure_hash[:12]}), but the model traces to graph "
+            f"{graph.name!r} (structure hash {graph.structure_hash[:12]}, {len(graph.nodes)} nodes)"
+        )
+    if plan.stages[-1].end != len(graph.nodes):
+        raise PlanError(f"the plan's last stage ends at node {plan.stages[-1].end} but the graph has {len(graph.nodes)}")
+
+
+def check_node_names(plan: Plan, names: Sequence[str], graph: OpGraph | None = None) -> None:
+    """Check the captured node list against the plan (and the traced graph, when given)."""
+    if graph is not None:
+        want = [n.name for n in graph.nodes]
+        if want != list(names):
+            first = next((i for i, (a, b) in enumerate(zip(want, names, strict=False)) if a != b), min(len(want), len(names)))
+            got = names[first] if first < len(names) else "<end>"
+            exp = want[first] if first < len(want) else "<end>"
+            raise LoweringError(
+                f"the captured graph differs from the traced graph at node {first}: {got!r} vs {exp!r} "
+                f"({len(names)} vs {len(want)} nodes); the capture must match the trace the plan was made from"
+            )
+    if plan.stages[-1].end != len(names):
+        raise PlanError(
+            f"the plan's last stage ends at node {plan.stages[-1].end} but the captured model has {len(names)} nodes"
+        )
+    for s in plan.stages:
+        if s.start_node and names[s.start] != s.start_node:
+            raise PlanError(
+                f"stage {s.index} should start at node {s.start_node!r} but position {s.start} of the captured "
+                f"model is {names[s.start]!r}; the plan belongs to another model"
+            )

@@ -1,0 +1,523 @@
+"""Run a plan inside a ``torchrun`` process: :func:`lower` builds this rank's stages and returns a
+:class:`Runner` whose :meth:`Runner.step` trains one global batch.
+
+[Note: process groups]
+Ranks come from the plan's rank map (host-major, see [Note: rank order] in ``distplan.plan``). For every
+data-parallel replica ``r`` the *pipeline group* holds the ranks running the stages of replica ``r``, in
+pipeline order: group rank ``p`` runs stage ``p`` (and, under interleaved 1F1B, stages ``p + P``,
+``p + 2P``, ...). ``torch.distributed.pipelining`` finds a stage's neighbours by group rank, but
+``new_group`` sorts its ranks, and host-major rank order need not be pipeline order (a plan may put stage 0
+on the second host), so the pipeline groups are made unsorted (``_new_group_with_tag(sort_ranks=False)``).
+The data-parallel groups are the ``dp`` dimension of a ``DeviceMesh`` of shape ``(pipeline position,
+replica)`` built from the same map. Parameters shared by several stages (tied embeddings) get one more group
+per replica: the ranks holding a copy, which sum their gradients (Megatron's embedding group).
+
+[Note: batch slicing]
+:meth:`Runner.step` takes the *global* batch (``plan.request.global_batch`` samples, the same on every rank,
+as a single-device run would see it) and replica ``r`` keeps samples ``[r * L, (r + 1) * L)`` with
+``L = num_microbatches * microbatch_size``; it also accepts just those ``L`` samples. The schedule splits
+them into ``num_microbatches`` microbatches along dimension 0. The loss is a mean per microbatch, the
+schedule divides gradients by the number of microbatches and the replicas average theirs, so loss and
+gradients equal those of the single-device model on the concatenated global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distplan.errors import LoweringError
+from distplan.graph import OpGraph
+from distplan.lowering._model import (
+    CapturedModel,
+    ModelSource,
+    capture_model,
+    check_node_names,
+    check_plan_graph,
+    resolve_source,
+)
+from distplan.lowering.split import StageModule, split_graph
+from distplan.plan import Plan
+
+__all__ = ["RankInfo", "Runner", "lower", "plan_layout"]
+
+
+@dataclass(frozen=True, slots=True)
+class PlanLayout:
+    """Where each stage replica runs, derived from the plan (see [Note: process groups]).
+
+    Attributes:
+        stage_ranks: ``stage_ranks[stage][replica] = rank``.
+        positions: ``P``, the pipeline length in ranks (``== num_stages`` unless interleaved).
+        pipeline_ranks: ``pipeline_ranks[replica][p]`` = the rank at pipeline position ``p``.
+    """
+
+    stage_ranks: tuple[tuple[int, ...], ...]
+    positions: int
+    pipeline_ranks: tuple[tuple[int, ...], ...]
+
+    @property
+    def dp(self) -> int:
+        return len(self.pipeline_ranks)
+
+    def stages_of(self, rank: int) -> tuple[int, ...]:
+        return tuple(s for s, reps in enumerate(self.stage_ranks) if rank in reps)
+
+    def replica_of(self, rank: int) -> int:
+        for r, ranks in enumerate(self.pipeline_ranks):
+            if rank in ranks:
+                return r
+        raise LoweringError(f"rank {rank} runs no stage of the plan")
+
+
+def plan_layout(plan: Plan) -> PlanLayout:
+    """Derive the stage -> rank layout from the plan's rank map; raise :class:`LoweringError` if the
+    torch schedules cannot run it."""
+    rank_of_device = {r.device: r.rank for r in plan.rank_map}
+    stage_ranks = []
+    for s in plan.stages:
+        if s.tp != 1:
+            raise LoweringError(f"stage {s.index} has tensor-parallel degree {s.tp}; lowering supports tp=1 only")
+        try:
+            stage_ranks.append(tuple(rank_of_device[d] for d in s.devices))
+        except KeyError as e:
+            raise LoweringError(f"stage {s.index} uses device {e.args[0]}, which has no rank in the plan's rank map") from None
+    dp = len(stage_ranks[0])
+    if any(len(r) != dp for r in stage_ranks):
+        raise LoweringError(f"all stages must have the same data-parallel degree; got {[len(r) for r in stage_ranks]}")
+    first = [reps[0] for reps in stage_ranks]
+    positions = len(dict.fromkeys(first))
+    if plan.schedule != "interleaved-1f1b" and positions != len(stage_ranks):
+        raise LoweringError(f"schedule {plan.schedule!r} needs one rank per stage but stages share ranks: {first}")
+    if len(stage_ranks) % positions:
+        raise LoweringError(
+            f"interleaved 1F1B needs the {len(stage_ranks)} stages to be a multiple of the {positions} pipeline ranks"
+        )
+    for s, reps in enumerate(stage_ranks):
+        for r, rank in enumerate(reps):
+            if rank != stage_ranks[s % positions][r]:
+                raise LoweringError(
+                    f"stage {s} (replica {r}) runs on rank {rank}, but interleaved 1F1B places stage {s} on the "
+                    f"rank of stage {s % positions} (rank {stage_ranks[s % positions][r]}): stages must loop "
+                    f"over the pipeline ranks in order"
+                )
+    pipeline_ranks = tuple(tuple(stage_ranks[p][r] for p in range(positions)) for r in range(dp))
+    return PlanLayout(tuple(stage_ranks), positions, pipeline_ranks)
+
+
+@dataclass(frozen=True, slots=True)
+class RankInfo:
+    """What this process does.
+
+    Attributes:
+        rank / world_size / local_rank: from the launcher.
+        stages: the stage indices this rank runs (one, or several under interleaved 1F1B).
+        replica: the data-parallel replica it belongs to.
+        pipeline_ranks: the ranks of its pipeline, in pipeline order.
+        dp_ranks: the ranks holding the same stages in the other replicas (itself included).
+        device: the torch device it computes on; backend: ``gloo`` or ``nccl``.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    stages: tuple[int, ...]
+    replica: int
+    pipeline_ranks: tuple[int, ...]
+    dp_ranks: tuple[int, ...]
+    device: str
+    backend: str
+
+    @property
+    def is_first(self) -> bool:
+        return 0 in self.stages
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "local_rank": self.local_rank,
+            "stages": list(self.stages),
+            "replica": self.replica,
+            "pipeline_ranks": list(self.pipeline_ranks),
+            "dp_ranks": list(self.dp_ranks),
+            "device": self.device,
+            "backend": self.backend,
+        }
+
+
+def _make_optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    raise LoweringError(f"unknown optimizer {name!r}; use sgd, adam or adamw, or pass a factory")
+
+
+class Runner:
+    """This rank's part of a lowered plan (made by :func:`lower`).
+
+    ``step(inputs, targets)`` runs one training iteration's forward and backward over all microbatches,
+    synchronises gradients (data-parallel replicas and tied parameters) and returns the loss on ranks that
+    run the last stage (``None`` elsewhere); ``optimizer_step()`` then applies the update.
+    """
+
+    def __init__(
+        self,
+        *,
+        plan: Plan,
+        info: RankInfo,
+        stages: list[StageModule],
+        schedule: Any,
+        captured: CapturedModel,
+        source: ModelSource,
+        canonical: dict[int, str],
+        optimizer: torch.optim.Optimizer,
+        dp_group: Any,
+        tied_groups: list[tuple[Any, list[str]]],
+        mesh: Any,
+    ) -> None:
+        self.plan = plan
+        self.rank_info = info
+        self.stages = stages
+        self.schedule = schedule
+        self.captured = captured
+        self.source = source
+        self.optimizer = optimizer
+        self.mesh = mesh
+        self._canonical = canonical
+        self._dp_group = dp_group
+        self._tied_groups = tied_groups
+        self._local_batch = plan.num_microbatches * plan.microbatch_size
+        self._device = torch.device(info.device)
+
+    # ------------------------------------------------------------------ parameters
+    def stage_parameters(self) -> dict[str, nn.Parameter]:
+        """This rank's parameters by their FQN in the original model (tied weights under their first name)."""
+        out: dict[str, nn.Parameter] = {}
+        for st in self.stages:
+            for p in st.module.parameters():
+                out.setdefault(self._canonical[id(p)], p)
+        return out
+
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """The gradients of :meth:`stage_parameters` after :meth:`step` (zeros where a parameter got none)."""
+        return {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in self.stage_parameters().items()}
+
+    # ------------------------------------------------------------------ training
+    def zero_grad(self) -> None:
+        for p in self.stage_parameters().values():
+            p.grad = None
+
+    def _local(self, x: Any, what: str) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        n = x.shape[0] if x.dim() else 0
+        if n == self._local_batch:
+            return x.to(self._device)
+        if n == self.plan.request.global_batch:
+            r = self.rank_info.replica
+            return x[r * self._local_batch : (r + 1) * self._local_batch].to(self._device)
+        raise LoweringError(
+            f"{what} has {n} samples along dimension 0; expected the global batch ({self.plan.request.global_batch}) "
+            f"or this replica's share ({self._local_batch} = {self.plan.num_microbatches} microbatches x "
+            f"{self.plan.microbatch_size})"
+        )
+
+    def step(self, inputs: Any = None, targets: Any = None) -> float | None:
+        """One iteration: forward and backward of every microbatch, gradient synchronisation.
+
+        Args:
+            inputs: the model inputs (a tensor or a tuple, like the single-device call) of the global batch
+                or of this replica's share (see [Note: batch slicing]); read on ranks running stage 0.
+            targets: the targets, sliced the same way; read on ranks running the last stage.
+
+        Returns:
+            The loss averaged over microbatches and replicas on ranks running the last stage, else ``None``.
+        """
+        self.zero_grad()
+        last = self.plan.num_stages - 1
+        holds_last = last in self.rank_info.stages
+        args: list[torch.Tensor] = []
+        if self.rank_info.is_first:
+            if inputs is None:
+                raise LoweringError(f"rank {self.rank_info.rank} runs stage 0 and needs the inputs")
+            tup = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+            args = self.captured.flatten(tuple(tup), dict(self.source.example_kwargs))
+            args = [self._local(a, "an input") for a in args]
+        kwargs: dict[str, Any] = {}
+        losses: list[torch.Tensor] = []
+        if holds_last:
+            if targets is None:
+                raise LoweringError(f"rank {self.rank_info.rank} runs the last stage and needs the targets")
+            kwargs = {"target": self._local(targets, "the target"), "losses": losses}
+        self.schedule.step(*args, **kwargs)
+        self._sync_gradients()
+        if not holds_last:
+            return None
+        loss = torch.stack([x.detach().float() for x in losses]).mean()
+        if self.rank_info.world_size > 1 and len(self.rank_info.dp_ranks) > 1:
+            dist.all_reduce(loss, group=self._dp_group)
+            loss /= len(self.rank_info.dp_ranks)
+        return float(loss.item())
+
+    def _sync_gradients(self) -> None:
+        params = self.stage_parameters()
+        for p in params.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        # Tied copies first: each copy then holds the full gradient, and the dp average keeps it so.
+        for group, names in self._tied_groups:
+            _all_reduce_coalesced([params[n].grad for n in names], group)  # type: ignore[misc]
+        dp = len(self.rank_info.dp_ranks)
+        if dp > 1:
+            grads = [p.grad for p in params.values()]
+            _all_reduce_coalesced(grads, self._dp_group)  # type: ignore[arg-type]
+            for g in grads:
+                g.div_(dp)  # type: ignore[union-attr]
+
+    def optimizer_step(self) -> None:
+        """Apply the optimizer to this rank's parameters (after :meth:`step`)."""
+        self.optimizer.step()
+
+    def train_step(self, inputs: Any = None, targets: Any = None) -> float | None:
+        """:meth:`step` then :meth:`optimizer_step`; returns the loss as :meth:`step` does."""
+        loss = self.step(inputs, targets)
+        self.optimizer_step()
+        return loss
+
+
+def _all_reduce_coalesced(tensors: Sequence[torch.Tensor], group: Any) -> None:
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+
+
+def _env_int(name: str) -> int:
+    v = os.environ.get(name)
+    if v is None:
+        raise LoweringError(
+            f"environment variable {name} is not set: run under torchrun (or set RANK, WORLD_SIZE, LOCAL_RANK, "
+            "MASTER_ADDR and MASTER_PORT)"
+        )
+    try:
+        return int(v)
+    except ValueError:
+        raise LoweringError(f"environment variable {name}={v!r} is not an integer") from None
+
+
+def lower(
+    plan: Plan,
+    model: Any,
+    *,
+    example_inputs: Sequence[Any] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    seq: int | None = None,
+    graph: OpGraph | None = None,
+    check_graph: bool = True,
+    optimizer: str | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    lr: float = 1e-3,
+    device: str | None = None,
+    timeout_s: float = 300.0,
+    seed: int = 0,
+    eval_mode: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Runner:
+    """Build this rank's part of ``plan`` (call inside a ``torchrun`` process, once per rank).
+
+    Args:
+        plan: the plan; the launch must have ``plan.world_size`` processes.
+        model: a spec string (as for ``distplan trace``), a ``ModelBundle``, or an ``nn.Module`` together
+            with ``example_inputs`` (one microbatch) and ``loss_fn``. Every rank must build identical
+            weights (same spec and ``seed``); replicas of a stage are also synchronised from replica 0.
+        seq: sequence length for spec strings (the tracer's default when ``None``).
+        graph: the traced ``OpGraph`` the plan was made from; when ``None`` and ``check_graph``, the model is
+            traced again to check ``plan.request.structure_hash``.
+        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, a factory ``params -> Optimizer``, or ``None`` for the
+            plan's optimizer; ``lr`` its learning rate.
+        device: ``"cpu"`` or ``"cuda"``; default CUDA (NCCL) when available, else CPU (gloo).
+        timeout_s: timeout of every collective and of process-group creation.
+        eval_mode: capture and run the model in eval mode (no dropout), as the validation does.
+        state_dict: weights to load into the model before splitting.
+
+    Returns:
+        A :class:`Runner`.
+
+    Example (in ``train.py``, launched by ``torchrun --standalone --nproc-per-node 2 train.py``)::
+
+        plan = distplan.Plan.load("plan.json")
+        runner = distplan.lower(plan, "gpt-tiny")
+        inputs, target = runner.source.inputs(plan.request.global_batch, seed=step)
+        loss = runner.train_step(inputs, target)
+    """
+    rank, world, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), int(os.environ.get("LOCAL_RANK", "0"))
+    if world != plan.world_size:
+        raise LoweringError(f"launched with {world} processes but the plan needs {plan.world_size} (one per rank)")
+    layout = plan_layout(plan)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        dev = torch.device("cpu")
+        backend = "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+
+    # ---- the model, captured at one microbatch
+    mb = plan.microbatch_size
+    source = resolve_source(model, batch=mb, seq=seq, seed=seed, example_inputs=example_inputs, loss_fn=loss_fn)
+    if state_dict is not None:
+        source.module.load_state_dict(state_dict)
+    if eval_mode:
+        # Before tracing and capturing: the mode can change the graph (dropout nodes).
+        source.module.eval()
+    if source.make_batch is not None:
+        ex_args, _ = source.inputs(mb, seed=seed)
+    else:
+        ex_args = source.example_args
+    captured = capture_model(source, ex_args, source.example_kwargs)
+    if graph is None and check_graph:
+        graph = trace_graph(source, batch=mb, seq=seq)
+    if graph is not None:
+        check_plan_graph(plan, graph)
+    check_node_names(plan, captured.node_names, graph)
+    stage_nodes = [captured.node_names[s.start : s.end] for s in plan.stages]
+    all_stages = split_graph(captured.gm, stage_nodes=stage_nodes, constant_inputs=captured.constant_inputs)
+
+    # ---- which parameters each stage holds, by original FQN
+    canonical: dict[int, str] = {}
+    for name, p in source.module.named_parameters():
+        canonical.setdefault(id(p), name)
+    for name, p in captured.gm.named_parameters(remove_duplicate=False):
+        canonical.setdefault(id(p), name)
+    holders: dict[str, list[int]] = {}
+    for st in all_stages:
+        for p in st.module.parameters():
+            holders.setdefault(canonical[id(p)], []).append(st.index)
+
+    # ---- process groups (see [Note: process groups]); every rank creates every group, in the same order
+    my_stages = layout.stages_of(rank)
+    if not my_stages:
+        raise LoweringError(f"rank {rank} runs no stage of the plan")
+    replica = layout.replica_of(rank)
+    pp_group = None
+    for r, ranks in enumerate(layout.pipeline_ranks):
+        g = dist.distributed_c10d._new_group_with_tag(list(ranks), timeout=timeout, sort_ranks=False)
+        if r == replica:
+            pp_group = g
+    from torch.distributed.device_mesh import DeviceMesh
+
+    mesh_ranks = torch.tensor([[layout.pipeline_ranks[r][p] for r in range(layout.dp)] for p in range(layout.positions)])
+    mesh = DeviceMesh(dev.type, mesh_ranks, mesh_dim_names=("pp", "dp"))
+    dp_group = mesh.get_group("dp")
+    dp_ranks = tuple(layout.stage_ranks[my_stages[0]])
+    tied_sets: dict[tuple[int, ...], list[str]] = {}
+    for name in sorted(holders):
+        stages_holding = holders[name]
+        if len(stages_holding) < 2:
+            continue
+        for r in range(layout.dp):
+            ranks_r = tuple(sorted({layout.stage_ranks[s][r] for s in stages_holding}))
+            if len(ranks_r) > 1:
+                tied_sets.setdefault(ranks_r, []).append(name)
+    tied_groups: list[tuple[Any, list[str]]] = []
+    for ranks_r, names in sorted(tied_sets.items()):
+        g = dist.new_group(list(ranks_r), timeout=timeout)
+        if rank in ranks_r:
+            tied_groups.append((g, names))
+
+    # ---- this rank's stages
+    from torch.distributed.pipelining import PipelineStage
+
+    mine = [all_stages[s] for s in my_stages]
+    pstages = []
+    for st in mine:
+        st.module.to(dev)
+        pstages.append(PipelineStage(st.module, st.index, plan.num_stages, dev, group=pp_group))
+    if layout.dp > 1:
+        # Replicas start from replica 0's weights, as DDP does.
+        src = layout.stage_ranks[my_stages[0]][0]
+        for st in mine:
+            for t in list(st.module.parameters()) + list(st.module.buffers()):
+                dist.broadcast(t.data, src=src, group=dp_group)
+    schedule = _make_schedule(plan, pstages, source.loss)
+
+    params = list(dict.fromkeys(p for st in mine for p in st.module.parameters()))
+    if callable(optimizer):
+        opt = optimizer(params)
+    else:
+        opt = _make_optimizer(optimizer or plan.request.optimizer, params, lr)
+    info = RankInfo(
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        stages=my_stages,
+        replica=replica,
+        pipeline_ranks=layout.pipeline_ranks[replica],
+        dp_ranks=dp_ranks,
+        device=str(dev),
+        backend=backend,
+    )
+    return Runner(
+        plan=plan,
+        info=info,
+        stages=mine,
+        schedule=schedule,
+        captured=captured,
+        source=source,
+        canonical=canonical,
+        optimizer=opt,
+        dp_group=dp_group,
+        tied_groups=tied_groups,
+        mesh=mesh,
+    )
+
+
+def _make_schedule(plan: Plan, stages: list[Any], loss: Callable[..., torch.Tensor]) -> Any:
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    m = plan.num_microbatches
+    if plan.schedule == "gpipe":
+        return ScheduleGPipe(stages[0], n_microbatches=m, loss_fn=loss)
+    if plan.schedule == "1f1b":
+        return Schedule1F1B(stages[0], n_microbatches=m, loss_fn=loss)
+    if plan.schedule == "interleaved-1f1b":
+        try:
+            return ScheduleInterleaved1F1B(stages, n_microbatches=m, loss_fn=loss)
+        except ValueError as e:
+            raise LoweringError(f"interleaved 1F1B cannot run this plan: {e}") from e
+    raise LoweringError(f"unknown schedule {plan.schedule!r}")
+
+
+def trace_graph(source: ModelSource, *, batch: int, seq: int | None) -> OpGraph:
+    """The tracer's ``OpGraph`` of ``source`` (what the plan's ``structure_hash`` refers to)."""
+    from distplan.tracer import trace
+
+    target: Any = source.bundle if source.bundle is not None else source.module
+    kw: dict[str, Any] = {"batch": batch}
+    if seq is not None:
+        kw["seq"] = seq
+    return trace(target, **kw)  # type: ignore[no-any-return]
+
+
+def unique(xs: Iterable[Any]) -> list[Any]:
+    return list(dict.fromkeys(xs))
