@@ -32,7 +32,7 @@ _TIME_FIELDS = (
 _GAP_FIELDS = ("gap",)
 _ELAPSED_FIELDS = ("elapsed_s", "wall_s", "seconds", "elapsed")
 _COUNT_FIELDS = (("step", "total"), ("done", "total"), ("rank", "ranks"), ("solutions", None))
-_TEXT_FIELDS = ("phase", "stage", "message", "status", "what")
+_TEXT_FIELDS = ("phase", "label", "stage", "message", "status", "what")
 
 
 def progress_wanted(*, json_out: bool = False, stream: IO[str] | None = None) -> bool:

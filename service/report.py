@@ -583,6 +583,20 @@ def _module_summary(modules: Sequence[str], limit: int = 4) -> str:
     return f"{modules[0]} … {modules[-1]} ({len(modules)} modules)"
 
 
+def _device_ranges(devices: Sequence[int]) -> str:
+    """``d0–d7, d9`` for devices 0..7 and 9."""
+    out: list[str] = []
+    run: list[int] = []
+    for d in [*devices, -2]:
+        if run and d == run[-1] + 1:
+            run.append(d)
+            continue
+        if run:
+            out.append(f"d{run[0]}" if len(run) == 1 else f"d{run[0]}–d{run[-1]}")
+        run = [d]
+    return ", ".join(out)
+
+
 def _stages_section(plan: Plan) -> str:
     cluster = plan.request.cluster
     compute = [s.fwd_time_s + s.bwd_time_s for s in plan.stages]
@@ -602,7 +616,7 @@ def _stages_section(plan: Plan) -> str:
             f"{format_seconds(c)} (fwd {format_seconds(s.fwd_time_s)}, bwd {format_seconds(s.bwd_time_s)})"
         )
         m_label = f"{format_bytes(s.memory_bytes)} / {format_bytes(cap)} ({frac * 100:.0f}%)"
-        devs = ", ".join(f"d{d}" for d in s.devices)
+        devs = _device_ranges(s.devices)
         out.append(
             f'<tr class="stage-row" data-stage="{s.index}"><td><span class="swatch" style="background:{colour}">'
             f"</span>stage {s.index}</td><td>{_e(devs)}</td><td>{_e(s.kind)}</td><td>{s.dp}</td>"
@@ -770,11 +784,12 @@ h2 { font-size: 16px; margin: 0 0 6px 0; }
 .mini { height: 4px; background: #e2e8f0; border-radius: 2px; margin-top: 3px; overflow: hidden; }
 .mini > div { height: 100%; }
 table { border-collapse: collapse; width: 100%; }
-th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid #f1f5f9; vertical-align: middle; }
+th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid #f1f5f9; vertical-align: middle;
+  white-space: nowrap; }
 th { color: #475569; font-weight: 600; font-size: 12px; }
-td.mods { max-width: 260px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; font-family: ui-monospace, monospace; font-size: 12px; }
+td.mods { max-width: 240px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; font-family: ui-monospace, monospace; font-size: 12px; }
 .swatch { display: inline-block; width: 11px; height: 11px; border-radius: 2px; margin-right: 6px; vertical-align: -1px; }
-.bar { position: relative; height: 18px; min-width: 220px; background: #f1f5f9; border-radius: 4px; overflow: hidden; }
+.bar { position: relative; height: 18px; min-width: 240px; background: #f1f5f9; border-radius: 4px; overflow: hidden; }
 .bar .fill { height: 100%; opacity: .85; }
 .bar span { position: absolute; left: 6px; top: 1px; font-size: 12px; color: #0f172a; white-space: nowrap; }
 .bar.over { outline: 2px solid #dc2626; }
