@@ -145,8 +145,14 @@ class _Slot:
                     self.kill()
                 else:
                     self._restart()
-                why = "cancelled by a client" if item.cancel.is_set() else "the server shut down"
-                return None, Failure("Cancelled", f"{item.kind} job {item.job_id} was {why}", 409, True)
+                if item.cancel.is_set():
+                    return None, Failure("Cancelled", f"{item.kind} job {item.job_id} was cancelled by a client", 409, True)
+                return None, Failure(
+                    "Interrupted",
+                    "the server shut down while this job ran; submit the request again to retry",
+                    503,
+                    True,
+                )
             if time.monotonic() > deadline:
                 self._restart()
                 return None, Failure(

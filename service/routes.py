@@ -40,7 +40,12 @@ __all__ = ["router"]
 
 router = APIRouter()
 
-_ID = Path(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$", description="A resource id (hex).")
+
+def _id() -> Any:
+    """A fresh path-parameter spec per route (FastAPI binds one to one parameter name)."""
+    return Path(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$", description="A resource id (hex).")
+
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": why}
     for code, why in (
@@ -307,7 +312,7 @@ async def create_plan(
     summary="A plan: status, and once done the plan, predictions, solver report and baselines.",
     responses={404: _ERRORS[404]},
 )
-async def get_plan(store: StoreDep, cache: CacheDep, plan_id: str = _ID) -> Response:
+async def get_plan(store: StoreDep, cache: CacheDep, plan_id: str = _id()) -> Response:
     key = f"plan:{plan_id}"
     body = cache.get(key)
     if body is None:
@@ -326,7 +331,7 @@ async def get_plan(store: StoreDep, cache: CacheDep, plan_id: str = _ID) -> Resp
     summary="The emitted entry point, plan.json and torchrun command per host.",
     responses={404: _ERRORS[404], 409: _ERRORS[409]},
 )
-async def get_launcher(store: StoreDep, plan_id: str = _ID) -> Response:
+async def get_launcher(store: StoreDep, plan_id: str = _id()) -> Response:
     rec = _require_plan(store, plan_id)
     _require_done(rec, "launcher")
     text = store.artifact(plan_id, "launcher")
@@ -345,7 +350,7 @@ async def get_launcher(store: StoreDep, plan_id: str = _ID) -> Response:
         409: _ERRORS[409],
     },
 )
-async def get_timeline(store: StoreDep, cache: CacheDep, plan_id: str = _ID) -> Response:
+async def get_timeline(store: StoreDep, cache: CacheDep, plan_id: str = _id()) -> Response:
     key = f"timeline:{plan_id}"
     body = cache.get(key)
     if body is None:
@@ -366,7 +371,7 @@ async def get_timeline(store: StoreDep, cache: CacheDep, plan_id: str = _ID) -> 
     summary="A self-contained HTML report of the plan.",
     responses={404: _ERRORS[404], 409: _ERRORS[409]},
 )
-async def get_report(store: StoreDep, cache: CacheDep, plan_id: str = _ID) -> Response:
+async def get_report(store: StoreDep, cache: CacheDep, plan_id: str = _id()) -> Response:
     key = f"report:{plan_id}"
     body = cache.get(key)
     if body is None:
@@ -411,7 +416,7 @@ async def create_validation(
     settings: SettingsDep,
     store: StoreDep,
     jobs: JobsDep,
-    plan_id: str = _ID,
+    plan_id: str = _id(),
     body: ValidationCreate | None = Body(None),
 ) -> Response:
     rec = _require_plan(store, plan_id)
@@ -448,7 +453,7 @@ async def create_validation(
     summary="The validations of a plan.",
     responses={404: _ERRORS[404]},
 )
-async def list_validations(store: StoreDep, plan_id: str = _ID) -> Response:
+async def list_validations(store: StoreDep, plan_id: str = _id()) -> Response:
     _require_plan(store, plan_id)
     return _json([_validation_public(v, store) for v in store.list_validations(plan_id)])
 
@@ -460,7 +465,7 @@ async def list_validations(store: StoreDep, plan_id: str = _ID) -> Response:
     summary="A validation and, once done, its numerics report.",
     responses={404: _ERRORS[404]},
 )
-async def get_validation(store: StoreDep, validation_id: str = _ID) -> Response:
+async def get_validation(store: StoreDep, validation_id: str = _id()) -> Response:
     rec = store.get("validation", validation_id)
     if rec is None:
         raise NotFoundError(f"no validation with id {validation_id!r}")
@@ -475,7 +480,7 @@ async def get_validation(store: StoreDep, validation_id: str = _ID) -> Response:
     summary="A job's state.",
     responses={404: _ERRORS[404]},
 )
-async def get_job(store: StoreDep, job_id: str = _ID) -> Response:
+async def get_job(store: StoreDep, job_id: str = _id()) -> Response:
     job = store.job(job_id)
     if job is None:
         raise NotFoundError(f"no job with id {job_id!r}")
@@ -491,7 +496,7 @@ async def get_job(store: StoreDep, job_id: str = _ID) -> Response:
     "plan or validation request later runs it again.",
     responses={404: _ERRORS[404], 409: _ERRORS[409]},
 )
-async def cancel_job(jobs: JobsDep, job_id: str = _ID) -> JSONResponse:
+async def cancel_job(jobs: JobsDep, job_id: str = _id()) -> JSONResponse:
     await run_in_threadpool(jobs.cancel, job_id)
     job = await jobs.wait(job_id, 10.0)
     assert job is not None

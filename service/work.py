@@ -197,11 +197,30 @@ def _error_message(exc: BaseException) -> dict[str, Any]:
     }
 
 
+def _exit_with_parent() -> None:
+    """Kill this worker's process group if the server dies without stopping it (e.g. SIGKILL), so no
+    orphaned solve or validation keeps running."""
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="distplan-parent-watch", daemon=True).start()
+
+
 def worker_main(conn: Any) -> None:
     """Body of a worker process: warm up, report the catalog, then run tasks until the pipe closes."""
     # Lead a process group of our own, so the service can kill us together with any rank processes a
     # validation starts (see distplan.service.jobs).
     os.setsid()
+    _exit_with_parent()
     try:
         cat = catalog()
         import distplan.planner  # noqa: F401  (warm-up: the first job should not pay for imports)

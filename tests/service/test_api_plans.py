@@ -1,0 +1,150 @@
+"""The plan workflow through the real server: catalogue, plan (built-in and HF config) on a mixed preset,
+poll, read plan / launcher / timeline / report, the same request again, a validation to a passing report."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+from service_harness import ServerProcess, wait_done
+
+from distplan.plan import Plan
+from distplan.profiles import preset_cluster
+
+MIXED = "a100x4-t4x4"
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+    "max_position_embeddings": 256,
+}
+
+
+def _plan_until_done(client: httpx.Client, body: dict[str, Any]) -> tuple[httpx.Response, dict[str, Any]]:
+    r = client.post("/v1/plans", json=body)
+    assert r.status_code in (201, 202), r.text
+    first = r.json()
+    assert first["id"] and first["status"] in ("queued", "running", "done")
+    assert r.headers["location"] == f"/v1/plans/{first['id']}"
+    if r.status_code == 202:
+        # Poll the job, as a client given only the job URL would.
+        job_url = first["links"]["job"]
+        deadline = time.monotonic() + 180
+        while client.get(job_url).json()["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        job = client.get(job_url).json()
+        assert job["kind"] == "plan" and job["subject_id"] == first["id"], job
+    done = wait_done(client, f"/v1/plans/{first['id']}")
+    assert done["status"] == "done", done
+    return r, done
+
+
+def test_health_and_catalogue(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["ready"] is True and ready["workers_ready"] == ready["workers"] == 2
+
+    clusters = {c["name"]: c for c in client.get("/v1/clusters").json()}
+    assert MIXED in clusters and clusters[MIXED]["num_devices"] == preset_cluster(MIXED).num_devices
+    one = client.get(f"/v1/clusters/{MIXED}").json()
+    assert one["kinds"] == preset_cluster(MIXED).kind_counts()
+    assert len(one["cluster"]["hosts"]) == 2
+
+    kinds = client.get("/v1/device-kinds").json()
+    assert {"a100-sxm-80g", "t4-16g"} <= {k["name"] for k in kinds}
+    models = {m["name"] for m in client.get("/v1/models").json()}
+    assert {"gpt-tiny", "llama-7b"} <= models
+
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    spec = client.get("/openapi.json").json()
+    assert "/v1/plans" in spec["paths"] and "/v1/validations/{validation_id}" in spec["paths"]
+
+
+def test_plan_builtin_model_on_mixed_cluster(client: httpx.Client) -> None:
+    body = {"model": {"builtin": "gpt-tiny"}, "batch": 2, "seq": 32, "cluster": MIXED, "global_batch": 16}
+    _, done = _plan_until_done(client, body)
+    plan = Plan.from_dict(done["plan"])
+    plan.check()
+    assert done["layout"] == plan.layout
+    assert done["predictions"]["iteration_time_s"] > 0
+    assert done["solver"]["status"] in ("OPTIMAL", "FEASIBLE")
+    assert isinstance(done["baselines"], dict) and done["baselines"]
+    assert done["request"]["cluster"]["name"] == MIXED and done["request"]["model"] == {"builtin": "gpt-tiny", "config": {}}
+
+    # The same request again: same id, no second solve.
+    again = client.post("/v1/plans", json=body)
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == done["id"] and again.json()["job_id"] == done["job_id"]
+    assert again.json()["attempts"] == 1
+    # The same request with keys in another order and the preset given inline is still the same plan.
+    inline = dict(reversed(list(body.items())))
+    inline["cluster"] = client.get(f"/v1/clusters/{MIXED}").json()["cluster"]
+    assert client.post("/v1/plans", json=inline).json()["id"] == done["id"]
+
+    launcher = client.get(f"/v1/plans/{done['id']}/launcher")
+    assert launcher.status_code == 200, launcher.text
+    lj = launcher.json()
+    assert lj["plan_id"] == done["id"] and lj["model_spec"] == "gpt-tiny"
+    assert any(name.endswith(".py") for name in lj["files"]), list(lj["files"])
+    assert lj["commands"] and all("torchrun" in c for c in lj["commands"])
+
+    timeline = client.get(f"/v1/plans/{done['id']}/timeline")
+    assert timeline.status_code == 200
+    events = timeline.json()["traceEvents"]
+    spans = [e for e in events if e["ph"] == "X"]
+    assert spans and {e["cat"] for e in spans} >= {"fwd", "bwd"}
+
+    report = client.get(f"/v1/plans/{done['id']}/report")
+    assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
+    assert "<html" in report.text.lower() and plan.layout.split()[0] in report.text
+
+
+def test_plan_hf_config_on_mixed_cluster(client: httpx.Client) -> None:
+    body = {"model": {"hf_config": TINY_LLAMA}, "batch": 1, "seq": 64, "cluster": MIXED, "global_batch": 8}
+    _, done = _plan_until_done(client, body)
+    plan = Plan.from_dict(done["plan"])
+    plan.check()
+    assert plan.request.graph_name  # traced from the config
+    assert done["request"]["model"]["hf_config"]["model_type"] == "llama"
+    lj = client.get(f"/v1/plans/{done['id']}/launcher").json()
+    assert "config.json" in lj["files"]
+
+
+def test_validation_to_passing_report(client: httpx.Client) -> None:
+    body = {"model": {"builtin": "mlp-tiny"}, "batch": 4, "cluster": "cpu-local", "global_batch": 8}
+    _, done = _plan_until_done(client, body)
+    r = client.post(f"/v1/plans/{done['id']}/validations", json={"steps": 1})
+    assert r.status_code == 202, r.text
+    v = r.json()
+    assert v["plan_id"] == done["id"] and r.headers["location"] == f"/v1/validations/{v['id']}"
+    final = wait_done(client, f"/v1/validations/{v['id']}", timeout_s=240)
+    assert final["status"] == "done", final
+    report = final["report"]
+    assert report["passed"] is True, report
+    assert report["max_abs_error"] <= 1e-4
+    listed = client.get(f"/v1/plans/{done['id']}/validations").json()
+    assert [x["id"] for x in listed] == [v["id"]]
+    # Asking again is the same validation, not a second run.
+    again = client.post(f"/v1/plans/{done['id']}/validations", json={"steps": 1})
+    assert again.status_code == 200 and again.json()["id"] == v["id"] and again.json()["attempts"] == 1
+
+
+def test_restart_reads_the_same_plan_back(server: ServerProcess) -> None:
+    body = {"model": {"builtin": "gpt-tiny"}, "batch": 1, "seq": 16, "cluster": MIXED, "global_batch": 4}
+    with server.client() as c:
+        _, done = _plan_until_done(c, body)
+    assert server.stop() == 0
+    server.start()
+    with server.client() as c:
+        back = c.get(f"/v1/plans/{done['id']}")
+        assert back.status_code == 200
+        assert back.json()["plan"] == done["plan"] and back.json()["status"] == "done"
+        again = c.post("/v1/plans", json=body)
+        assert again.status_code == 200 and again.json()["attempts"] == 1
