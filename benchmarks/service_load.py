@@ -58,7 +58,13 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def _plan_body(global_batch: int) -> dict[str, Any]:
-    return {"model": {"builtin": "gpt-tiny"}, "batch": 1, "seq": 32, "cluster": MIXED, "global_batch": global_batch}
+    return {
+        "model": {"builtin": "gpt-tiny"},
+        "batch": 1,
+        "seq": 32,
+        "cluster": MIXED,
+        "global_batch": global_batch,
+    }
 
 
 async def _wait_done(client: httpx.AsyncClient, plan_id: str, timeout_s: float = 600) -> dict[str, Any]:
@@ -176,7 +182,16 @@ def _start_server(args: argparse.Namespace, folder: Path) -> tuple[subprocess.Po
     port = _free_port()
     env = dict(os.environ, DISTPLAN_QUEUE_LIMIT=str(args.queue_limit), DISTPLAN_DEFAULT_TIME_LIMIT_S="5")
     log = open(folder / "server.log", "wb")  # noqa: SIM115 (lives as long as the server)
-    cmd = [sys.executable, "-m", "distplan.cli", "serve", "--port", str(port), "--db", str(folder / "db.sqlite")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "distplan.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--db",
+        str(folder / "db.sqlite"),
+    ]
     cmd += ["--workers", str(args.workers), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -193,11 +208,19 @@ def _start_server(args: argparse.Namespace, folder: Path) -> tuple[subprocess.Po
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--url", help="an already running server on loopback (default: start one)")
-    ap.add_argument("--clients", type=int, default=50, help="concurrent clients for cached reads (default 50)")
-    ap.add_argument("--seconds", type=float, default=10.0, help="duration of the cached-read phase (default 10)")
-    ap.add_argument("--new-plans", type=int, default=6, help="distinct new plan requests (default 6; 0 skips)")
+    ap.add_argument(
+        "--clients", type=int, default=50, help="concurrent clients for cached reads (default 50)"
+    )
+    ap.add_argument(
+        "--seconds", type=float, default=10.0, help="duration of the cached-read phase (default 10)"
+    )
+    ap.add_argument(
+        "--new-plans", type=int, default=6, help="distinct new plan requests (default 6; 0 skips)"
+    )
     ap.add_argument("--first-batch", type=int, default=8, help="global batch of the first plan (default 8)")
     ap.add_argument("--workers", type=int, default=2, help="worker processes of a started server (default 2)")
     ap.add_argument("--queue-limit", type=int, default=4, help="queue limit of a started server (default 4)")
@@ -238,7 +261,9 @@ def main() -> None:
         )
     reads = rows[0]
     goal = reads["p99_ms"] < 50.0 and reads["errors"] == 0
-    print(f"\ngoal (cached reads p99 < 50 ms at {reads['clients']} clients, no errors): {'MET' if goal else 'NOT MET'}")
+    print(
+        f"\ngoal (cached reads p99 < 50 ms at {reads['clients']} clients, no errors): {'MET' if goal else 'NOT MET'}"
+    )
     if len(rows) > 1:
         n = rows[1]
         print(
@@ -248,7 +273,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
-            {"url": url, "cpu_count": os.cpu_count(), "goal_met": goal, "rows": rows, "argv": sys.argv[1:]}, indent=1
+            {"url": url, "cpu_count": os.cpu_count(), "goal_met": goal, "rows": rows, "argv": sys.argv[1:]},
+            indent=1,
         )
     )
     print(f"wrote {args.out}")

@@ -146,7 +146,9 @@ class _Slot:
                 else:
                     self._restart()
                 if item.cancel.is_set():
-                    return None, Failure("Cancelled", f"{item.kind} job {item.job_id} was cancelled by a client", 409, True)
+                    return None, Failure(
+                        "Cancelled", f"{item.kind} job {item.job_id} was cancelled by a client", 409, True
+                    )
                 return None, Failure(
                     "Interrupted",
                     "the server shut down while this job ran; submit the request again to retry",

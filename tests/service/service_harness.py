@@ -69,12 +69,16 @@ class ServerProcess:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; log:\n{self.log.read_text()[-4000:]}")
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}; log:\n{self.log.read_text()[-4000:]}"
+                )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.url + path, timeout=2).status_code == 200:
                     return
             time.sleep(0.2)
-        raise RuntimeError(f"server not {'ready' if ready else 'up'} in {timeout_s} s; log:\n{self.log.read_text()[-4000:]}")
+        raise RuntimeError(
+            f"server not {'ready' if ready else 'up'} in {timeout_s} s; log:\n{self.log.read_text()[-4000:]}"
+        )
 
     def stop(self) -> int:
         """SIGTERM (graceful: uvicorn runs the app's shutdown), then wait; returns the exit code."""

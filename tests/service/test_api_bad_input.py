@@ -12,7 +12,13 @@ MIXED = "a100x4-t4x4"
 
 
 def _body(**over: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": {"builtin": "gpt-tiny"}, "batch": 1, "seq": 16, "cluster": MIXED, "global_batch": 8}
+    body: dict[str, Any] = {
+        "model": {"builtin": "gpt-tiny"},
+        "batch": 1,
+        "seq": 16,
+        "cluster": MIXED,
+        "global_batch": 8,
+    }
     body.update(over)
     return body
 
@@ -28,7 +34,13 @@ def _error(r: httpx.Response, status: int, *needles: str) -> dict[str, Any]:
 
 
 def _graph(nodes: list[dict[str, Any]], **over: Any) -> dict[str, Any]:
-    g: dict[str, Any] = {"schema_version": 1, "name": "g", "nodes": nodes, "outputs": [nodes[-1]["name"]], "param_bytes": 0}
+    g: dict[str, Any] = {
+        "schema_version": 1,
+        "name": "g",
+        "nodes": nodes,
+        "outputs": [nodes[-1]["name"]],
+        "param_bytes": 0,
+    }
     g.update(over)
     return g
 
@@ -48,7 +60,9 @@ def _node(name: str, inputs: list[str], **over: Any) -> dict[str, Any]:
 
 
 def test_malformed_json(client: httpx.Client) -> None:
-    r = client.post("/v1/plans", content=b'{"model": {"builtin": ', headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/plans", content=b'{"model": {"builtin": ', headers={"content-type": "application/json"}
+    )
     err = _error(r, 400, "not valid JSON")
     assert err["type"] == "MalformedJSON"
 
@@ -81,15 +95,31 @@ def test_unknown_preset_and_paths_are_not_read(client: httpx.Client) -> None:
     assert err["type"] == "ProfileError"
     # A cluster string is a preset name only: never a file on the server.
     _error(client.post("/v1/plans", json=_body(cluster="/etc/passwd")), 422, "unknown cluster preset")
-    _error(client.post("/v1/plans", json=_body(cluster="../device_profiles/clusters/h100x8.yaml")), 422, "unknown")
+    _error(
+        client.post("/v1/plans", json=_body(cluster="../device_profiles/clusters/h100x8.yaml")),
+        422,
+        "unknown",
+    )
 
 
 def test_bad_inline_cluster(client: httpx.Client) -> None:
-    cluster = {"name": "c", "hosts": [{"name": "h", "devices": [{"kind": "tpu-v9", "count": 2}], "link": {"bandwidth_gbyte_s": 10}}]}
+    cluster = {
+        "name": "c",
+        "hosts": [
+            {"name": "h", "devices": [{"kind": "tpu-v9", "count": 2}], "link": {"bandwidth_gbyte_s": 10}}
+        ],
+    }
     _error(client.post("/v1/plans", json=_body(cluster=cluster)), 422, "tpu-v9")
     huge = {
         "name": "c",
-        "hosts": [{"name": "h", "devices": [{"kind": "t4-16g", "count": 4096}], "link": {"bandwidth_gbyte_s": 10}, "repeat": 1024}],
+        "hosts": [
+            {
+                "name": "h",
+                "devices": [{"kind": "t4-16g", "count": 4096}],
+                "link": {"bandwidth_gbyte_s": 10},
+                "repeat": 1024,
+            }
+        ],
         "network": {"bandwidth_gbit_s": 10},
     }
     _error(client.post("/v1/plans", json=_body(cluster=huge)), 422, "4096")
@@ -97,7 +127,9 @@ def test_bad_inline_cluster(client: httpx.Client) -> None:
 
 def test_huge_body_is_413(client: httpx.Client) -> None:
     big = b'{"pad": "' + b"x" * (3 * 2**20) + b'"}'
-    err = _error(client.post("/v1/plans", content=big, headers={"content-type": "application/json"}), 413, "limit")
+    err = _error(
+        client.post("/v1/plans", content=big, headers={"content-type": "application/json"}), 413, "limit"
+    )
     assert err["type"] == "PayloadTooLarge"
 
     def chunks() -> Any:  # no Content-Length: counted as it arrives
@@ -127,7 +159,10 @@ def test_graph_too_many_nodes(client: httpx.Client) -> None:
 
 def test_hf_config_unknown_model_type(client: httpx.Client) -> None:
     err = _error(
-        client.post("/v1/plans", json=_body(model={"hf_config": {"model_type": "definitely-not-a-model", "n_layer": 2}})),
+        client.post(
+            "/v1/plans",
+            json=_body(model={"hf_config": {"model_type": "definitely-not-a-model", "n_layer": 2}}),
+        ),
         422,
         "definitely-not-a-model",
     )
@@ -156,9 +191,13 @@ def test_batch_arithmetic(client: httpx.Client) -> None:
 def test_infeasible_model_names_the_shortfall(client: httpx.Client) -> None:
     tiny = {
         "name": "two-t4",
-        "hosts": [{"name": "h", "devices": [{"kind": "t4-16g", "count": 2}], "link": {"bandwidth_gbyte_s": 16}}],
+        "hosts": [
+            {"name": "h", "devices": [{"kind": "t4-16g", "count": 2}], "link": {"bandwidth_gbyte_s": 16}}
+        ],
     }
-    r = client.post("/v1/plans", json=_body(model={"builtin": "llama-7b"}, seq=128, cluster=tiny, global_batch=8))
+    r = client.post(
+        "/v1/plans", json=_body(model={"builtin": "llama-7b"}, seq=128, cluster=tiny, global_batch=8)
+    )
     if r.status_code == 202:  # tracing took longer than the short wait: the failure is on the plan
         done = wait_done(client, f"/v1/plans/{r.json()['id']}", timeout_s=180)
         assert done["status"] == "failed"

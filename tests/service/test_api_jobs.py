@@ -11,10 +11,18 @@ from service_harness import ServerProcess
 
 def _slow_body(global_batch: int) -> dict[str, object]:
     # Tracing a 7B Llama takes seconds here: long enough to be seen running and to be cancelled.
-    return {"model": {"builtin": "llama-7b"}, "batch": 1, "seq": 512, "cluster": "h100x8", "global_batch": global_batch}
+    return {
+        "model": {"builtin": "llama-7b"},
+        "batch": 1,
+        "seq": 512,
+        "cluster": "h100x8",
+        "global_batch": global_batch,
+    }
 
 
-def _wait_status(client: httpx.Client, url: str, wanted: set[str], timeout_s: float = 120) -> dict[str, object]:
+def _wait_status(
+    client: httpx.Client, url: str, wanted: set[str], timeout_s: float = 120
+) -> dict[str, object]:
     deadline = time.monotonic() + timeout_s
     while True:
         body = client.get(url).json()

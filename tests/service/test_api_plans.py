@@ -76,7 +76,10 @@ def test_plan_builtin_model_on_mixed_cluster(client: httpx.Client) -> None:
     assert done["predictions"]["iteration_time_s"] > 0
     assert done["solver"]["status"] in ("OPTIMAL", "FEASIBLE")
     assert isinstance(done["baselines"], dict) and done["baselines"]
-    assert done["request"]["cluster"]["name"] == MIXED and done["request"]["model"] == {"builtin": "gpt-tiny", "config": {}}
+    assert done["request"]["cluster"]["name"] == MIXED and done["request"]["model"] == {
+        "builtin": "gpt-tiny",
+        "config": {},
+    }
 
     # The same request again: same id, no second solve.
     again = client.post("/v1/plans", json=body)

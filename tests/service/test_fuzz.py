@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import httpx
 import schemathesis
+from distplan.service.app import create_app
+from distplan.service.settings import Settings
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 from service_harness import ServerProcess
-
-from distplan.service.app import create_app
-from distplan.service.settings import Settings
 
 # The schema comes from the app object (building it starts nothing); requests go to the live server.
 schema = schemathesis.openapi.from_dict(create_app(Settings()).openapi())

@@ -49,7 +49,12 @@ def test_user_error_is_final_but_retryable_failure_rearms(tmp_path: Path) -> Non
     assert job is not None and store.start(job.id)
     store.fail(job.id, Failure("InfeasiblePlanError", "12 GiB short", 422, False))
     rec, again = store.submit("plan", "bad", {})
-    assert again is None and rec.status == "failed" and rec.error_message == "12 GiB short" and rec.error_status == 422
+    assert (
+        again is None
+        and rec.status == "failed"
+        and rec.error_message == "12 GiB short"
+        and rec.error_status == 422
+    )
 
     _, job = store.submit("plan", "flaky", {})
     assert job is not None
