@@ -25,7 +25,7 @@ __all__ = ["demo_command", "print_plan_table", "register"]
 
 def print_plan_table(result: DemoResult, console: Console) -> None:
     """The plan as a table: one row per stage."""
-    from distplan.service.report import format_bytes, format_seconds
+    from distplan.service.report import device_ranges, format_bytes, format_seconds, layer_summary
     from rich.table import Table
 
     plan, graph = result.plan, result.graph
@@ -48,12 +48,12 @@ def print_plan_table(result: DemoResult, console: Console) -> None:
         t.add_column(col, justify=justify)  # type: ignore[arg-type]
     for st in plan.stages:
         cap = cluster.kinds[st.kind].usable_memory_bytes
-        mods = _layer_span(graph, st.start, st.end) or (
-            st.modules[0] if st.modules else f"nodes {st.start}-{st.end}"
+        mods = (
+            layer_summary([n.module for n in graph.nodes[st.start : st.end]]) or f"nodes {st.start}-{st.end}"
         )
         t.add_row(
             str(st.index),
-            ",".join(str(d) for d in st.devices),
+            device_ranges(st.devices),
             st.kind,
             mods,
             format_seconds(st.fwd_time_s + st.bwd_time_s),
@@ -62,38 +62,15 @@ def print_plan_table(result: DemoResult, console: Console) -> None:
     console.print(t)
 
 
-def _layer_span(graph: object, start: int, end: int) -> str:
-    """``transformer.h.0 … transformer.h.5`` style: the first and last module of a stage at layer depth."""
-    from distplan.graph import OpGraph
-
-    if not isinstance(graph, OpGraph):
-        return ""
-    mods = [n.module for n in graph.nodes[start:end] if n.module]
-    if not mods:
-        return "(inputs)"
-
-    def layer(m: str) -> str:
-        parts = m.split(".")
-        for i, p in enumerate(parts):
-            if p.isdigit():
-                return ".".join(parts[: i + 1])
-        return ".".join(parts[:2])
-
-    first, last = layer(mods[0]), layer(mods[-1])
-    return first if first == last else f"{first} … {last}"
-
-
-def _missing_parts() -> list[str]:
+def _missing_parts(*, validate: bool) -> list[str]:
     """Pipeline steps not installed in this checkout (while the project is being assembled)."""
     import importlib
 
     missing = []
-    for module, attr in (
-        ("distplan.tracer", "trace"),
-        ("distplan.planner", "plan"),
-        ("distplan.planner", "simulate"),
-        ("distplan.lowering", "validate"),
-    ):
+    needed = [("distplan.tracer", "trace"), ("distplan.planner", "plan"), ("distplan.planner", "simulate")]
+    if validate:
+        needed.append(("distplan.lowering", "validate"))
+    for module, attr in needed:
         try:
             if not hasattr(importlib.import_module(module), attr):
                 missing.append(f"{module}.{attr}")
@@ -146,7 +123,7 @@ def demo_command(
 
     from distplan.progress import ProgressLine
 
-    missing = _missing_parts()
+    missing = _missing_parts(validate=validate)
     if missing:
         # The project is assembled step by step; until every step is in, say what is not there yet.
         typer.echo(f"distplan demo: pipeline incomplete in this checkout, missing: {', '.join(missing)}")

@@ -49,10 +49,12 @@ __all__ = [
     "ReportError",
     "baseline_rows",
     "best_baseline",
+    "device_ranges",
     "equal_split_speedup",
     "find_chromium",
     "format_bytes",
     "format_seconds",
+    "layer_summary",
     "model_runs",
     "render_report",
     "render_timeline_svg",
@@ -575,15 +577,47 @@ def _short_module(fqn: str) -> str:
     return parts[-1]
 
 
-def _module_summary(modules: Sequence[str], limit: int = 4) -> str:
-    if not modules:
-        return "-"
-    if len(modules) <= limit:
-        return ", ".join(modules)
-    return f"{modules[0]} … {modules[-1]} ({len(modules)} modules)"
+def layer_summary(modules: Sequence[str], *, max_chars: int = 60) -> str:
+    """A short human list of the layers a stage covers, in order: ``wte, wpe, drop, h.0–h.8``.
+
+    Numbered layers (``transformer.h.3.attn``) fold to ``h.3`` and consecutive ones to a range; other
+    modules show their last name, and bare containers (``transformer``, a prefix of other entries) are
+    left out.
+    """
+    mods = [m for m in dict.fromkeys(modules) if m]
+    containers = {m for m in mods if any(o.startswith(m + ".") for o in mods)}
+    items: list[tuple[str, int | None]] = []
+    for m in mods:
+        parts = m.split(".")
+        idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        if idx is not None and idx > 0:
+            item: tuple[str, int | None] = (parts[idx - 1], int(parts[idx]))
+        elif m in containers:
+            continue
+        else:
+            item = (parts[-1], None)
+        if item not in items:
+            items.append(item)
+    out: list[str] = []
+    i = 0
+    while i < len(items):
+        name, num = items[i]
+        if num is None:
+            out.append(name)
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(items) and items[j + 1][0] == name and items[j + 1][1] == (items[j][1] or 0) + 1:
+            j += 1
+        out.append(f"{name}.{num}" if j == i else f"{name}.{num}–{name}.{items[j][1]}")
+        i = j + 1
+    text = ", ".join(out)
+    if len(text) > max_chars and len(out) > 2:
+        text = f"{out[0]} … {out[-1]} ({len(out)} parts)"
+    return text
 
 
-def _device_ranges(devices: Sequence[int]) -> str:
+def device_ranges(devices: Sequence[int]) -> str:
     """``d0–d7, d9`` for devices 0..7 and 9."""
     out: list[str] = []
     run: list[int] = []
@@ -616,12 +650,12 @@ def _stages_section(plan: Plan) -> str:
             f"{format_seconds(c)} (fwd {format_seconds(s.fwd_time_s)}, bwd {format_seconds(s.bwd_time_s)})"
         )
         m_label = f"{format_bytes(s.memory_bytes)} / {format_bytes(cap)} ({frac * 100:.0f}%)"
-        devs = _device_ranges(s.devices)
+        devs = device_ranges(s.devices)
         out.append(
             f'<tr class="stage-row" data-stage="{s.index}"><td><span class="swatch" style="background:{colour}">'
             f"</span>stage {s.index}</td><td>{_e(devs)}</td><td>{_e(s.kind)}</td><td>{s.dp}</td>"
             f'<td>{s.start}–{s.end}</td><td class="mods" title="{_e(", ".join(s.modules))}">'
-            f"{_e(_module_summary(s.modules))}</td>"
+            f"{_e(layer_summary(s.modules) or '-')}</td>"
             f"<td>{_bar(c / slowest, colour, label=t_label)}</td>"
             f"<td>{_bar(frac, colour, label=m_label, over=frac > 1.0)}</td></tr>"
         )
