@@ -1,1 +1,30 @@
-"""distplan.tracer."""
+"""distplan.tracer: a PyTorch model to an annotated :class:`~distplan.graph.OpGraph`.
+
+    >>> from distplan.tracer import trace
+    >>> graph = trace("llama-7b", seq=2048)            # doctest: +SKIP  (meta device: no weights allocated)
+
+Parts: :mod:`~distplan.tracer.zoo` (model specs: built-in zoo, Hugging Face configs, factories),
+:mod:`~distplan.tracer.capture` (``torch.export`` / ``torch.fx``), :mod:`~distplan.tracer.annotate`
+(FLOPs, bytes, activation memory per node) and :mod:`~distplan.tracer.cli` (``distplan trace``,
+``distplan models``).
+"""
+
+from __future__ import annotations
+
+from distplan.tracer.annotate import graph_from_capture
+from distplan.tracer.api import trace, trace_bundle
+from distplan.tracer.capture import Capture, capture
+from distplan.tracer.zoo import ModelBundle, ModelInfo, ModelKind, list_models, resolve_model
+
+__all__ = [
+    "Capture",
+    "ModelBundle",
+    "ModelInfo",
+    "ModelKind",
+    "capture",
+    "graph_from_capture",
+    "list_models",
+    "resolve_model",
+    "trace",
+    "trace_bundle",
+]

@@ -1,0 +1,528 @@
+"""Annotate a captured fx graph with sizes, FLOPs and memory, producing a plain-data :class:`OpGraph`.
+
+Every node is run on the ``meta`` device (shapes only, no memory, no arithmetic), each op in isolation:
+
+* **forward FLOPs**: ``torch.utils.flop_counter.FlopCounterMode`` around the op. On ``meta`` tensors
+  ``scaled_dot_product_attention`` decomposes into matmuls that the counter sees (on CPU tensors it would
+  dispatch to a flash kernel that counts 0).
+* **backward FLOPs**: the op is re-run with autograd on (inputs that require grad in training become leaf
+  tensors: parameters, and activations derived from them) and ``torch.autograd.grad`` of its outputs is
+  counted. This is exactly the op's share of a whole-model backward: the gradient accumulation adds that
+  join branches are not FLOPs in the counter's model either.
+* **activation bytes**: the tensors autograd saves for that backward, recorded with
+  ``torch.autograd.graph.saved_tensors_hooks``, deduplicated by storage, excluding parameters (they are held
+  anyway). Attention is the one exception: the meta device saves what the *math* kernel saves (the
+  ``seq x seq`` score matrix) while GPUs run flash/memory-efficient kernels that keep ``q, k, v``, the output
+  and a log-sum-exp per row, so that is what is counted.
+* **bytes moved**: bytes of the distinct input tensors (activations and parameters) plus the outputs; views
+  and ``getitem`` move nothing.
+
+Ops with the same target and input signature give the same numbers, so results are memoised: a 32-layer
+model costs about as much as a 2-layer one after the first block.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from distplan.tracer.capture import Capture
+from torch import fx, nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils.flop_counter import FlopCounterMode
+
+from distplan.errors import TraceError
+from distplan.graph import OpGraph, OpNode, TensorMeta
+
+__all__ = ["graph_from_capture"]
+
+_SDPA_TARGETS = {
+    "aten.scaled_dot_product_attention.default",
+    "torch._C._nn.scaled_dot_product_attention",
+}
+
+
+def graph_from_capture(
+    cap: Capture,
+    module: nn.Module,
+    example_args: tuple[Any, ...],
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    name: str,
+    meta: Mapping[str, Any] | None = None,
+) -> OpGraph:
+    """Turn a :class:`Capture` of ``module`` into an annotated, linted :class:`OpGraph`.
+
+    Node conventions: one :class:`OpNode` per fx node except ``get_attr`` and ``output``, in graph order;
+    parameters and buffers are not nodes but are listed (FQN) in ``params`` of the nodes reading them; the
+    first reader of a parameter carries its bytes in ``param_bytes`` (tied weights once).
+    """
+    ann = _Annotator(cap, module)
+    nodes, outputs, fallbacks = ann.run(example_args, dict(example_kwargs or {}))
+    unique = ann.unique_params
+    num_params = sum(p.numel() for p in unique.values())
+    param_bytes = sum(_nbytes(p) for p in unique.values())
+    dtypes = [str(p.dtype).removeprefix("torch.") for p in unique.values()]
+    param_dtype = max(set(dtypes), key=dtypes.count) if dtypes else "float32"
+    graph_meta: dict[str, Any] = {"method": cap.method, "capture_seconds": round(cap.seconds, 4)}
+    if fallbacks:
+        graph_meta["shape_only_nodes"] = len(fallbacks)
+    if cap.export_error:
+        graph_meta["export_error"] = cap.export_error
+    graph_meta.update(meta or {})
+    g = OpGraph(
+        name=name,
+        nodes=tuple(nodes),
+        outputs=tuple(outputs),
+        num_params=num_params,
+        param_bytes=param_bytes,
+        param_dtype=param_dtype,
+        meta=graph_meta,
+    )
+    g.lint()
+    return g
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _to_meta(t: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
+    m = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="meta")
+    if requires_grad and (t.dtype.is_floating_point or t.dtype.is_complex):
+        m.requires_grad_(True)
+    return m
+
+
+def _target_name(node: fx.Node, gm: fx.GraphModule) -> str:
+    t = node.target
+    if node.op == "call_module":
+        sub = gm.get_submodule(str(t))
+        return f"{type(sub).__module__}.{type(sub).__qualname__}"
+    if node.op in ("call_method", "placeholder", "get_attr"):
+        return str(t)
+    if isinstance(t, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
+        return str(t)
+    try:
+        return fx.node._get_qualified_name(t)  # type: ignore[arg-type]
+    except Exception:  # builtins without a qualified name
+        return getattr(t, "__name__", repr(t))
+
+
+_AT_SUFFIX = re.compile(r"@\d+$")
+
+
+def _owner(node: fx.Node, cap: Capture) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    # export names the second call of a module `blocks.0@1`; the module is the same.
+    return _AT_SUFFIX.sub("", str(path))
+
+
+def _is_free(node: fx.Node) -> bool:
+    t = node.target
+    if t is operator.getitem:
+        return True
+    if isinstance(t, torch._ops.OpOverload):
+        return bool(t.is_view)
+    return False
+
+
+class _Annotator:
+    def __init__(self, cap: Capture, module: nn.Module) -> None:
+        self.cap = cap
+        self.gm = cap.gm
+        self.module = module
+        # FQN -> tensor for every name (tied weights appear under several names).
+        self.params: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
+        self.buffers: dict[str, torch.Tensor] = dict(module.named_buffers(remove_duplicate=False))
+        self.unique_params: dict[int, torch.Tensor] = {id(p): p for p in module.parameters()}
+        self.meta_of: dict[int, torch.Tensor] = {}  # id(original tensor) -> its meta stand-in
+        self.param_meta_ids: set[int] = set()
+        self.assigned: set[int] = set()  # ids of original parameters whose bytes a node carries
+        self.memo: dict[Any, tuple[int, int, int, tuple[bool, ...]]] = {}
+
+    # ------------------------------------------------------------------ inputs
+    def _placeholder_values(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        phs = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if self.cap.method == "export":
+            flat, _ = tree_flatten((args, kwargs))
+            if len(flat) != len(phs):
+                raise TraceError(
+                    f"the exported graph has {len(phs)} inputs but the example inputs flatten to {len(flat)}"
+                )
+            return flat
+        try:
+            bound = inspect.signature(self.module.forward).bind(*args, **kwargs)
+        except TypeError as e:
+            raise TraceError(f"example inputs do not match {type(self.module).__name__}.forward: {e}") from e
+        bound.apply_defaults()
+        values = list(bound.arguments.values())
+        if len(values) != len(phs):
+            raise TraceError(f"the fx graph has {len(phs)} inputs but forward binds {len(values)} arguments")
+        return values
+
+    def _meta_attr(self, fqn: str, value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        orig = self.params.get(fqn, self.buffers.get(fqn, value))
+        key = id(orig)
+        m = self.meta_of.get(key)
+        if m is None:
+            is_param = isinstance(orig, nn.Parameter) and orig.requires_grad
+            m = _to_meta(orig, requires_grad=is_param)
+            self.meta_of[key] = m
+            if is_param:
+                self.param_meta_ids.add(id(m))
+        return m
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[OpNode], list[str], list[str]]:
+        with torch.device("meta"):  # ops that create tensors without naming a device
+            return self._run(args, kwargs)
+
+    def _run(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[list[OpNode], list[str], list[str]]:
+        values = iter(self._placeholder_values(args, kwargs))
+        env: dict[fx.Node, Any] = {}
+        attr_fqn: dict[fx.Node, str] = {}
+        nodes: list[OpNode] = []
+        outputs: list[str] = []
+        fallbacks: list[str] = []
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                v = next(values)
+                env[node] = tree_map(lambda x: _to_meta(x) if isinstance(x, torch.Tensor) else x, v)
+                nodes.append(
+                    OpNode(
+                        name=node.name,
+                        op="placeholder",
+                        target=str(node.target),
+                        module="",
+                        outputs=_metas(env[node]),
+                    )
+                )
+                continue
+            if node.op == "get_attr":
+                fqn = str(node.target)
+                env[node] = self._meta_attr(fqn, _fetch_attr(self.gm, fqn))
+                attr_fqn[node] = fqn
+                continue
+            if node.op == "output":
+                outputs = _unique([n.name for n in node.all_input_nodes if n.op != "get_attr"])
+                continue
+            nodes.append(self._call_node(node, env, attr_fqn, fallbacks))
+        self._assign_unused(nodes)
+        return nodes, outputs, fallbacks
+
+    def _call_node(
+        self, node: fx.Node, env: dict[fx.Node, Any], attr_fqn: dict[fx.Node, str], fallbacks: list[str]
+    ) -> OpNode:
+        # Devices baked into the graph (`arange(..., device=cpu)`, `x.to(cpu)`) become meta too.
+        args = tree_map(_meta_device, fx.node.map_arg(node.args, lambda n: env[n]))
+        kwargs = tree_map(_meta_device, fx.node.map_arg(node.kwargs, lambda n: env[n]))
+        read: list[str] = [attr_fqn[n] for n in node.all_input_nodes if n in attr_fqn]
+        fn: Callable[..., Any]
+        key_extra: Any
+        if node.op == "call_module":
+            sub = self.gm.get_submodule(str(node.target))
+            prefix = str(node.target)
+            local = {
+                **dict(sub.named_parameters(remove_duplicate=False)),
+                **dict(sub.named_buffers(remove_duplicate=False)),
+            }
+            metas = {k: self._meta_attr(f"{prefix}.{k}", v) for k, v in local.items()}
+            read += [f"{prefix}.{k}" for k in local]
+            sub_module = sub
+
+            def fn(*a: Any, **k: Any) -> Any:
+                return torch.func.functional_call(sub_module, metas, a, k)
+
+            # Same class, same parameter shapes and same extra_repr -> same numbers (the memo key).
+            key_extra = (
+                type(sub).__qualname__,
+                sub.extra_repr(),
+                tuple((k, tuple(v.shape), str(v.dtype)) for k, v in local.items()),
+            )
+            fn_args = (args, kwargs, tuple(metas.values()))
+        elif node.op == "call_method":
+            method = str(node.target)
+
+            def fn(*a: Any, **k: Any) -> Any:
+                return getattr(a[0], method)(*a[1:], **k)
+
+            key_extra = ("method", method)
+            fn_args = (args, kwargs, ())
+        else:
+            target = node.target
+            assert callable(target)
+            fn = target
+            key_extra = ("fn", _target_name(node, self.gm))
+            fn_args = (args, kwargs, ())
+        target_name = _target_name(node, self.gm)
+        try:
+            out, fwd, bwd, act = self._run_op(fn, fn_args, key_extra, sdpa=target_name in _SDPA_TARGETS)
+        except Exception as e:
+            val = node.meta.get("val")
+            if val is None:
+                raise TraceError(
+                    _op_failure(node, target_name, args, kwargs, e, _owner(node, self.cap))
+                ) from e
+            # The op cannot run on meta tensors (e.g. data-dependent output): keep the shapes export recorded.
+            out = tree_map(lambda x: _to_meta(x) if isinstance(x, torch.Tensor) else x, val)
+            fwd = bwd = act = 0
+            fallbacks.append(node.name)
+        env[node] = out
+        in_tensors = _unique_tensors((args, kwargs))
+        out_bytes = sum(t.nbytes for t in _metas(out))
+        moved = 0 if _is_free(node) else sum(_nbytes(t) for t in in_tensors) + out_bytes
+        if node.op == "call_module":
+            moved += sum(_nbytes(t) for t in fn_args[2] if isinstance(t, torch.Tensor))
+        read = _unique(read)
+        pbytes = 0
+        for fqn in read:
+            p = self.params.get(fqn)
+            if p is not None and id(p) in self.unique_params and id(p) not in self.assigned:
+                self.assigned.add(id(p))
+                pbytes += _nbytes(p)
+        return OpNode(
+            name=node.name,
+            op=node.op,
+            target=target_name,
+            module=_owner(node, self.cap),
+            inputs=tuple(_unique([n.name for n in node.all_input_nodes if n.op != "get_attr"])),
+            outputs=_metas(out),
+            fwd_flops=int(fwd),
+            bwd_flops=int(bwd),
+            bytes_moved=int(moved),
+            param_bytes=pbytes,
+            params=tuple(read),
+            activation_bytes=int(act),
+        )
+
+    def _assign_unused(self, nodes: list[OpNode]) -> None:
+        # A parameter no op reads still occupies memory (and the optimizer state): give its bytes to the
+        # first node of its owning module, or the first op, so node param_bytes sum to the model's.
+        for pid, p in self.unique_params.items():
+            if pid in self.assigned:
+                continue
+            fqn = next(k for k, v in self.params.items() if v is p)
+            owner = fqn.rsplit(".", 1)[0] if "." in fqn else ""
+            idx = next(
+                (
+                    i
+                    for i, n in enumerate(nodes)
+                    if n.op != "placeholder" and owner and n.module.startswith(owner)
+                ),
+                next((i for i, n in enumerate(nodes) if n.op != "placeholder"), 0),
+            )
+            n = nodes[idx]
+            nodes[idx] = OpNode(
+                **{**{f: getattr(n, f) for f in n.__slots__}, "param_bytes": n.param_bytes + _nbytes(p)}
+            )  # type: ignore[attr-defined]
+            self.assigned.add(pid)
+
+    # ------------------------------------------------------------------ one op
+    def _run_op(
+        self, fn: Callable[..., Any], fn_args: tuple[Any, Any, tuple[Any, ...]], key_extra: Any, *, sdpa: bool
+    ) -> tuple[Any, int, int, int]:
+        args, kwargs, extra_tensors = fn_args
+        flat, spec = tree_flatten((args, kwargs))
+        key = self._key(flat, extra_tensors, key_extra)
+        hit = self.memo.get(key)
+        if hit is not None:
+            fwd, bwd, act, rg = hit
+            with torch.no_grad():
+                out = fn(*args, **kwargs)
+            return _with_grad_flags(out, rg), fwd, bwd, act
+        needs_grad = any(isinstance(x, torch.Tensor) and x.requires_grad for x in (*flat, *extra_tensors))
+        if not needs_grad:
+            with torch.no_grad(), FlopCounterMode(display=False) as fc:
+                out = fn(*args, **kwargs)
+            fwd = fc.get_total_flops()
+            rg_flags = tuple(False for _ in _tensor_leaves(out))
+            self.memo[key] = (fwd, 0, 0, rg_flags)
+            return _with_grad_flags(out, rg_flags), fwd, 0, 0
+        # Leaves for autograd: parameters as they are (so their saved views can be recognised and left
+        # out), activations through a clone (in-place ops may write to them).
+        leaves: list[torch.Tensor] = []
+        param_leaves: set[int] = set()
+        new_flat = []
+        for x in flat:
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                leaf = x.detach().requires_grad_(True)
+                leaves.append(leaf)
+                if id(x) in self.param_meta_ids:
+                    param_leaves.add(id(leaf))
+                    new_flat.append(leaf)
+                else:
+                    new_flat.append(leaf.clone())
+            else:
+                new_flat.append(x)
+        for t in extra_tensors:  # parameters of a call_module (fx fallback) are read inside fn
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                param_leaves.add(id(t))
+                leaves.append(t)
+        a2, k2 = tree_unflatten(new_flat, spec)
+        saved: list[torch.Tensor] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t)
+            return t
+
+        with (
+            torch.enable_grad(),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            FlopCounterMode(display=False) as fc,
+        ):
+            out = fn(*a2, **k2)
+        fwd = fc.get_total_flops()
+        outs = _tensor_leaves(out)
+        rg_flags = tuple(bool(o.requires_grad) for o in outs)
+        grad_outs = [o for o in outs if o.requires_grad]
+        bwd = 0
+        if grad_outs:
+            with FlopCounterMode(display=False) as fc2:
+                torch.autograd.grad(
+                    grad_outs,
+                    leaves,
+                    grad_outputs=[torch.empty_like(o) for o in grad_outs],
+                    allow_unused=True,
+                )
+            bwd = fc2.get_total_flops()
+            act = _flash_attention_saved(args, outs) if sdpa else _saved_bytes(saved, param_leaves)
+        else:
+            act = 0
+        self.memo[key] = (fwd, bwd, act, rg_flags)
+        with torch.no_grad():
+            plain = tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, out)
+        return _with_grad_flags(plain, rg_flags), fwd, bwd, act
+
+    def _key(self, flat: list[Any], extra: tuple[Any, ...], key_extra: Any) -> Any:
+        first_seen: dict[int, int] = {}
+        parts: list[Any] = [key_extra]
+        for i, x in enumerate(flat):
+            if isinstance(x, torch.Tensor):
+                alias = first_seen.setdefault(id(x), i)
+                parts.append(
+                    (
+                        "T",
+                        tuple(x.shape),
+                        tuple(x.stride()),
+                        x.dtype,
+                        x.requires_grad,
+                        id(x) in self.param_meta_ids,
+                        alias,
+                    )
+                )
+            else:
+                parts.append(repr(x))
+        parts.append(tuple(x.requires_grad for x in extra if isinstance(x, torch.Tensor)))
+        return tuple(parts)
+
+
+_META = torch.device("meta")
+
+
+def _meta_device(x: Any) -> Any:
+    return _META if isinstance(x, torch.device) else x
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _tensor_leaves(v: Any) -> list[torch.Tensor]:
+    flat, _ = tree_flatten(v)
+    return [x for x in flat if isinstance(x, torch.Tensor)]
+
+
+def _with_grad_flags(out: Any, flags: tuple[bool, ...]) -> Any:
+    """Detached meta outputs whose ``requires_grad`` says whether training differentiates through them."""
+    flat, spec = tree_flatten(out)
+    it = iter(flags)
+    res = []
+    for x in flat:
+        if isinstance(x, torch.Tensor):
+            rg = next(it, False)
+            y = x.detach()
+            if rg and (y.dtype.is_floating_point or y.dtype.is_complex):
+                y.requires_grad_(True)
+            res.append(y)
+        else:
+            res.append(x)
+    return tree_unflatten(res, spec)
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    while t._base is not None:
+        t = t._base
+    return t
+
+
+def _saved_bytes(saved: list[torch.Tensor], param_leaves: set[int]) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in saved:
+        if not isinstance(t, torch.Tensor):
+            continue
+        r = _root(t)
+        if id(r) in param_leaves or id(t) in param_leaves or id(r) in seen:
+            continue
+        seen.add(id(r))
+        total += _nbytes(r)
+    return total
+
+
+def _flash_attention_saved(args: Any, outs: list[torch.Tensor]) -> int:
+    q, k, v = args[0], args[1], args[2]
+    out = outs[0]
+    lse = out.numel() // out.shape[-1] * 4  # one float32 per (batch, head, query)
+    return _nbytes(q) + _nbytes(k) + _nbytes(v) + _nbytes(out) + lse
+
+
+def _metas(v: Any) -> tuple[TensorMeta, ...]:
+    return tuple(
+        TensorMeta(
+            shape=tuple(int(s) for s in t.shape), dtype=str(t.dtype).removeprefix("torch."), nbytes=_nbytes(t)
+        )
+        for t in _tensor_leaves(v)
+    )
+
+
+def _unique(xs: list[str]) -> list[str]:
+    return list(dict.fromkeys(xs))
+
+
+def _unique_tensors(v: Any) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for t in _tensor_leaves(v):
+        seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def _describe_value(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"{str(v.dtype).removeprefix('torch.')}{list(v.shape)}"
+    if isinstance(v, list | tuple):
+        return "(" + ", ".join(_describe_value(x) for x in v) + ")"
+    return repr(v)
+
+
+def _op_failure(node: fx.Node, target: str, args: Any, kwargs: Any, e: BaseException, owner: str) -> str:
+    shown = ", ".join(_describe_value(a) for a in args)
+    where = f" in module {owner!r}" if owner else ""
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return f"op {target} (node {node.name!r}){where} fails on inputs ({shown}): {type(e).__name__}: {first[:300]}"

@@ -1,0 +1,214 @@
+"""``distplan trace`` and ``distplan models``.
+
+Heavy imports (torch, transformers) happen inside the commands so ``distplan --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import typer
+
+__all__ = ["register", "summary_dict"]
+
+_NUMERIC = re.compile(r"^\d+$")
+
+
+def summary_dict(graph: Any, *, out: str | None = None) -> dict[str, Any]:
+    """The machine-readable summary of a traced graph (the ``--json`` contract of ``distplan trace``)."""
+    costs = graph.cut_costs()
+    interior = costs[1:-1] or costs
+    meta = dict(graph.meta)
+    return {
+        "model": meta.get("spec", graph.name),
+        "name": graph.name,
+        "kind": meta.get("kind"),
+        "method": meta.get("method"),
+        "batch": meta.get("batch"),
+        "seq": meta.get("seq"),
+        "num_nodes": len(graph.nodes),
+        "num_params": graph.num_params,
+        "param_bytes": graph.param_bytes,
+        "param_dtype": graph.param_dtype,
+        "fwd_flops": graph.fwd_flops,
+        "bwd_flops": graph.bwd_flops,
+        "activation_bytes": graph.activation_bytes,
+        "max_cut_bytes": max(interior),
+        "min_cut_bytes": min(interior),
+        "trace_seconds": meta.get("trace_seconds"),
+        "structure_hash": graph.structure_hash,
+        "out": out,
+    }
+
+
+def _module_group(module: str) -> str:
+    """Group a module FQN at its first repeated-layer index (``model.layers.3.mlp`` -> ``model.layers.3``),
+    or at depth 2 for modules outside a layer list."""
+    if not module:
+        return "<root>"
+    parts = module.split(".")
+    for i, p in enumerate(parts):
+        if _NUMERIC.match(p):
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:2])
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:g} {unit}".rstrip()
+
+
+def _bytes(n: float) -> str:
+    for suffix, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}"
+    return f"{int(n)} B"
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    from distplan.errors import ModelSpecError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ModelSpecError(f"--set expects KEY=VALUE (e.g. num_hidden_layers=2), got {item!r}")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # a bare string such as hidden_act=gelu
+        out[key.strip()] = value
+    return out
+
+
+def _print_summary(graph: Any, info: dict[str, Any], top: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"[bold]{info['name']}[/bold] ({info['model']}, {info['kind']}) traced with {info['method']} "
+        f"in {info['trace_seconds']:.2f} s at batch {info['batch']}, seq {info['seq']}"
+    )
+    console.print(
+        f"  nodes {info['num_nodes']}   parameters {_human(info['num_params'])} "
+        f"({_bytes(info['param_bytes'])} {info['param_dtype']})   "
+        f"FLOPs fwd {_human(info['fwd_flops'])} / bwd {_human(info['bwd_flops'])}   "
+        f"activations saved {_bytes(info['activation_bytes'])}   "
+        f"cut cost {_bytes(info['min_cut_bytes'])} .. {_bytes(info['max_cut_bytes'])}"
+    )
+    largest = sorted(graph.nodes, key=lambda n: n.output_bytes, reverse=True)[:top]
+    t = Table(title=f"largest activations (top {len(largest)})")
+    for col in ("node", "op", "module", "shape", "bytes"):
+        t.add_column(col)
+    for n in largest:
+        shape = " ".join(f"{o.dtype}{list(o.shape)}" for o in n.outputs[:2])
+        t.add_row(n.name, n.target, n.module or "<root>", shape, _bytes(n.output_bytes))
+    console.print(t)
+    groups: dict[str, list[Any]] = {}
+    for n in graph.nodes:
+        groups.setdefault(_module_group(n.module), []).append(n)
+    t = Table(title="per module (grouped at layer index)")
+    for col in ("module", "nodes", "params", "fwd FLOPs", "bwd FLOPs", "act. saved"):
+        t.add_column(col, justify="left" if col == "module" else "right")
+    for key, ns in groups.items():
+        t.add_row(
+            key,
+            str(len(ns)),
+            _bytes(sum(n.param_bytes for n in ns)),
+            _human(sum(n.fwd_flops for n in ns)),
+            _human(sum(n.bwd_flops for n in ns)),
+            _bytes(sum(n.activation_bytes for n in ns)),
+        )
+    console.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``trace`` and ``models`` commands to the distplan CLI."""
+
+    @app.command("trace")
+    def trace_command(
+        model: str = typer.Argument(
+            ...,
+            help="Built-in model name (see `distplan models`), path to a Hugging Face config.json, "
+            "or an importable factory package.module:function.",
+        ),
+        batch: int = typer.Option(1, "--batch", "-b", help="Batch size of the example inputs. Default: 1."),
+        seq: int = typer.Option(
+            512,
+            "--seq",
+            "-s",
+            help="Sequence length of the example input_ids of language models. Default: 512.",
+        ),
+        out: Path | None = typer.Option(
+            None, "--out", "-o", help="Write the annotated graph as JSON to this file. Default: not written."
+        ),
+        json_out: bool = typer.Option(
+            False,
+            "--json",
+            help="Print one JSON object (model, num_nodes, num_params, ...) instead of tables.",
+        ),
+        device: str = typer.Option(
+            "meta",
+            "--device",
+            help="Device the model is built on: meta (no weights allocated) or cpu (real random weights). "
+            "Default: meta.",
+        ),
+        overrides: list[str] = typer.Option(
+            [],
+            "--set",
+            help="Override a config field, KEY=VALUE (JSON value), repeatable, e.g. --set num_hidden_layers=2. "
+            "Default: none.",
+        ),
+        top: int = typer.Option(10, "--top", help="Rows of the largest-activations table. Default: 10."),
+    ) -> None:
+        """Trace a model into an annotated graph (shapes, FLOPs, bytes, memory) and summarise it."""
+        from distplan.tracer.api import trace_bundle
+        from distplan.tracer.zoo import resolve_model
+
+        from distplan.cli import fail
+
+        if out is not None and out.parent and not out.parent.exists():
+            fail(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")
+        bundle = resolve_model(
+            model, batch=batch, seq=seq, device=device, config_overrides=_parse_overrides(overrides)
+        )
+        graph = trace_bundle(bundle)
+        if out is not None:
+            try:
+                graph.save(out)
+            except OSError as e:
+                fail(f"cannot write --out {str(out)!r}: {e.strerror or e}")
+        info = summary_dict(graph, out=str(out) if out is not None else None)
+        if json_out:
+            typer.echo(json.dumps(info))
+            return
+        _print_summary(graph, info, top)
+        if out is not None:
+            typer.echo(f"graph written to {out}")
+
+    @app.command("models")
+    def models_command(
+        json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    ) -> None:
+        """List the built-in models (use their names with `distplan trace`, `distplan plan`, ...)."""
+        from distplan.tracer.zoo import list_models
+
+        infos = list_models()
+        if json_out:
+            typer.echo(json.dumps({"models": [m.to_dict() for m in infos]}, indent=1))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title="built-in models (random weights, built from configs)")
+        for col in ("name", "family", "kind", "params", "description"):
+            t.add_column(col)
+        for m in infos:
+            t.add_row(m.name, m.family, m.kind, _human(m.approx_params), m.description)
+        Console().print(t)
