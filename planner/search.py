@@ -1,0 +1,582 @@
+"""The planner's outer search: enumerate (data-parallel degree, microbatch count), build and solve one
+integer program per candidate (``ilp.py``) from a greedy warm start, and turn the best into a Plan.
+
+[Note: determinism]
+A plan depends only on its inputs. CP-SAT runs with a fixed seed, ``interleave_search`` (a deterministic
+portfolio whatever the number of workers) and a *deterministic* work limit derived from ``time_limit_s``;
+the wall-clock limit is only a safety net (if it fires, the report's notes say so). The outer loop visits
+candidates in a fixed order and prunes with bounds computed from the inputs alone; ties are broken by the
+candidate order; devices are handed out in index order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from distplan.cluster import Cluster, Link
+from distplan.errors import InfeasiblePlanError, PlanError
+from distplan.graph import OpGraph
+from distplan.plan import Plan, SolverReport
+from distplan.profiles import load_cluster
+
+from .coarsen import Blocks, coarsen
+from .cost import CostModel, IterationCost
+from .evaluate import StageSpec, build_plan, layout_cost, make_request
+from .ilp import GroupType, SolverProgress, StageProblem, StageSolution, solve_stage_problem
+
+__all__ = [
+    "Candidate",
+    "build_problem",
+    "candidate_dp",
+    "candidate_microbatches",
+    "int_objective",
+    "plan",
+    "search",
+]
+
+GIB = 2**30
+KIB = 1024
+#: Resolution of the integer program: the whole model's forward + backward of one microbatch on the
+#: slowest kind is this many time units.
+TIME_RESOLUTION = 1_000_000
+#: At most this many microbatch counts per data-parallel degree (spread geometrically).
+MAX_MICROBATCH_CANDIDATES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One integer program of the search: ``dp`` replicas, ``microbatches`` per iteration."""
+
+    dp: int
+    microbatches: int
+    microbatch_size: int
+    schedule: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Groups:
+    """Group types of one dp degree with the devices behind each group (in hand-out order)."""
+
+    types: tuple[GroupType, ...]
+    kinds: tuple[str, ...]
+    devices: tuple[tuple[tuple[int, ...], ...], ...]  # per type: groups of device indices
+    links: tuple[Link, ...]
+    net_link: int
+
+
+def candidate_dp(cluster: Cluster, global_batch: int, microbatches: int | None = None) -> list[int]:
+    """Data-parallel degrees worth a model: divide the batch and fit in some host's same-kind devices."""
+    most = 0
+    for h in cluster.hosts:
+        for k in set(h.devices):
+            most = max(most, h.devices.count(k))
+    per = global_batch // microbatches if microbatches else global_batch
+    return [d for d in range(1, most + 1) if per % d == 0 and (global_batch % d == 0)]
+
+
+def candidate_microbatches(per_replica: int, *, max_stages: int, fixed: int | None = None) -> list[int]:
+    """Microbatch counts to try for ``per_replica`` samples per iteration: divisors of it, at most
+    :data:`MAX_MICROBATCH_CANDIDATES`, favouring counts near and above the possible stage count."""
+    if fixed is not None:
+        return [fixed] if per_replica % fixed == 0 else []
+    divs = [m for m in range(1, per_replica + 1) if per_replica % m == 0]
+    if len(divs) <= MAX_MICROBATCH_CANDIDATES:
+        return divs
+    # Keep 1, the largest, and a geometric spread that includes counts around 1x-4x the stage count.
+    keep = {divs[0], divs[-1]}
+    for target in (max_stages, 2 * max_stages, 4 * max_stages):
+        keep.add(min(divs, key=lambda m, t=target: (abs(math.log(m / t)), m)))
+    i = 0
+    while len(keep) < MAX_MICROBATCH_CANDIDATES and i < len(divs):
+        step = max(1, len(divs) // MAX_MICROBATCH_CANDIDATES)
+        keep.add(divs[i])
+        i += step
+    return sorted(keep)[:MAX_MICROBATCH_CANDIDATES] if len(keep) > MAX_MICROBATCH_CANDIDATES else sorted(keep)
+
+
+def _groups(cluster: Cluster, dp: int) -> _Groups:
+    devs = cluster.devices()
+    kinds = tuple(sorted({d.kind for d in devs}))
+    links: list[Link] = []
+
+    def link_index(lk: Link) -> int:
+        if lk not in links:
+            links.append(lk)
+        return links.index(lk)
+
+    net = link_index(cluster.network)
+    types: list[GroupType] = []
+    devices: list[tuple[tuple[int, ...], ...]] = []
+    ar_classes: dict[tuple[int, int], int] = {}
+    for hi, h in enumerate(cluster.hosts):
+        lk = link_index(h.link)
+        for k in kinds:
+            ids = [d.index for d in devs if d.host_index == hi and d.kind == k]
+            n = len(ids) // dp
+            if n == 0:
+                continue
+            ki = kinds.index(k)
+            ac = ar_classes.setdefault((ki, lk), len(ar_classes))
+            types.append(GroupType(host=hi, kind=ki, count=n, cap_kib=0, ar_class=ac, ar_latency=0, link=lk))
+            devices.append(tuple(tuple(ids[i * dp : (i + 1) * dp]) for i in range(n)))
+    return _Groups(tuple(types), kinds, tuple(devices), tuple(links), net)
+
+
+def build_problem(
+    cost: CostModel, blocks: Blocks, cand: Candidate, groups: _Groups | None = None
+) -> tuple[StageProblem, _Groups]:
+    """The integer data of one candidate (see ``ilp.StageProblem``)."""
+    cluster = cost.cluster
+    g = groups or _groups(cluster, cand.dp)
+    b = cand.microbatch_size
+    bounds = np.array(blocks.bounds)
+    fwd, bwd = [], []
+    for k in g.kinds:
+        f, bw = cost.time_prefix(k, b)
+        fwd.append(f[bounds])
+        bwd.append(bw[bounds])
+    unit = max(max(float(f[-1] + bw[-1]) for f, bw in zip(fwd, bwd, strict=True)), 1e-12) / TIME_RESOLUTION
+
+    def q(x: np.ndarray | Sequence[float]) -> tuple[int, ...]:
+        return tuple(int(v) for v in np.rint(np.asarray(x, dtype=np.float64) / unit))
+
+    params = cost.param_prefix[bounds].astype(np.float64)
+    comm = []
+    for li, lk in enumerate(g.links):
+        streams = cand.dp if li == g.net_link else 1
+        comm.append(q([cost.send_time(int(p), b, link=lk, streams=streams) for p in bounds]))
+    # all-reduce + optimizer per (kind, link) class: linear in the parameter bytes, latency kept apart.
+    ar: dict[int, tuple[int, ...]] = {}
+    types = []
+    for t in g.types:
+        kind = g.kinds[t.kind]
+        lk = g.links[t.link]
+        if t.ar_class not in ar:
+            vals = [
+                cost.allreduce_time(p, dp=cand.dp, link=lk)
+                - (2 * (cand.dp - 1) * lk.latency_s if cand.dp > 1 else 0.0)
+                + cost.optimizer_time(p, kind)
+                for p in params
+            ]
+            ar[t.ar_class] = q(vals)
+        cap = cluster.kinds[kind].usable_memory_bytes // KIB
+        lat = int(round(2 * (cand.dp - 1) * lk.latency_s / unit)) if cand.dp > 1 else 0
+        types.append(GroupType(t.host, t.kind, t.count, cap, t.ar_class, lat, t.link))
+    mem = tuple(int(v) for v in np.ceil(np.array([cost.state_bytes(p) for p in params]) / KIB))
+    act = tuple(int(v) for v in np.ceil(cost.act_prefix[bounds] * b / KIB))
+    identical = []
+    hosts = cluster.hosts
+    used_hosts = sorted({t.host for t in types})
+    for i, h1 in enumerate(used_hosts):
+        for h2 in used_hosts[i + 1 :]:
+            if hosts[h1].devices == hosts[h2].devices and hosts[h1].link == hosts[h2].link:
+                identical.append((h1, h2))
+                break
+    total_groups = sum(t.count for t in types)
+    prob = StageProblem(
+        num_blocks=blocks.num_blocks,
+        max_stages=max(1, min(blocks.num_blocks, total_groups)),
+        microbatches=cand.microbatches,
+        schedule=cand.schedule,
+        groups=tuple(types),
+        fwd_prefix=tuple(q(f) for f in fwd),
+        bwd_prefix=tuple(q(bw) for bw in bwd),
+        ar_prefix=tuple(ar[c] for c in sorted(ar)),
+        comm_prefix=tuple(comm),
+        net_link=g.net_link,
+        mem_prefix=mem,
+        act_prefix=act,
+        identical_hosts=tuple(identical),
+        time_unit_s=unit,
+    )
+    return prob, g
+
+
+def int_objective(p: StageProblem, stages: Sequence[tuple[int, int, int]]) -> int | None:
+    """The integer program's objective for a solution, or None if it breaks a constraint (mirror of the
+    model, used for warm starts and tests)."""
+    if not stages or stages[0][0] != 0 or stages[-1][1] != p.num_blocks or len(stages) > p.max_stages:
+        return None
+    counts: dict[int, int] = {}
+    n = len(stages)
+    total_t, comm, z = 0, 0, 0
+    t_max = f_max = b_max = 0
+    for s, (a, e, gi) in enumerate(stages):
+        if e <= a or (s and stages[s - 1][1] != a):
+            return None
+        counts[gi] = counts.get(gi, 0) + 1
+        g = p.groups[gi]
+        if counts[gi] > g.count:
+            return None
+        f = p.fwd_prefix[g.kind][e] - p.fwd_prefix[g.kind][a]
+        bw = p.bwd_prefix[g.kind][e] - p.bwd_prefix[g.kind][a]
+        total_t += f + bw
+        t_max, f_max, b_max = max(t_max, f + bw), max(f_max, f), max(b_max, bw)
+        inflight = p.microbatches if p.schedule == "gpipe" else min(n - s, p.microbatches)
+        mem = p.mem_prefix[e] - p.mem_prefix[a] + inflight * (p.act_prefix[e] - p.act_prefix[a])
+        if mem > g.cap_kib:
+            return None
+        z = max(z, p.ar_prefix[g.ar_class][e] - p.ar_prefix[g.ar_class][a] + g.ar_latency)
+        if s + 1 < n:
+            nxt = p.groups[stages[s + 1][2]]
+            lk = g.link if nxt.host == g.host else p.net_link
+            comm += p.comm_prefix[lk][e]
+            t_max = max(t_max, f + bw + 2 * p.comm_prefix[lk][e])
+    m = p.microbatches
+    steady = (m - 1) * (f_max + b_max) if p.schedule == "gpipe" else (m - 1) * t_max
+    return total_t + steady + 2 * comm + z
+
+
+def _greedy(p: StageProblem) -> tuple[int, tuple[tuple[int, int, int], ...]] | None:
+    """A quick feasible solution: order the groups (fastest kind first, then largest memory first; hosts
+    kept together), then binary-search the smallest bottleneck time a left-to-right fill achieves."""
+    nb = p.num_blocks
+    tfb = [np.array(f) + np.array(b) for f, b in zip(p.fwd_prefix, p.bwd_prefix, strict=True)]
+    mem = np.array(p.mem_prefix)
+    act = np.array(p.act_prefix)
+    speed_rank = {k: i for i, k in enumerate(sorted(range(len(tfb)), key=lambda k: (tfb[k][-1], k)))}
+    orders = [
+        sorted(range(len(p.groups)), key=lambda gi: (speed_rank[p.groups[gi].kind], p.groups[gi].host, gi)),
+        sorted(
+            range(len(p.groups)), key=lambda gi: (-p.groups[gi].cap_kib, speed_rank[p.groups[gi].kind], gi)
+        ),
+    ]
+    best: tuple[int, tuple[tuple[int, int, int], ...]] | None = None
+    for order in orders:
+        slots = [gi for gi in order for _ in range(p.groups[gi].count)][: p.max_stages]
+
+        def fill(limit: int, n_guess: int) -> list[tuple[int, int, int]] | None:
+            out: list[tuple[int, int, int]] = []
+            a = 0
+            for s, gi in enumerate(slots):
+                if a == nb:
+                    break
+                g = p.groups[gi]
+                pre = tfb[g.kind]
+                e_t = int(np.searchsorted(pre, pre[a] + limit, side="right")) - 1
+                v = p.microbatches if p.schedule == "gpipe" else max(1, min(n_guess - s, p.microbatches))
+                room = mem + v * act
+                e_m = int(np.searchsorted(room, room[a] + g.cap_kib, side="right")) - 1
+                e = min(e_t, e_m, nb)
+                if e <= a:
+                    return None
+                out.append((a, e, gi))
+                a = e
+            return out if a == nb else None
+
+        lo, hi = 0, int(max(x[-1] for x in tfb))
+        if fill(hi, len(slots)) is None and fill(hi, 1) is None:
+            continue
+        while lo < hi:
+            mid = (lo + hi) // 2
+            ok = fill(mid, len(slots))
+            if ok is not None:
+                ok2 = fill(mid, len(ok))
+                ok = ok2 if ok2 is not None and int_objective(p, ok2) is not None else ok
+            if ok is not None and int_objective(p, ok) is not None:
+                hi = mid
+            else:
+                lo = mid + 1
+        sol = fill(hi, len(slots))
+        if sol is not None:
+            alt = fill(hi, len(sol))
+            for cand in (sol, alt):
+                if cand is None:
+                    continue
+                obj = int_objective(p, cand)
+                if obj is not None and (best is None or obj < best[0]):
+                    best = (obj, tuple(cand))
+    return best
+
+
+def _lower_bound(p: StageProblem) -> int:
+    """A bound on the objective from the inputs alone: the fastest kind runs the whole model once, and the
+    steady state is at least the perfectly balanced share of all groups (and the largest block)."""
+    tfb = [np.array(f) + np.array(b) for f, b in zip(p.fwd_prefix, p.bwd_prefix, strict=True)]
+    whole = min(float(t[-1]) for t in tfb)
+    rate = sum(g.count / max(float(tfb[g.kind][-1]), 1e-9) for g in p.groups)
+    blocks = max(float(min(np.diff(t)[j] for t in tfb)) for j in range(p.num_blocks))
+    steady = max(1.0 / rate if rate > 0 else 0.0, blocks)
+    return int(math.floor(whole + (p.microbatches - 1) * steady))
+
+
+def _stage_specs(groups: _Groups, stages: Sequence[tuple[int, int, int]], blocks: Blocks) -> list[StageSpec]:
+    taken: dict[int, int] = {}
+    out = []
+    for a, e, gi in stages:
+        i = taken.get(gi, 0)
+        taken[gi] = i + 1
+        out.append(StageSpec(blocks.bounds[a], blocks.bounds[e], groups.devices[gi][i]))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    """The best layout found, its candidate, costs and the solver's account."""
+
+    stages: tuple[StageSpec, ...]
+    candidate: Candidate
+    iteration: IterationCost
+    report: SolverReport
+
+
+def _precheck(cost: CostModel, cluster: Cluster, blocks: Blocks) -> None:
+    """Fail early, and precisely, when no layout can fit whatever the batch split."""
+    g = cost.graph
+    need = cost.state_bytes(g.param_bytes or int(cost.param_prefix[-1]))
+    have = cluster.total_memory_bytes()
+    per = cost.state_per_param
+    if need > have:
+        raise InfeasiblePlanError(
+            f"model {g.name!r} needs at least {need / GIB:.1f} GiB across devices for parameters, gradients "
+            f"and optimizer state ({per} bytes per parameter with {cost.dtype} {cost.optimizer}); cluster "
+            f"{cluster.name!r} has {have / GIB:.1f} GiB usable ({(need - have) / GIB:.1f} GiB short)"
+        )
+    biggest = max(k.usable_memory_bytes for k in cluster.kinds.values())
+    for i in range(blocks.num_blocks):
+        a, e = blocks.bounds[i], blocks.bounds[i + 1]
+        m = cost.stage_memory(a, e, microbatch=1, inflight=1)
+        if m > biggest:
+            raise InfeasiblePlanError(
+                f"block {i} ({blocks.labels[i]}, nodes {a}..{e - 1}) alone needs {m / GIB:.2f} GiB (state and "
+                f"one sample's activations) but the largest device has {biggest / GIB:.2f} GiB usable "
+                f"({(m - biggest) / GIB:.2f} GiB short); cuts fall only between blocks"
+            )
+
+
+def search(
+    graph: OpGraph,
+    cost: CostModel,
+    *,
+    global_batch: int,
+    microbatches: int | None = None,
+    schedule: str | None = None,
+    time_limit_s: float = 10.0,
+    workers: int = 2,
+    progress: Callable[[SolverProgress], None] | None = None,
+    max_blocks: int = 160,
+    extra: Sequence[tuple[str, Sequence[StageSpec], Candidate]] = (),
+) -> SearchResult:
+    """Find the best layout over all candidates (see module docstring). ``extra`` layouts (e.g. the
+    baselines) compete too, so the result is never worse than any of them."""
+    t0 = time.perf_counter()
+    cluster = cost.cluster
+    blocks = coarsen(graph, max_blocks=max_blocks)
+    _precheck(cost, cluster, blocks)
+    sched = schedule or "1f1b"
+    cands: list[tuple[Candidate, StageProblem, _Groups, int, tuple[int, tuple] | None]] = []
+    for dp in candidate_dp(cluster, global_batch, microbatches):
+        groups = _groups(cluster, dp)
+        total_groups = sum(t.count for t in groups.types)
+        per = global_batch // dp
+        for m in candidate_microbatches(
+            per, max_stages=min(blocks.num_blocks, total_groups), fixed=microbatches
+        ):
+            cand = Candidate(dp, m, per // m, sched)
+            prob, _ = build_problem(cost, blocks, cand, groups)
+            lb = _lower_bound(prob)
+            cands.append((cand, prob, groups, lb, _greedy(prob)))
+    if not cands:
+        raise PlanError(
+            f"no data-parallel degree and microbatch count divide global_batch {global_batch}"
+            + (f" into {microbatches} microbatches" if microbatches else "")
+        )
+
+    def seconds(c: Candidate, stages: Sequence[StageSpec]) -> IterationCost:
+        _, total, bubble = layout_cost(
+            cost, stages, schedule=c.schedule, microbatches=c.microbatches, microbatch_size=c.microbatch_size
+        )
+        return IterationCost(total, bubble)
+
+    best: tuple[float, list[StageSpec], Candidate, IterationCost, str, int, float] | None = None
+    for cand, prob, groups, _, gr in cands:
+        if gr is not None:
+            specs = _stage_specs(groups, gr[1], blocks)
+            it = seconds(cand, specs)
+            if best is None or it.iteration_time_s < best[0]:
+                best = (it.iteration_time_s, specs, cand, it, "greedy", gr[0], prob.time_unit_s)
+    order = sorted(range(len(cands)), key=lambda i: (cands[i][3] * cands[i][1].time_unit_s, i))
+    to_solve = [i for i in order if best is None or cands[i][3] * cands[i][1].time_unit_s < best[0]]
+    det_each = max(0.25, time_limit_s / max(1, len(to_solve)))
+    bounds: list[float] = []
+    statuses: dict[str, int] = {}
+    notes: list[str] = []
+    solved = 0
+    for i in order:
+        cand, prob, groups, lb, gr = cands[i]
+        unit = prob.time_unit_s
+        if best is not None and lb * unit >= best[0]:
+            bounds.append(lb * unit)
+            statuses["PRUNED"] = statuses.get("PRUNED", 0) + 1
+            continue
+        left = 1.5 * time_limit_s - (time.perf_counter() - t0)
+        if left <= 0.05:
+            bounds.append(lb * unit)
+            statuses["SKIPPED_TIME"] = statuses.get("SKIPPED_TIME", 0) + 1
+            continue
+        sol: StageSolution = solve_stage_problem(
+            prob,
+            hint=gr[1] if gr else None,
+            workers=workers,
+            deterministic_time=det_each,
+            time_limit_s=left,
+            progress=progress,
+            label=f"dp={cand.dp} m={cand.microbatches}",
+        )
+        solved += 1
+        statuses[sol.status] = statuses.get(sol.status, 0) + 1
+        if sol.status == "INFEASIBLE":
+            continue
+        if sol.status == "UNKNOWN" or not sol.stages:
+            bounds.append(lb * unit)
+            continue
+        if sol.seconds >= left * 0.98:
+            notes.append(f"dp={cand.dp} m={cand.microbatches}: stopped by the wall-clock safety limit")
+        bounds.append(max(sol.bound, lb) * unit)
+        specs = _stage_specs(groups, sol.stages, blocks)
+        it = seconds(cand, specs)
+        if best is None or it.iteration_time_s < best[0] - 1e-12:
+            best = (it.iteration_time_s, specs, cand, it, "cp-sat", sol.objective, unit)
+    for name, specs_x, cand_x in extra:
+        it = seconds(cand_x, specs_x)
+        if best is not None and it.iteration_time_s < best[0] - 1e-12:
+            notes.append(
+                f"the {name} layout beat the solver's ({it.iteration_time_s:.4g} s < {best[0]:.4g} s)"
+            )
+            best = (it.iteration_time_s, list(specs_x), cand_x, it, name, 0, 0.0)
+    elapsed = time.perf_counter() - t0
+    if best is None:
+        raise InfeasiblePlanError(_why_infeasible(cost, cluster, blocks, global_batch))
+    total, specs, cand, it, source, obj_int, unit = best
+    bound = min(bounds) if bounds else total
+    bound = min(bound, total)
+    gap = max(0.0, (total - bound) / total) if total > 0 else 0.0
+    status = "OPTIMAL" if gap <= 1e-6 else "FEASIBLE"
+    summary = ", ".join(f"{k.lower()} {v}" for k, v in sorted(statuses.items()))
+    notes.insert(0, f"{len(cands)} candidates (dp x microbatches): {summary}; best from {source}")
+    report = SolverReport(
+        solver="cp-sat",
+        status=status,
+        objective_s=total,
+        bound_s=bound,
+        gap=gap,
+        seconds=elapsed,
+        notes=tuple(notes),
+    )
+    return SearchResult(tuple(specs), cand, it, report)
+
+
+def _why_infeasible(cost: CostModel, cluster: Cluster, blocks: Blocks, global_batch: int) -> str:
+    """The smallest shortfall: every device filled to capacity, one sample in flight per stage."""
+    need = cost.state_bytes(int(cost.param_prefix[-1])) + float(cost.act_prefix[-1])
+    have = cluster.total_memory_bytes()
+    msg = (
+        f"no layout of {cost.graph.name!r} fits cluster {cluster.name!r}: parameters, gradients, optimizer "
+        f"state and one sample's activations need at least {need / GIB:.1f} GiB, the cluster has "
+        f"{have / GIB:.1f} GiB usable"
+    )
+    if need > have:
+        return msg + f" ({(need - have) / GIB:.1f} GiB short)"
+    return msg + (
+        "; the stages cannot be balanced into the devices' memory "
+        f"(largest device {max(k.usable_memory_bytes for k in cluster.kinds.values()) / GIB:.1f} GiB, "
+        f"{blocks.num_blocks} blocks); try a larger global batch split, bf16, or more devices"
+    )
+
+
+def _validate(
+    global_batch: int, microbatches: int | None, schedule: str | None, time_limit_s: float, workers: int
+) -> None:
+    if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+        raise PlanError(f"global_batch must be a positive integer, got {global_batch!r}")
+    if microbatches is not None:
+        if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+            raise PlanError(f"microbatches must be a positive integer, got {microbatches!r}")
+        if global_batch % microbatches:
+            raise PlanError(
+                f"global_batch {global_batch} is not divisible into {microbatches} microbatches "
+                f"(remainder {global_batch % microbatches})"
+            )
+    if schedule is not None and schedule not in ("1f1b", "gpipe"):
+        raise PlanError(f"schedule must be 1f1b or gpipe for the planner, got {schedule!r}")
+    if not time_limit_s > 0:
+        raise PlanError(f"time_limit_s must be > 0, got {time_limit_s}")
+    if workers < 1:
+        raise PlanError(f"workers must be >= 1, got {workers}")
+
+
+def plan(
+    graph: OpGraph,
+    *,
+    cluster: str | Cluster | dict,
+    global_batch: int,
+    microbatches: int | None = None,
+    schedule: str | None = None,
+    dtype: str = "fp32",
+    optimizer: str = "adam",
+    time_limit_s: float = 10.0,
+    workers: int = 2,
+    progress: Callable[[SolverProgress], None] | None = None,
+    baselines: bool = True,
+) -> Plan:
+    """The fastest plan the integer program finds for ``graph`` on ``cluster`` (checked, deterministic).
+
+    The plan's ``solver`` report carries status, objective, bound, gap and seconds; ``baselines`` maps
+    each baseline's name to its predicted iteration time (None where it does not fit).
+
+        >>> from distplan.planner.synthetic import synthetic_transformer
+        >>> g = synthetic_transformer(layers=4, hidden=512, heads=8, seq=256, vocab=1000)
+        >>> p = plan(g, cluster="a100x4-t4x4", global_batch=8, time_limit_s=2)
+        >>> p.check(g)
+    """
+    from .baselines import baseline_layouts
+
+    _validate(global_batch, microbatches, schedule, time_limit_s, workers)
+    if not graph.nodes:
+        raise PlanError(f"graph {graph.name!r} has no nodes")
+    c = load_cluster(cluster)
+    request = make_request(
+        graph,
+        c,
+        global_batch=global_batch,
+        dtype=dtype,
+        optimizer=optimizer,
+        microbatches=microbatches,
+        schedule=schedule,
+        time_limit_s=time_limit_s,
+    )
+    cost = CostModel(graph, c, dtype=dtype, optimizer=optimizer)
+    base = (
+        baseline_layouts(graph, cost, global_batch=global_batch, microbatches=microbatches, schedule=schedule)
+        if baselines
+        else {}
+    )
+    extra = [(name, b.stages, b.candidate) for name, b in base.items() if b is not None]
+    res = search(
+        graph,
+        cost,
+        global_batch=global_batch,
+        microbatches=microbatches,
+        schedule=schedule,
+        time_limit_s=time_limit_s,
+        workers=workers,
+        progress=progress,
+        extra=extra,
+    )
+    cand = res.candidate
+    return build_plan(
+        graph,
+        cost,
+        request,
+        res.stages,
+        schedule=cand.schedule,
+        microbatches=cand.microbatches,
+        microbatch_size=cand.microbatch_size,
+        solver=res.report,
+        baselines={name: (None if b is None else b.iteration_time_s) for name, b in base.items()},
+    )

@@ -1,0 +1,255 @@
+"""Transformer-shaped and random :class:`~distplan.graph.OpGraph` s built without torch.
+
+They give the planner realistic inputs for tests and benchmarks when no traced graph is at hand: the node
+sequence, module paths, FLOPs, parameter and activation bytes of a pre-norm decoder follow the usual
+closed forms (2 FLOPs per multiply-add, backward = 2 x forward for matmuls, residual stream kept alive
+across each layer as a skip connection).
+
+    >>> g = synthetic_transformer(layers=2, hidden=64, heads=4, seq=16, vocab=100)
+    >>> g.lint()
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from distplan.graph import OpGraph, OpNode, TensorMeta, make_graph
+
+__all__ = ["TransformerShape", "random_chain_graph", "synthetic_transformer", "transformer_shape"]
+
+_F32 = 4
+
+
+@dataclass(frozen=True, slots=True)
+class TransformerShape:
+    """Sizes of a decoder-only transformer (what a Hugging Face config gives)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    ffn: int
+    vocab: int
+    tied_embeddings: bool = False
+
+
+#: Well-known configurations (parameter counts match the published models to within a few percent).
+_SHAPES: dict[str, TransformerShape] = {
+    "gpt2-small": TransformerShape(12, 768, 12, 3072, 50257, tied_embeddings=True),
+    "gpt2-xl": TransformerShape(48, 1600, 25, 6400, 50257, tied_embeddings=True),
+    "llama-7b": TransformerShape(32, 4096, 32, 11008, 32000),
+    "llama-13b": TransformerShape(40, 5120, 40, 13824, 32000),
+}
+
+
+def transformer_shape(name: str) -> TransformerShape:
+    """A named shape (``gpt2-small``, ``gpt2-xl``, ``llama-7b``, ``llama-13b``)."""
+    try:
+        return _SHAPES[name]
+    except KeyError:
+        raise ValueError(f"unknown transformer shape {name!r}; known: {', '.join(sorted(_SHAPES))}") from None
+
+
+def synthetic_transformer(
+    name: str | None = None,
+    *,
+    layers: int = 4,
+    hidden: int = 256,
+    heads: int = 4,
+    ffn: int | None = None,
+    vocab: int = 1000,
+    seq: int = 128,
+    batch: int = 1,
+    tied_embeddings: bool = False,
+) -> OpGraph:
+    """A pre-norm decoder-only transformer graph (fp32), traced at ``batch`` x ``seq`` tokens.
+
+    ``name`` picks a known shape (see :func:`transformer_shape`) and overrides the size arguments.
+    """
+    if name is not None:
+        s = transformer_shape(name)
+        layers, hidden, heads, ffn, vocab, tied_embeddings = (
+            s.layers,
+            s.hidden,
+            s.heads,
+            s.ffn,
+            s.vocab,
+            s.tied_embeddings,
+        )
+    ffn = ffn or 4 * hidden
+    tokens = batch * seq
+    x_bytes = tokens * hidden * _F32
+    nodes: list[OpNode] = []
+
+    def t(*shape: int, dtype: str = "float32", size: int = _F32) -> tuple[TensorMeta, ...]:
+        n = 1
+        for d in shape:
+            n *= d
+        return (TensorMeta(tuple(shape), dtype, n * size),)
+
+    def add(name_: str, module: str, target: str, inputs: tuple[str, ...], out, **kw: int) -> str:
+        op = "placeholder" if target == "input" else "call_function"
+        nodes.append(OpNode(name_, op, target, module, inputs, out, **kw))
+        return name_
+
+    ids = add("input_ids", "", "input", (), t(batch, seq, dtype="int64", size=8))
+    labels = add("labels", "", "input", (), t(batch, seq, dtype="int64", size=8))
+    emb_params = vocab * hidden * _F32
+    x = add(
+        "embed",
+        "model.embed_tokens",
+        "aten.embedding.default",
+        (ids,),
+        t(batch, seq, hidden),
+        bytes_moved=2 * x_bytes,
+        param_bytes=emb_params,
+        activation_bytes=tokens * 8,
+    )
+
+    def linear(nm: str, module: str, src: str, fin: int, fout: int) -> str:
+        w = fin * fout * _F32
+        flops = 2 * tokens * fin * fout
+        return add(
+            nm,
+            module,
+            "aten.mm.default",
+            (src,),
+            t(batch, seq, fout),
+            fwd_flops=flops,
+            bwd_flops=2 * flops,
+            bytes_moved=w + tokens * (fin + fout) * _F32,
+            param_bytes=w,
+            activation_bytes=tokens * fin * _F32,
+        )
+
+    def norm(nm: str, module: str, src: str) -> str:
+        return add(
+            nm,
+            module,
+            "aten.native_layer_norm.default",
+            (src,),
+            t(batch, seq, hidden),
+            fwd_flops=5 * tokens * hidden,
+            bwd_flops=10 * tokens * hidden,
+            bytes_moved=2 * x_bytes,
+            param_bytes=2 * hidden * _F32,
+            activation_bytes=x_bytes,
+        )
+
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        h = norm(f"l{i}_ln1", f"{p}.ln_1", x)
+        qkv = linear(f"l{i}_qkv", f"{p}.attn.qkv", h, hidden, 3 * hidden)
+        attn_flops = 4 * batch * seq * seq * hidden
+        a = add(
+            f"l{i}_sdpa",
+            f"{p}.attn",
+            "aten._scaled_dot_product_flash_attention.default",
+            (qkv,),
+            t(batch, seq, hidden),
+            fwd_flops=attn_flops,
+            bwd_flops=int(2.5 * attn_flops),
+            bytes_moved=4 * x_bytes,
+            activation_bytes=4 * x_bytes,
+        )
+        o = linear(f"l{i}_proj", f"{p}.attn.o_proj", a, hidden, hidden)
+        x1 = add(
+            f"l{i}_add1",
+            p,
+            "aten.add.Tensor",
+            (x, o),
+            t(batch, seq, hidden),
+            fwd_flops=tokens * hidden,
+            bytes_moved=3 * x_bytes,
+        )
+        h2 = norm(f"l{i}_ln2", f"{p}.ln_2", x1)
+        f1 = linear(f"l{i}_fc1", f"{p}.mlp.fc1", h2, hidden, ffn)
+        g = add(
+            f"l{i}_act",
+            f"{p}.mlp.act",
+            "aten.gelu.default",
+            (f1,),
+            t(batch, seq, ffn),
+            fwd_flops=8 * tokens * ffn,
+            bwd_flops=16 * tokens * ffn,
+            bytes_moved=2 * tokens * ffn * _F32,
+            activation_bytes=tokens * ffn * _F32,
+        )
+        f2 = linear(f"l{i}_fc2", f"{p}.mlp.fc2", g, ffn, hidden)
+        x = add(
+            f"l{i}_add2",
+            p,
+            "aten.add.Tensor",
+            (x1, f2),
+            t(batch, seq, hidden),
+            fwd_flops=tokens * hidden,
+            bytes_moved=3 * x_bytes,
+        )
+    h = norm("final_norm", "model.norm", x)
+    head_params = 0 if tied_embeddings else vocab * hidden * _F32
+    logits_flops = 2 * tokens * hidden * vocab
+    logits = add(
+        "lm_head",
+        "lm_head",
+        "aten.mm.default",
+        (h,),
+        t(batch, seq, vocab),
+        fwd_flops=logits_flops,
+        bwd_flops=2 * logits_flops,
+        bytes_moved=vocab * hidden * _F32 + tokens * (hidden + vocab) * _F32,
+        param_bytes=head_params,
+        activation_bytes=x_bytes,
+    )
+    loss = add(
+        "loss",
+        "",
+        "aten.cross_entropy_loss.default",
+        (logits, labels),
+        t(),
+        fwd_flops=5 * tokens * vocab,
+        bwd_flops=5 * tokens * vocab,
+        bytes_moved=2 * tokens * vocab * _F32,
+        activation_bytes=tokens * vocab * _F32,
+    )
+    total = sum(n.param_bytes for n in nodes)
+    return make_graph(
+        name or f"transformer-{layers}x{hidden}",
+        nodes,
+        outputs=(loss,),
+        num_params=total // _F32,
+        meta={"batch": batch, "seq": seq, "tracer": "synthetic"},
+    )
+
+
+def random_chain_graph(seed: int, *, nodes: int = 6, skip_prob: float = 0.3, scale: float = 1.0) -> OpGraph:
+    """A random chain of ``nodes`` ops (each its own module, so each is one block), with random FLOPs,
+    parameters, activations and occasional skip connections; sizes are GPU-scale (GFLOPs, hundreds of MB)."""
+    rng = random.Random(seed)
+    out: list[OpNode] = []
+    for i in range(nodes):
+        inputs: tuple[str, ...] = ()
+        if i > 0:
+            inputs = (out[-1].name,)
+            if i > 1 and rng.random() < skip_prob:
+                inputs = (*inputs, out[rng.randrange(0, i - 1)].name)
+        flops = int(rng.uniform(0.2, 5.0) * 1e12 * scale)
+        nbytes = int(rng.uniform(1, 64) * 2**20 * scale)
+        out.append(
+            OpNode(
+                f"n{i}",
+                "call_function" if i else "placeholder",
+                "aten.mm.default" if i else "input",
+                f"m{i}",
+                inputs,
+                (TensorMeta((nbytes // 4,), "float32", nbytes),),
+                fwd_flops=flops if i else 0,
+                bwd_flops=2 * flops if i else 0,
+                bytes_moved=3 * nbytes,
+                param_bytes=int(rng.uniform(0.1, 6.0) * 2**30 * scale) if i else 0,
+                activation_bytes=int(rng.uniform(0.05, 2.0) * 2**30 * scale) if i else 0,
+            )
+        )
+    total = sum(n.param_bytes for n in out)
+    return make_graph(
+        f"random-{seed}", out, outputs=(out[-1].name,), num_params=total // 4, meta={"batch": 1}
+    )
