@@ -17,7 +17,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from distplan.service.cache import ResponseCache
+from distplan.service.cache import CachedReads, ResponseCache
 from distplan.service.errors import install_error_handlers
 from distplan.service.jobs import JobManager
 from distplan.service.middleware import BodySizeLimit
@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service app; state (database, workers, cache) is created on startup and lives on
     ``app.state``."""
     settings = settings or Settings()
+    cache = ResponseCache(settings.cache_entries)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,7 +64,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.store = store
         app.state.jobs = jobs
-        app.state.cache = ResponseCache(settings.cache_entries)
         try:
             yield
         finally:
@@ -86,7 +86,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "health", "description": "Liveness and readiness."},
         ],
     )
+    app.state.cache = cache
     install_error_handlers(app)
     app.include_router(router)
+    # Added last = outermost: the body limit first, then cached reads, then FastAPI.
+    app.add_middleware(CachedReads, cache=cache)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -3,7 +3,8 @@
 Routes are thin: check the body (pydantic + ``distplan.service.specs``), hand work to the
 :class:`~distplan.service.jobs.JobManager`, read results from the :class:`~distplan.service.store.Store`.
 Errors are raised as ``DistplanError`` subclasses and turned into JSON answers in one place
-(``distplan.service.errors``). Bodies of finished resources are cached as bytes (``ResponseCache``).
+(``distplan.service.errors``). Bodies of finished plans are cached as bytes by path (``ResponseCache``); later reads of them are
+answered before routing (``CachedReads``).
 """
 
 from __future__ import annotations
@@ -313,14 +314,11 @@ async def create_plan(
     responses={404: _ERRORS[404]},
 )
 async def get_plan(store: StoreDep, cache: CacheDep, plan_id: str = _id()) -> Response:
-    key = f"plan:{plan_id}"
-    body = cache.get(key)
-    if body is None:
-        rec = _require_plan(store, plan_id)
-        data = await run_in_threadpool(_plan_public, rec, store)
-        body = json.dumps(data).encode()
-        if rec.status == "done":
-            cache.put(key, body)
+    rec = _require_plan(store, plan_id)
+    data = await run_in_threadpool(_plan_public, rec, store)
+    body = json.dumps(data).encode()
+    if rec.status == "done":
+        cache.put(f"/v1/plans/{plan_id}", body)
     return Response(body, media_type="application/json")
 
 
@@ -329,7 +327,7 @@ async def get_plan(store: StoreDep, cache: CacheDep, plan_id: str = _id()) -> Re
     response_model=LauncherPublic,
     tags=["plans"],
     summary="The emitted entry point, plan.json and torchrun command per host.",
-    responses={404: _ERRORS[404], 409: _ERRORS[409]},
+    responses={404: _ERRORS[404], 409: _ERRORS[409], 422: _ERRORS[422]},
 )
 async def get_launcher(store: StoreDep, plan_id: str = _id()) -> Response:
     rec = _require_plan(store, plan_id)
@@ -337,7 +335,11 @@ async def get_launcher(store: StoreDep, plan_id: str = _id()) -> Response:
     text = store.artifact(plan_id, "launcher")
     if text is None:
         raise NotFoundError(f"plan {plan_id} has no launcher stored")
-    return _json({"plan_id": plan_id, **json.loads(text)})
+    data = json.loads(text)
+    if "error" in data:
+        err = data["error"]
+        raise JobFailure(err["type"], f"plan {plan_id} has no launcher: {err['message']}", status_code=422)
+    return _json({"plan_id": plan_id, **data})
 
 
 @router.get(
@@ -351,16 +353,13 @@ async def get_launcher(store: StoreDep, plan_id: str = _id()) -> Response:
     },
 )
 async def get_timeline(store: StoreDep, cache: CacheDep, plan_id: str = _id()) -> Response:
-    key = f"timeline:{plan_id}"
-    body = cache.get(key)
-    if body is None:
-        rec = _require_plan(store, plan_id)
-        _require_done(rec, "timeline")
-        text = store.artifact(plan_id, "timeline")
-        if text is None:
-            raise NotFoundError(f"plan {plan_id} has no timeline stored")
-        body = text.encode()
-        cache.put(key, body)
+    rec = _require_plan(store, plan_id)
+    _require_done(rec, "timeline")
+    text = store.artifact(plan_id, "timeline")
+    if text is None:
+        raise NotFoundError(f"plan {plan_id} has no timeline stored")
+    body = text.encode()
+    cache.put(f"/v1/plans/{plan_id}/timeline", body)
     return Response(body, media_type="application/json")
 
 
@@ -372,13 +371,10 @@ async def get_timeline(store: StoreDep, cache: CacheDep, plan_id: str = _id()) -
     responses={404: _ERRORS[404], 409: _ERRORS[409]},
 )
 async def get_report(store: StoreDep, cache: CacheDep, plan_id: str = _id()) -> Response:
-    key = f"report:{plan_id}"
-    body = cache.get(key)
-    if body is None:
-        rec = _require_plan(store, plan_id)
-        _require_done(rec, "report")
-        body = (await run_in_threadpool(_render_report, store, plan_id)).encode()
-        cache.put(key, body)
+    rec = _require_plan(store, plan_id)
+    _require_done(rec, "report")
+    body = (await run_in_threadpool(_render_report, store, plan_id)).encode()
+    cache.put(f"/v1/plans/{plan_id}/report", body, "text/html; charset=utf-8")
     return HTMLResponse(body)
 
 

@@ -126,8 +126,21 @@ def run_plan(payload: dict[str, Any]) -> dict[str, str]:
         "timeline": json.dumps(timeline.to_chrome_trace()),
         "timeline_data": json.dumps(timeline.to_dict()),
     }
-    artifacts["launcher"] = json.dumps(launcher(plan, request["model"]))
+    artifacts["launcher"] = json.dumps(_launcher_or_error(plan, request["model"]))
     return artifacts
+
+
+def _launcher_or_error(plan: Any, model: dict[str, Any]) -> dict[str, Any]:
+    """The launcher, or the reason there is none: a plan is still a plan when its program cannot be
+    emitted (``GET /v1/plans/{id}/launcher`` then answers that reason)."""
+    from distplan.errors import DistplanError
+
+    try:
+        return launcher(plan, model)
+    except DistplanError as e:
+        return {"error": {"type": type(e).__name__, "message": str(e)}}
+    except ImportError as e:  # this build has no lowering
+        return {"error": {"type": "LoweringError", "message": f"this server cannot emit launchers: {e}"}}
 
 
 def launcher(plan: Any, model: dict[str, Any]) -> dict[str, Any]:
