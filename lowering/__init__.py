@@ -1,1 +1,49 @@
-"""distplan.lowering."""
+"""distplan.lowering: a :class:`~distplan.plan.Plan` plus the user's model to a runnable
+``torch.distributed`` program, and the check that it computes what the single-device model computes.
+
+- :func:`lower` (inside ``torchrun``): this rank's pipeline stage(s), process groups, schedule and optimizer
+  as a :class:`Runner`.
+- :func:`validate`: run a plan on CPU processes with gloo and compare with one device
+  (:class:`ValidationReport`).
+- :func:`emit_launcher`: ``plan.json`` + ``train.py`` + the ``torchrun`` command per host.
+- :func:`split_graph`: the graph surgery (stage modules from a captured graph and cut positions).
+
+torch is imported lazily, so ``import distplan.lowering`` stays light until one of these is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "LauncherFiles",
+    "RankInfo",
+    "Runner",
+    "StageModule",
+    "Tolerance",
+    "ValidationReport",
+    "emit_launcher",
+    "lower",
+    "split_graph",
+    "validate",
+]
+
+_LAZY = {
+    "lower": "distplan.lowering.runtime",
+    "Runner": "distplan.lowering.runtime",
+    "RankInfo": "distplan.lowering.runtime",
+    "validate": "distplan.lowering.validation",
+    "ValidationReport": "distplan.lowering.validation",
+    "Tolerance": "distplan.lowering.validation",
+    "emit_launcher": "distplan.lowering.launcher",
+    "LauncherFiles": "distplan.lowering.launcher",
+    "split_graph": "distplan.lowering.split",
+    "StageModule": "distplan.lowering.split",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'distplan.lowering' has no attribute {name!r}")

@@ -115,6 +115,17 @@ class CapturedModel:
     input_names: list[str]
     constant_inputs: dict[str, Any]
     flatten: Callable[[tuple[Any, ...], dict[str, Any]], list[torch.Tensor]]
+    capture: Any = None
+    module: nn.Module | None = None
+    example: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
+
+    def graph(self, *, name: str = "model") -> OpGraph:
+        """The tracer's annotated ``OpGraph`` of this very capture (what ``structure_hash`` refers to)."""
+        from distplan.tracer import graph_from_capture
+
+        assert self.module is not None
+        args, kwargs = self.example
+        return graph_from_capture(self.capture, self.module, args, kwargs, name=name)  # type: ignore[no-any-return]
 
 
 def capture_model(source: ModelSource, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CapturedModel:
@@ -125,7 +136,7 @@ def capture_model(source: ModelSource, args: tuple[Any, ...], kwargs: dict[str, 
     gm = cap.gm
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = [n.name for n in gm.graph.nodes if n.op not in ("get_attr", "output")]
-    if getattr(gm, "_in_spec", None) is not None or str(getattr(cap, "method", "")).startswith("export"):
+    if cap.method == "export":
         # torch.export: placeholders are the pytree leaves of (args, kwargs), in order.
         def flat_all(a: tuple[Any, ...], k: dict[str, Any]) -> list[Any]:
             return list(pytree.tree_leaves((tuple(a), dict(k))))
@@ -156,6 +167,9 @@ def capture_model(source: ModelSource, args: tuple[Any, ...], kwargs: dict[str, 
         input_names=[placeholders[i].name for i in tensor_idx],
         constant_inputs=constants,
         flatten=flatten,
+        capture=cap,
+        module=source.module,
+        example=(tuple(args), dict(kwargs)),
     )
 
 
@@ -168,7 +182,9 @@ def check_plan_graph(plan: Plan, graph: OpGraph) -> None:
             f"{graph.name!r} (structure hash {graph.structure_hash[:12]}, {len(graph.nodes)} nodes)"
         )
     if plan.stages[-1].end != len(graph.nodes):
-        raise PlanError(f"the plan's last stage ends at node {plan.stages[-1].end} but the graph has {len(graph.nodes)}")
+        raise PlanError(
+            f"the plan's last stage ends at node {plan.stages[-1].end} but the graph has {len(graph.nodes)}"
+        )
 
 
 def check_node_names(plan: Plan, names: Sequence[str], graph: OpGraph | None = None) -> None:
@@ -176,7 +192,10 @@ def check_node_names(plan: Plan, names: Sequence[str], graph: OpGraph | None = N
     if graph is not None:
         want = [n.name for n in graph.nodes]
         if want != list(names):
-            first = next((i for i, (a, b) in enumerate(zip(want, names, strict=False)) if a != b), min(len(want), len(names)))
+            first = next(
+                (i for i, (a, b) in enumerate(zip(want, names, strict=False)) if a != b),
+                min(len(want), len(names)),
+            )
             got = names[first] if first < len(names) else "<end>"
             exp = want[first] if first < len(want) else "<end>"
             raise LoweringError(

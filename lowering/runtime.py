@@ -12,6 +12,12 @@ The data-parallel groups are the ``dp`` dimension of a ``DeviceMesh`` of shape `
 replica)`` built from the same map. Parameters shared by several stages (tied embeddings) get one more group
 per replica: the ranks holding a copy, which sum their gradients (Megatron's embedding group).
 
+[Note: rank translation]
+The plan's ranks are host-major. A static rendezvous (``--node-rank``) gives exactly those ranks, but a
+``c10d`` rendezvous numbers the hosts in the order they join. So the launcher tells each process its host
+(``--host-index``), the process derives its plan rank from (host, ``LOCAL_RANK``), and all processes gather
+the table plan rank -> torch rank once; every group is built from translated ranks.
+
 [Note: batch slicing]
 :meth:`Runner.step` takes the *global* batch (``plan.request.global_batch`` samples, the same on every rank,
 as a single-device run would see it) and replica ``r`` keeps samples ``[r * L, (r + 1) * L)`` with
@@ -24,7 +30,7 @@ gradients equal those of the single-device model on the concatenated global batc
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -84,18 +90,26 @@ def plan_layout(plan: Plan) -> PlanLayout:
     stage_ranks = []
     for s in plan.stages:
         if s.tp != 1:
-            raise LoweringError(f"stage {s.index} has tensor-parallel degree {s.tp}; lowering supports tp=1 only")
+            raise LoweringError(
+                f"stage {s.index} has tensor-parallel degree {s.tp}; lowering supports tp=1 only"
+            )
         try:
             stage_ranks.append(tuple(rank_of_device[d] for d in s.devices))
         except KeyError as e:
-            raise LoweringError(f"stage {s.index} uses device {e.args[0]}, which has no rank in the plan's rank map") from None
+            raise LoweringError(
+                f"stage {s.index} uses device {e.args[0]}, which has no rank in the plan's rank map"
+            ) from None
     dp = len(stage_ranks[0])
     if any(len(r) != dp for r in stage_ranks):
-        raise LoweringError(f"all stages must have the same data-parallel degree; got {[len(r) for r in stage_ranks]}")
+        raise LoweringError(
+            f"all stages must have the same data-parallel degree; got {[len(r) for r in stage_ranks]}"
+        )
     first = [reps[0] for reps in stage_ranks]
     positions = len(dict.fromkeys(first))
     if plan.schedule != "interleaved-1f1b" and positions != len(stage_ranks):
-        raise LoweringError(f"schedule {plan.schedule!r} needs one rank per stage but stages share ranks: {first}")
+        raise LoweringError(
+            f"schedule {plan.schedule!r} needs one rank per stage but stages share ranks: {first}"
+        )
     if len(stage_ranks) % positions:
         raise LoweringError(
             f"interleaved 1F1B needs the {len(stage_ranks)} stages to be a multiple of the {positions} pipeline ranks"
@@ -211,7 +225,10 @@ class Runner:
 
     def gradients(self) -> dict[str, torch.Tensor]:
         """The gradients of :meth:`stage_parameters` after :meth:`step` (zeros where a parameter got none)."""
-        return {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in self.stage_parameters().items()}
+        return {
+            k: (p.grad if p.grad is not None else torch.zeros_like(p))
+            for k, p in self.stage_parameters().items()
+        }
 
     # ------------------------------------------------------------------ training
     def zero_grad(self) -> None:
@@ -236,13 +253,19 @@ class Runner:
     def step(self, inputs: Any = None, targets: Any = None) -> float | None:
         """One iteration: forward and backward of every microbatch, gradient synchronisation.
 
-        Args:
-            inputs: the model inputs (a tensor or a tuple, like the single-device call) of the global batch
-                or of this replica's share (see [Note: batch slicing]); read on ranks running stage 0.
-            targets: the targets, sliced the same way; read on ranks running the last stage.
+                Args:
+                    inputs: the model inputs (a tensor or a tuple, like the single-device call) of the global batch
+                        or of this replica's share (see [Note: rank translation]
+        The plan's ranks are host-major. A static rendezvous (``--node-rank``) gives exactly those ranks, but a
+        ``c10d`` rendezvous numbers the hosts in the order they join. So the launcher tells each process its host
+        (``--host-index``), the process derives its plan rank from (host, ``LOCAL_RANK``), and all processes gather
+        the table plan rank -> torch rank once; every group is built from translated ranks.
 
-        Returns:
-            The loss averaged over microbatches and replicas on ranks running the last stage, else ``None``.
+        [Note: batch slicing]); read on ranks running stage 0.
+                    targets: the targets, sliced the same way; read on ranks running the last stage.
+
+                Returns:
+                    The loss averaged over microbatches and replicas on ranks running the last stage, else ``None``.
         """
         self.zero_grad()
         last = self.plan.num_stages - 1
@@ -321,6 +344,36 @@ def _env_int(name: str) -> int:
         raise LoweringError(f"environment variable {name}={v!r} is not an integer") from None
 
 
+def _plan_rank(plan: Plan, torch_rank: int, local_rank: int, host_index: int | None) -> int:
+    """This process's rank in the plan (see [Note: rank translation])."""
+    if host_index is None:
+        return torch_rank
+    for r in plan.rank_map:
+        if r.host_index == host_index and r.local_rank == local_rank:
+            return r.rank
+    hosts = sorted({r.host_index for r in plan.rank_map})
+    raise LoweringError(
+        f"the plan has no rank for host index {host_index}, local rank {local_rank} (hosts used: {hosts}; "
+        f"ranks per host: {[sum(1 for r in plan.rank_map if r.host_index == h) for h in hosts]})"
+    )
+
+
+def _rank_translation(rank: int, world: int, dev: torch.device) -> list[int]:
+    """``tr[plan rank] = torch rank``, gathered from every process."""
+    mine = torch.tensor([rank], dtype=torch.int64, device=dev)
+    got = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
+    dist.all_gather(got, mine)
+    plan_ranks = [int(t.item()) for t in got]
+    if sorted(plan_ranks) != list(range(world)):
+        raise LoweringError(
+            f"processes claim plan ranks {plan_ranks}; each rank of the plan must appear once"
+        )
+    tr = [0] * world
+    for torch_rank, pr in enumerate(plan_ranks):
+        tr[pr] = torch_rank
+    return tr
+
+
 def lower(
     plan: Plan,
     model: Any,
@@ -337,6 +390,7 @@ def lower(
     seed: int = 0,
     eval_mode: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
+    host_index: int | None = None,
 ) -> Runner:
     """Build this rank's part of ``plan`` (call inside a ``torchrun`` process, once per rank).
 
@@ -354,6 +408,10 @@ def lower(
         timeout_s: timeout of every collective and of process-group creation.
         eval_mode: capture and run the model in eval mode (no dropout), as the validation does.
         state_dict: weights to load into the model before splitting.
+        host_index: the cluster host index this process runs on (as in the plan's rank map; also read from
+            ``DISTPLAN_HOST_INDEX``); with it the plan rank is that host's rank for ``LOCAL_RANK``, whatever
+            global rank the rendezvous gave (see [Note: rank translation]). Without it, ``RANK`` is the plan
+            rank.
 
     Returns:
         A :class:`Runner`.
@@ -365,10 +423,16 @@ def lower(
         inputs, target = runner.source.inputs(plan.request.global_batch, seed=step)
         loss = runner.train_step(inputs, target)
     """
-    rank, world, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), int(os.environ.get("LOCAL_RANK", "0"))
+    torch_rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world != plan.world_size:
-        raise LoweringError(f"launched with {world} processes but the plan needs {plan.world_size} (one per rank)")
+        raise LoweringError(
+            f"launched with {world} processes but the plan needs {plan.world_size} (one per rank)"
+        )
     layout = plan_layout(plan)
+    if host_index is None and os.environ.get("DISTPLAN_HOST_INDEX"):
+        host_index = _env_int("DISTPLAN_HOST_INDEX")
+    rank = _plan_rank(plan, torch_rank, local_rank, host_index)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
@@ -380,11 +444,14 @@ def lower(
         backend = "gloo"
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        dist.init_process_group(backend, rank=torch_rank, world_size=world, timeout=timeout)
+    tr = _rank_translation(rank, world, dev)
 
     # ---- the model, captured at one microbatch
     mb = plan.microbatch_size
-    source = resolve_source(model, batch=mb, seq=seq, seed=seed, example_inputs=example_inputs, loss_fn=loss_fn)
+    source = resolve_source(
+        model, batch=mb, seq=seq, seed=seed, example_inputs=example_inputs, loss_fn=loss_fn
+    )
     if state_dict is not None:
         source.module.load_state_dict(state_dict)
     if eval_mode:
@@ -396,7 +463,7 @@ def lower(
         ex_args = source.example_args
     captured = capture_model(source, ex_args, source.example_kwargs)
     if graph is None and check_graph:
-        graph = trace_graph(source, batch=mb, seq=seq)
+        graph = captured.graph()
     if graph is not None:
         check_plan_graph(plan, graph)
     check_node_names(plan, captured.node_names, graph)
@@ -421,12 +488,16 @@ def lower(
     replica = layout.replica_of(rank)
     pp_group = None
     for r, ranks in enumerate(layout.pipeline_ranks):
-        g = dist.distributed_c10d._new_group_with_tag(list(ranks), timeout=timeout, sort_ranks=False)
+        g = dist.distributed_c10d._new_group_with_tag(
+            [tr[x] for x in ranks], timeout=timeout, sort_ranks=False
+        )
         if r == replica:
             pp_group = g
     from torch.distributed.device_mesh import DeviceMesh
 
-    mesh_ranks = torch.tensor([[layout.pipeline_ranks[r][p] for r in range(layout.dp)] for p in range(layout.positions)])
+    mesh_ranks = torch.tensor(
+        [[tr[layout.pipeline_ranks[r][p]] for r in range(layout.dp)] for p in range(layout.positions)]
+    )
     mesh = DeviceMesh(dev.type, mesh_ranks, mesh_dim_names=("pp", "dp"))
     dp_group = mesh.get_group("dp")
     dp_ranks = tuple(layout.stage_ranks[my_stages[0]])
@@ -441,7 +512,7 @@ def lower(
                 tied_sets.setdefault(ranks_r, []).append(name)
     tied_groups: list[tuple[Any, list[str]]] = []
     for ranks_r, names in sorted(tied_sets.items()):
-        g = dist.new_group(list(ranks_r), timeout=timeout)
+        g = dist.new_group(sorted(tr[x] for x in ranks_r), timeout=timeout)
         if rank in ranks_r:
             tied_groups.append((g, names))
 
@@ -455,7 +526,7 @@ def lower(
         pstages.append(PipelineStage(st.module, st.index, plan.num_stages, dev, group=pp_group))
     if layout.dp > 1:
         # Replicas start from replica 0's weights, as DDP does.
-        src = layout.stage_ranks[my_stages[0]][0]
+        src = tr[layout.stage_ranks[my_stages[0]][0]]
         for st in mine:
             for t in list(st.module.parameters()) + list(st.module.buffers()):
                 dist.broadcast(t.data, src=src, group=dp_group)
@@ -506,18 +577,3 @@ def _make_schedule(plan: Plan, stages: list[Any], loss: Callable[..., torch.Tens
         except ValueError as e:
             raise LoweringError(f"interleaved 1F1B cannot run this plan: {e}") from e
     raise LoweringError(f"unknown schedule {plan.schedule!r}")
-
-
-def trace_graph(source: ModelSource, *, batch: int, seq: int | None) -> OpGraph:
-    """The tracer's ``OpGraph`` of ``source`` (what the plan's ``structure_hash`` refers to)."""
-    from distplan.tracer import trace
-
-    target: Any = source.bundle if source.bundle is not None else source.module
-    kw: dict[str, Any] = {"batch": batch}
-    if seq is not None:
-        kw["seq"] = seq
-    return trace(target, **kw)  # type: ignore[no-any-return]
-
-
-def unique(xs: Iterable[Any]) -> list[Any]:
-    return list(dict.fromkeys(xs))

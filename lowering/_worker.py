@@ -1,0 +1,134 @@
+"""One rank of a validation run (``python -m distplan.lowering._worker CONFIG``); started by
+:func:`distplan.lowering.validate`, not by users.
+
+It rebuilds the model from its spec, loads the parent's initial weights, runs the plan's steps through
+:func:`distplan.lowering.lower` on the parent's batches and writes the loss, the gradients and the updated
+parameters of its stages (by original FQN) to ``rank<R>.pt``. On any error it writes ``rank<R>.error.json``
+and exits non-zero at once, so the parent can report it and stop the other ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+
+def _install_fault(runner: Any, fault: dict[str, Any]) -> None:
+    """Test hook: make this rank fail in the middle of a step (after its first microbatch's forward)."""
+    calls = {"n": 0}
+    step = int(fault.get("step", 0))
+    per_step = runner.plan.num_microbatches * len(runner.stages)
+
+    def hook(module: Any, args: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] != step * per_step + 2:
+            return
+        mode = fault["mode"]
+        if mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif mode == "hang":
+            time.sleep(3600)
+        else:
+            raise RuntimeError(f"injected fault on rank {runner.rank_info.rank}")
+
+    for st in runner.stages:
+        st.module.register_forward_pre_hook(hook)
+
+
+def main(config_path: str) -> int:
+    cfg = json.loads(Path(config_path).read_text())
+    rank = int(os.environ["RANK"])
+    out = Path(cfg["dir"])
+    try:
+        import torch
+        from distplan.lowering.runtime import lower
+        from distplan.tracer import resolve_model
+
+        from distplan.plan import Plan
+
+        torch.manual_seed(cfg["seed"])
+        plan = Plan.from_dict(cfg["plan"])
+        if cfg["width_reduced"]:
+            bundle = resolve_model(
+                cfg["model"], batch=plan.microbatch_size, seq=cfg["seq"], device="meta", seed=cfg["seed"]
+            )
+            reduced = bundle.width_reduced(max_hidden=cfg["max_hidden"])
+            assert reduced is not None
+            bundle = reduced
+        else:
+            bundle = resolve_model(
+                cfg["model"], batch=plan.microbatch_size, seq=cfg["seq"], device="cpu", seed=cfg["seed"]
+            )
+        state = torch.load(out / "weights.pt", weights_only=True)
+        data = torch.load(out / "data.pt", weights_only=True)
+        runner = lower(
+            plan,
+            bundle,
+            seq=cfg["seq"],
+            check_graph=False,  # the parent checked the structure hash before starting the ranks
+            optimizer=cfg["optimizer"],
+            lr=cfg["lr"],
+            device="cpu",
+            timeout_s=cfg["timeout_s"],
+            seed=cfg["seed"],
+            state_dict=state,
+        )
+        fault = cfg.get("fault")
+        if fault and int(fault["rank"]) == rank:
+            _install_fault(runner, fault)
+        losses, grads, params = [], [], []
+        for inputs, target in data:
+            loss = runner.step(tuple(inputs), target)
+            grads.append({k: g.detach().clone() for k, g in runner.gradients().items()})
+            runner.optimizer_step()
+            params.append({k: p.detach().clone() for k, p in runner.stage_parameters().items()})
+            losses.append(loss)
+        info = runner.rank_info
+        torch.save(
+            {
+                "rank": rank,
+                "stages": list(info.stages),
+                "replica": info.replica,
+                "losses": losses,
+                "grads": grads,
+                "params": params,
+            },
+            out / f"rank{rank}.pt",
+        )
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        return 0
+    except BaseException as e:
+        # Report the root cause: pipelining wraps a stage's error in "[Stage i] failed to run forward".
+        root: BaseException = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        message = str(root).strip()
+        if root is not e:
+            message += f" (in {str(e).strip().splitlines()[0]})"
+        (out / f"rank{rank}.error.json").write_text(
+            json.dumps(
+                {
+                    "rank": rank,
+                    "type": type(root).__name__,
+                    "message": message[:2000],
+                    "traceback": traceback.format_exc()[-6000:],
+                    "time": time.time(),
+                }
+            )
+        )
+        sys.stderr.write(traceback.format_exc())
+        sys.stderr.flush()
+        # Exit at once: a clean shutdown could block in a collective with a dead peer.
+        os._exit(3)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

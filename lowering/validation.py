@@ -1,0 +1,627 @@
+"""Check that a lowered plan computes what the single-device model computes.
+
+:func:`validate` starts one CPU process per rank (gloo), runs ``steps`` training steps through
+:func:`~distplan.lowering.runtime.lower` on seeded batches, and compares loss, every parameter's gradient
+(by original FQN, every replica's copy) and the parameters after each optimizer step with the same steps
+run on one process from the same initial weights.
+
+[Note: validation policy]
+- *Width*: each rank builds the whole model, so a model over ``max_param_bytes`` (default 64 MiB) or a plan
+  over ``max_full_width_ranks`` ranks (default 8) is validated on ``bundle.width_reduced()``: the same
+  layers, graph structure, node names and therefore cut positions, with hidden sizes of about 64. The
+  structure hash is checked on the reduced model too. The report says ``width_reduced: true``.
+- *Ranks*: a plan with more than ``max_ranks`` ranks (default 16) keeps its stages, cuts, schedule and
+  microbatches but is validated with one replica per stage (``dp`` reduced to 1): data-parallel replicas run
+  the same program on other samples, and their gradient averaging is checked by every plan with ``dp > 1``
+  that fits. If the stages alone exceed ``max_ranks``, that is a clear error.
+- *Microbatch size*: capped at ``max_microbatch_size`` (default 2) samples; the cut positions and the
+  schedule do not depend on it.
+- *Sequence length*: ``seq`` (default 16); the graph's structure does not depend on it.
+- *Optimizer*: SGD by default, whose update is linear in the gradient, so parameter errors measure the
+  split and not Adam's ``g / sqrt(v)`` amplification of rounding noise in near-zero gradients.
+- *Errors*: per tensor, ``max_abs = max |a - b|`` and ``max_rel = max_abs / max |b|`` (relative to the
+  tensor's largest reference entry, so tiny entries do not dominate); a tensor passes when ``max_rel`` is
+  within its tolerance (loss 1e-5, gradients 1e-4, parameters 1e-4).
+- *Failures*: a rank that raises, dies or exceeds ``timeout_s`` fails the run at once with that rank's error;
+  every other rank is killed. Collectives carry the same timeout, so nothing waits on a dead peer for long.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from distplan.lowering._model import capture_model, check_node_names, check_plan_graph, resolve_source
+from distplan.lowering.runtime import plan_layout
+
+from distplan.errors import LoweringError, ModelSpecError
+from distplan.plan import Plan, build_rank_map
+
+__all__ = ["TensorCheck", "Tolerance", "ValidationReport", "validate"]
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Tolerance:
+    """Relative tolerances (see [Note: validation policy])."""
+
+    loss: float = 1e-5
+    grad: float = 1e-4
+    param: float = 1e-4
+
+    def __post_init__(self) -> None:
+        for f in ("loss", "grad", "param"):
+            if not getattr(self, f) > 0:
+                raise ValueError(f"tolerance.{f} must be > 0, got {getattr(self, f)}")
+
+    def of(self, kind: str) -> float:
+        return float(getattr(self, kind))
+
+    def to_dict(self) -> dict[str, float]:
+        return {"loss": self.loss, "grad": self.grad, "param": self.param}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorCheck:
+    """The comparison of one tensor (over all steps and every rank holding a copy).
+
+    Attributes:
+        kind: ``loss``, ``grad`` or ``param`` (after the optimizer step).
+        name: the parameter's FQN in the original model (``loss`` for the loss).
+        max_abs / max_rel: the largest errors (see [Note: validation policy]).
+        passed: ``max_rel <= tolerance``.
+        copies: how many rank copies were compared.
+    """
+
+    kind: str
+    name: str
+    max_abs: float
+    max_rel: float
+    passed: bool
+    copies: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "passed": self.passed,
+            "copies": self.copies,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationReport:
+    """The result of :func:`validate` (``to_dict`` is the ``distplan validate --json`` contract).
+
+    Attributes:
+        passed: every tensor within tolerance and every rank finished.
+        ranks: processes run; steps: training steps compared.
+        max_abs_error / max_rel_error: over loss, gradients and updated parameters.
+        tolerance: the relative tolerances applied.
+        width_reduced: the model was validated at reduced width (see [Note: validation policy]).
+        seconds: wall time.
+        error: on failure, what failed: the rank, its stage and the cause, or the worst tensor.
+        failed_rank: the rank whose failure stopped the run, if one did.
+        losses / reference_losses: the loss per step, distributed and single-device.
+        tensors: per-tensor comparisons, worst first.
+        notes: what was reduced or assumed.
+        layout: the validated plan's layout (after any dp reduction); plan_id: the original plan's id.
+    """
+
+    passed: bool
+    ranks: int
+    steps: int
+    max_abs_error: float
+    max_rel_error: float
+    tolerance: Tolerance
+    width_reduced: bool
+    seconds: float
+    error: str | None = None
+    failed_rank: int | None = None
+    losses: tuple[float, ...] = ()
+    reference_losses: tuple[float, ...] = ()
+    tensors: tuple[TensorCheck, ...] = ()
+    notes: tuple[str, ...] = ()
+    layout: str = ""
+    plan_id: str = ""
+    model: str = ""
+    seq: int = 0
+    dp_reduced: bool = False
+    logs: dict[int, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "ranks": self.ranks,
+            "steps": self.steps,
+            "max_abs_error": self.max_abs_error,
+            "max_rel_error": self.max_rel_error,
+            "tolerance": self.tolerance.to_dict(),
+            "width_reduced": self.width_reduced,
+            "dp_reduced": self.dp_reduced,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+            "failed_rank": self.failed_rank,
+            "losses": list(self.losses),
+            "reference_losses": list(self.reference_losses),
+            "layout": self.layout,
+            "plan_id": self.plan_id,
+            "model": self.model,
+            "seq": self.seq,
+            "notes": list(self.notes),
+            "tensors": [t.to_dict() for t in self.tensors],
+        }
+
+    def summary(self) -> str:
+        """One paragraph for humans."""
+        head = "PASSED" if self.passed else "FAILED"
+        text = (
+            f"{head}: {self.ranks} ranks, {self.steps} step(s), max abs error {self.max_abs_error:.3g}, "
+            f"max rel error {self.max_rel_error:.3g} (tolerance loss {self.tolerance.loss:g}, grad "
+            f"{self.tolerance.grad:g}, param {self.tolerance.param:g}), {self.seconds:.1f} s"
+        )
+        if self.width_reduced:
+            text += ", width-reduced model"
+        if self.error:
+            text += f"\n  error: {self.error}"
+        for n in self.notes:
+            text += f"\n  note: {n}"
+        return text
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def single_replica(plan: Plan) -> Plan:
+    """The plan with the same stages, cuts, schedule and microbatches but one replica per stage."""
+    if plan.dp == 1:
+        return plan
+    cluster = plan.request.cluster
+    stages = tuple(replace(s, devices=s.devices[:1], dp=1) for s in plan.stages)
+    gb = plan.num_microbatches * plan.microbatch_size
+    req = replace(plan.request, global_batch=gb)
+    return replace(
+        plan, request=req, stages=stages, rank_map=build_rank_map(cluster, [s.devices for s in stages])
+    )
+
+
+def with_microbatch_size(plan: Plan, size: int) -> Plan:
+    """The plan with ``size`` samples per microbatch (the global batch follows)."""
+    if size == plan.microbatch_size:
+        return plan
+    gb = plan.num_microbatches * size * plan.dp
+    return replace(plan, microbatch_size=size, request=replace(plan.request, global_batch=gb))
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def validate(
+    plan: Plan,
+    model: Any,
+    *,
+    steps: int = 1,
+    tolerance: Tolerance | float | None = None,
+    timeout_s: float = 120.0,
+    width_reduce: bool | None = None,
+    progress: Progress | None = None,
+    seq: int = 16,
+    optimizer: str = "sgd",
+    lr: float = 0.1,
+    seed: int = 0,
+    max_ranks: int = 16,
+    max_full_width_ranks: int = 8,
+    max_param_bytes: int = 64 * 2**20,
+    max_microbatch_size: int = 2,
+    max_hidden: int = 64,
+    inject_fault: str | None = None,
+) -> ValidationReport:
+    """Run ``plan`` on ``plan.world_size`` CPU processes and compare with one device.
+
+    Args:
+        plan: the plan to check.
+        model: a model spec string (as for ``distplan trace``) or a tracer ``ModelBundle`` built from one
+            (the rank processes rebuild the model from its spec and load the parent's weights).
+        steps: training steps (forward, backward, optimizer step) to compare.
+        tolerance: relative tolerances, or one number for all three.
+        timeout_s: the whole run's limit and every collective's timeout; a rank that hangs fails the run then.
+        width_reduce: force (``True``) or forbid (``False``) width reduction; ``None`` decides by size.
+        progress: called with short progress messages.
+        seq, optimizer, lr, seed: sequence length, optimizer (``sgd``/``adam``/``adamw``), learning rate,
+            and seed of weights and batches.
+        max_ranks, max_full_width_ranks, max_param_bytes, max_microbatch_size, max_hidden: the policy of
+            [Note: validation policy].
+        inject_fault: testing aid, ``"kill:R"``, ``"hang:R"`` or ``"raise:R"`` makes rank ``R`` die, hang or
+            raise in the middle of the first step.
+
+    Returns:
+        A :class:`ValidationReport`; ``passed`` is ``False`` on numeric mismatch or rank failure.
+
+    Raises:
+        PlanError: the plan does not belong to the model (structure hash) or is malformed.
+        ModelSpecError: the model cannot be built. LoweringError: the plan cannot be lowered or run here.
+    """
+    t0 = time.perf_counter()
+    say = progress or (lambda _m: None)
+    if steps < 1:
+        raise LoweringError(f"steps must be >= 1, got {steps}")
+    if timeout_s <= 0:
+        raise LoweringError(f"timeout_s must be > 0, got {timeout_s}")
+    tol = (
+        Tolerance(tolerance, tolerance, tolerance)
+        if isinstance(tolerance, (int, float))
+        else (tolerance or Tolerance())
+    )
+    fault = _parse_fault(inject_fault)
+    plan_layout(plan)  # unsupported layouts fail here, before anything starts
+    notes: list[str] = []
+
+    # ---- the plan as it will run here
+    run_plan = plan
+    dp_reduced = False
+    if plan.world_size > max_ranks:
+        run_plan = single_replica(plan)
+        dp_reduced = True
+        if run_plan.world_size > max_ranks:
+            raise LoweringError(
+                f"the plan has {plan.num_stages} pipeline ranks per replica; validation runs at most {max_ranks} "
+                f"processes on this machine ({run_plan.world_size - max_ranks} too many). Raise max_ranks "
+                "(--max-ranks) if the machine can hold them"
+            )
+        notes.append(
+            f"dp reduced from {plan.dp} to 1: the plan's {plan.world_size} ranks exceed {max_ranks}; the "
+            f"{plan.num_stages} stages, their cuts, the schedule and the {plan.num_microbatches} microbatches are unchanged"
+        )
+    if run_plan.microbatch_size > max_microbatch_size:
+        notes.append(
+            f"microbatch size reduced from {run_plan.microbatch_size} to {max_microbatch_size} samples"
+        )
+        run_plan = with_microbatch_size(run_plan, max_microbatch_size)
+    mb = run_plan.microbatch_size
+
+    # ---- the model (before anything is spawned: bad specs and foreign plans fail here)
+    spec = model if isinstance(model, str) else getattr(model, "spec", None)
+    if not isinstance(spec, str) or not spec:
+        raise ModelSpecError(
+            "validate() needs a model spec string (built-in name, config.json path or package.module:function), "
+            "or a ModelBundle made from one: the rank processes rebuild the model from it"
+        )
+    from distplan.tracer import resolve_model
+
+    say(f"building {spec}")
+    meta_bundle = resolve_model(spec, batch=mb, seq=seq, device="meta", seed=seed)
+    pbytes = _param_bytes(meta_bundle.module)
+    reduced = bool(width_reduce)
+    if width_reduce is None:
+        reduced = pbytes > max_param_bytes or run_plan.world_size > max_full_width_ranks
+    if reduced:
+        bundle = meta_bundle.width_reduced(max_hidden=max_hidden)
+        if bundle is None:
+            raise LoweringError(
+                f"{spec} ({pbytes / 2**20:.0f} MiB of parameters, {run_plan.world_size} ranks) is too large to "
+                "validate at full width here and cannot be width-reduced (factory models); validate a smaller "
+                "configuration or pass width_reduce=False"
+            )
+        notes.append(
+            f"width-reduced to hidden size <= {max_hidden} ({pbytes / 2**20:.1f} MiB of parameters at full width, "
+            f"{_param_bytes(bundle.module) / 2**20:.2f} MiB reduced); same layers, node names and cut positions"
+        )
+    else:
+        bundle = resolve_model(spec, batch=mb, seq=seq, device="cpu", seed=seed)
+    source = resolve_source(bundle, batch=mb, seq=seq)
+    ex_args, _ = source.inputs(mb, seed=seed)
+    captured = capture_model(source, ex_args, source.example_kwargs)
+    graph = captured.graph(name=getattr(bundle, "name", spec))
+    check_plan_graph(plan, graph)
+    check_node_names(run_plan, captured.node_names, graph)
+
+    # ---- weights and batches, shared with the ranks through files
+    gb = run_plan.request.global_batch
+    batches = [bundle.make_batch(gb, seed=seed + 1 + k) for k in range(steps)]
+    reference = copy.deepcopy(bundle.module)
+    with tempfile.TemporaryDirectory(prefix="distplan-validate-") as tmp:
+        d = Path(tmp)
+        torch.save(bundle.module.state_dict(), d / "weights.pt")
+        torch.save([(list(i), t) for i, t in batches], d / "data.pt")
+        cfg = {
+            "dir": str(d),
+            "plan": run_plan.to_dict(),
+            "model": spec,
+            "seq": seq,
+            "seed": seed,
+            "width_reduced": reduced,
+            "max_hidden": max_hidden,
+            "optimizer": optimizer,
+            "lr": lr,
+            "timeout_s": timeout_s,
+            "fault": fault,
+        }
+        (d / "config.json").write_text(json.dumps(cfg))
+        world = run_plan.world_size
+        say(f"starting {world} ranks ({run_plan.layout})")
+        procs = _spawn(d, world)
+        try:
+            ref = _reference(
+                reference, source.loss, batches, source.example_kwargs, optimizer=optimizer, lr=lr
+            )
+            failure = _wait(procs, d, t0=t0, timeout_s=timeout_s, say=say, layout=run_plan)
+        finally:
+            _kill_all(procs)
+        logs = {r: _tail(d / f"rank{r}.log") for r in range(world)}
+        base = {
+            "ranks": world,
+            "steps": steps,
+            "tolerance": tol,
+            "width_reduced": reduced,
+            "notes": tuple(notes),
+            "layout": run_plan.layout,
+            "plan_id": plan.id,
+            "model": spec,
+            "seq": seq,
+            "dp_reduced": dp_reduced,
+        }
+        if failure is not None:
+            rank, message = failure
+            return ValidationReport(
+                passed=False,
+                max_abs_error=float("nan"),
+                max_rel_error=float("nan"),
+                seconds=time.perf_counter() - t0,
+                error=message,
+                failed_rank=rank,
+                logs={rank: logs.get(rank, "")} if rank is not None else logs,
+                **base,  # type: ignore[arg-type]
+            )
+        results = [torch.load(d / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    checks, losses = _compare(results, ref, tol, num_stages=run_plan.num_stages)
+    worst = max(checks, key=lambda c: c.max_rel / tol.of(c.kind))
+    passed = all(c.passed for c in checks)
+    error = None
+    if not passed:
+        error = (
+            f"{worst.kind} of {worst.name!r} differs from the single-device run: max rel error {worst.max_rel:.3g} "
+            f"> tolerance {tol.of(worst.kind):g} (max abs {worst.max_abs:.3g})"
+        )
+    say("done")
+    return ValidationReport(
+        passed=passed,
+        max_abs_error=max(c.max_abs for c in checks),
+        max_rel_error=max(c.max_rel for c in checks),
+        seconds=time.perf_counter() - t0,
+        error=error,
+        losses=tuple(losses),
+        reference_losses=tuple(ref["losses"]),
+        tensors=tuple(sorted(checks, key=lambda c: -c.max_rel / tol.of(c.kind))),
+        **base,  # type: ignore[arg-type]
+    )
+
+
+def _parse_fault(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    mode, _, rank = text.partition(":")
+    if mode not in ("kill", "hang", "raise") or not rank.isdigit():
+        raise LoweringError(f"inject_fault must look like 'kill:1', 'hang:1' or 'raise:1', got {text!r}")
+    return {"mode": mode, "rank": int(rank), "step": 0}
+
+
+def _project_root() -> str:
+    import distplan
+
+    return str(Path(distplan.__file__).resolve().parent.parent)
+
+
+def _spawn(d: Path, world: int) -> list[subprocess.Popen[bytes]]:
+    port = _free_port()
+    env = dict(os.environ)
+    # The ranks import distplan from the same tree as this process, whatever their working directory.
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (_project_root(), env.get("PYTHONPATH", "")) if x)
+    env.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(world),
+            "OMP_NUM_THREADS": "1",
+            "TORCH_CPP_LOG_LEVEL": "ERROR",
+        }
+    )
+    procs = []
+    for r in range(world):
+        e = dict(env, RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world))
+        log = open(d / f"rank{r}.log", "wb")  # noqa: SIM115 - closed when the process is reaped
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "distplan.lowering._worker", str(d / "config.json")],
+                env=e,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        log.close()
+    return procs
+
+
+def _kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=10)
+
+
+_PEER_FAILURE = ("connection closed by peer", "connection reset", "broken pipe", "timed out", "timeout")
+
+
+def _describe(rank: int, code: int, d: Path, layout: Plan) -> tuple[str, bool]:
+    """``(message, secondary)``: the rank's failure, and whether it looks like a reaction to a peer's."""
+    stage = ",".join(
+        str(s.index)
+        for s in layout.stages
+        if any(r.rank == rank and r.stage == s.index for r in layout.rank_map)
+    )
+    where = f"rank {rank}" + (f" (stage {stage})" if stage else "")
+    err = d / f"rank{rank}.error.json"
+    if err.exists():
+        info = json.loads(err.read_text())
+        msg = f"{where}: {info['type']}: {info['message']}"
+        return msg, any(k in info["message"].lower() for k in _PEER_FAILURE)
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"{where} died with {name}", False
+    return f"{where} exited with code {code}: {_tail(d / f'rank{rank}.log', 400)}", False
+
+
+def _wait(
+    procs: list[subprocess.Popen[bytes]],
+    d: Path,
+    *,
+    t0: float,
+    timeout_s: float,
+    say: Progress,
+    layout: Plan,
+) -> tuple[int | None, str] | None:
+    """Wait for every rank; on the first failure (or the timeout) return ``(rank, message)``."""
+    done: set[int] = set()
+    while len(done) < len(procs):
+        failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+        if failed:
+            # Let the ranks that fail in reaction (closed connections) exit too, then blame the root cause.
+            time.sleep(0.3)
+            failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+            described = [(r, *_describe(r, procs[r].returncode, d, layout)) for r in failed]
+            described.sort(key=lambda x: (x[2], x[0]))
+            rank, message, _ = described[0]
+            others = [r for r, _, _ in described[1:]]
+            if others:
+                message += f" (ranks {others} failed after it)"
+            return rank, message
+        for r, p in enumerate(procs):
+            if r not in done and p.poll() == 0:
+                done.add(r)
+                say(f"rank {r} finished ({len(done)}/{len(procs)})")
+        if time.perf_counter() - t0 > timeout_s:
+            running = [r for r, p in enumerate(procs) if p.poll() is None]
+            return (
+                running[0] if running else None,
+                f"timed out after {timeout_s:g} s with ranks {running} still running (a rank hangs, or the run "
+                "needs a larger timeout_s)",
+            )
+        time.sleep(0.05)
+    return None
+
+
+def _tail(path: Path, limit: int = 4000) -> str:
+    try:
+        return path.read_bytes()[-limit:].decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _reference(
+    module: torch.nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batches: list[tuple[tuple[Any, ...], Any]],
+    kwargs: dict[str, Any],
+    *,
+    optimizer: str,
+    lr: float,
+) -> dict[str, Any]:
+    """The same steps on one process: whole global batch, mean loss."""
+    from distplan.lowering.runtime import _make_optimizer
+
+    params = dict(module.named_parameters())
+    opt = _make_optimizer(optimizer, list(params.values()), lr)
+    losses, grads, after = [], [], []
+    for inputs, target in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(module(*inputs, **kwargs), target)
+        loss.backward()
+        losses.append(float(loss.item()))
+        grads.append(
+            {
+                k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                for k, p in params.items()
+            }
+        )
+        opt.step()
+        after.append({k: p.detach().clone() for k, p in params.items()})
+    return {"losses": losses, "grads": grads, "params": after}
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    if a.shape != b.shape:
+        return float("inf"), float("inf")
+    a, b = a.double(), b.double()
+    diff = float((a - b).abs().max()) if a.numel() else 0.0
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    rel = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+    return diff, rel
+
+
+def _compare(
+    results: list[dict[str, Any]], ref: dict[str, Any], tol: Tolerance, *, num_stages: int
+) -> tuple[list[TensorCheck], list[float]]:
+    acc: dict[tuple[str, str], list[float]] = {}
+
+    def add(kind: str, name: str, abs_e: float, rel_e: float) -> None:
+        cur = acc.setdefault((kind, name), [0.0, 0.0, 0])
+        cur[0] = max(cur[0], abs_e)
+        cur[1] = max(cur[1], rel_e)
+        cur[2] += 1
+
+    losses: list[float] = []
+    for res in results:
+        for step, loss in enumerate(res["losses"]):
+            if loss is None:
+                continue
+            if res["replica"] == 0 and len(losses) <= step:
+                losses.append(float(loss))
+            b = ref["losses"][step]
+            diff = abs(float(loss) - b)
+            add("loss", "loss", diff, diff / abs(b) if b else (0.0 if diff == 0 else float("inf")))
+        for kind in ("grads", "params"):
+            for step, tensors in enumerate(res[kind]):
+                for name, t in tensors.items():
+                    want = ref[kind][step].get(name)
+                    k = kind[:-1]
+                    if want is None:
+                        add(k, name, float("inf"), float("inf"))
+                        continue
+                    add(k, name, *_err(t, want))
+    held = {name for (kind, name) in acc if kind == "grad"}
+    for name in ref["grads"][0]:
+        if name not in held:
+            add("grad", name, float("inf"), float("inf"))  # a parameter no stage holds
+    if ("loss", "loss") not in acc:
+        add("loss", "loss", float("inf"), float("inf"))
+    checks = [
+        TensorCheck(kind=k, name=n, max_abs=v[0], max_rel=v[1], passed=v[1] <= tol.of(k), copies=int(v[2]))
+        for (k, n), v in acc.items()
+    ]
+    return checks, losses
