@@ -10,10 +10,13 @@ Every node is run on the ``meta`` device (shapes only, no memory, no arithmetic)
   counted. This is exactly the op's share of a whole-model backward: the gradient accumulation adds that
   join branches are not FLOPs in the counter's model either.
 * **activation bytes**: the tensors autograd saves for that backward, recorded with
-  ``torch.autograd.graph.saved_tensors_hooks``, deduplicated by storage, excluding parameters (they are held
-  anyway). Attention is the one exception: the meta device saves what the *math* kernel saves (the
-  ``seq x seq`` score matrix) while GPUs run flash/memory-efficient kernels that keep ``q, k, v``, the output
-  and a log-sum-exp per row, so that is what is counted.
+  ``torch.autograd.graph.saved_tensors_hooks`` and measured by storage (a saved view holds its whole base),
+  excluding parameters and buffers (they are held anyway). A storage saved by several ops (a layer norm's
+  output read by the q, k and v projections) is charged once, to the first node that saves it, so the sum
+  over nodes is the memory one microbatch keeps for backward. Attention is the one exception: the meta
+  device saves what the *math* kernel saves (the ``seq x seq`` score matrix) while GPUs run flash /
+  memory-efficient kernels that keep ``q, k, v``, the output and a log-sum-exp per row, so that is what is
+  counted.
 * **bytes moved**: bytes of the distinct input tensors (activations and parameters) plus the outputs; views
   and ``getitem`` move nothing.
 
@@ -27,6 +30,7 @@ import inspect
 import operator
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -136,6 +140,28 @@ def _is_free(node: fx.Node) -> bool:
     return False
 
 
+def _storage(t: torch.Tensor) -> int:
+    """Identity of a tensor's storage: views and ``detach()`` share it (also on the meta device)."""
+    return int(t.untyped_storage()._cdata)
+
+
+@dataclass
+class _OpCost:
+    """What one op costs, for one input signature (memoised).
+
+    ``saved_inputs`` / ``saved_outputs`` index the op's flattened inputs / tensor outputs that autograd
+    keeps; they are charged to the first node that saves their storage. ``internal_bytes`` are tensors the
+    op creates and saves besides its outputs (e.g. layer norm's mean and rstd).
+    """
+
+    fwd: int = 0
+    bwd: int = 0
+    internal_bytes: int = 0
+    saved_inputs: tuple[int, ...] = ()
+    saved_outputs: tuple[int, ...] = ()
+    rg_flags: tuple[bool, ...] = ()
+
+
 class _Annotator:
     def __init__(self, cap: Capture, module: nn.Module) -> None:
         self.cap = cap
@@ -147,8 +173,10 @@ class _Annotator:
         self.unique_params: dict[int, torch.Tensor] = {id(p): p for p in module.parameters()}
         self.meta_of: dict[int, torch.Tensor] = {}  # id(original tensor) -> its meta stand-in
         self.param_meta_ids: set[int] = set()
+        self.param_meta_storages: set[int] = set()
         self.assigned: set[int] = set()  # ids of original parameters whose bytes a node carries
-        self.memo: dict[Any, tuple[int, int, int, tuple[bool, ...]]] = {}
+        self.memo: dict[Any, _OpCost] = {}
+        self.charged: set[int] = set()  # storages some node's activation_bytes already counts
 
     # ------------------------------------------------------------------ inputs
     def _placeholder_values(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
@@ -182,6 +210,8 @@ class _Annotator:
             self.meta_of[key] = m
             if is_param:
                 self.param_meta_ids.add(id(m))
+            # Parameters and buffers live with their stage anyway: saving them costs no activation memory.
+            self.param_meta_storages.add(_storage(m))
         return m
 
     # ------------------------------------------------------------------ main loop
@@ -270,7 +300,13 @@ class _Annotator:
             fn_args = (args, kwargs, ())
         target_name = _target_name(node, self.gm)
         try:
-            out, fwd, bwd, act = self._run_op(fn, fn_args, key_extra, sdpa=target_name in _SDPA_TARGETS)
+            out, cost = self._run_op(fn, fn_args, key_extra, sdpa=target_name in _SDPA_TARGETS)
+            fwd, bwd = cost.fwd, cost.bwd
+            flat_in, _ = tree_flatten((args, kwargs))
+            outs = _tensor_leaves(out)
+            act = cost.internal_bytes
+            act += sum(self._charge(flat_in[i]) for i in cost.saved_inputs)
+            act += sum(self._charge(outs[j]) for j in cost.saved_outputs)
         except Exception as e:
             val = node.meta.get("val")
             if val is None:
@@ -284,7 +320,12 @@ class _Annotator:
         env[node] = out
         in_tensors = _unique_tensors((args, kwargs))
         out_bytes = sum(t.nbytes for t in _metas(out))
-        moved = 0 if _is_free(node) else sum(_nbytes(t) for t in in_tensors) + out_bytes
+        # Views and asserts (`_assert_tensor_metadata`, no output) move no data.
+        moved = (
+            0
+            if _is_free(node) or not _tensor_leaves(out)
+            else sum(_nbytes(t) for t in in_tensors) + out_bytes
+        )
         if node.op == "call_module":
             moved += sum(_nbytes(t) for t in fn_args[2] if isinstance(t, torch.Tensor))
         read = _unique(read)
@@ -334,43 +375,46 @@ class _Annotator:
     # ------------------------------------------------------------------ one op
     def _run_op(
         self, fn: Callable[..., Any], fn_args: tuple[Any, Any, tuple[Any, ...]], key_extra: Any, *, sdpa: bool
-    ) -> tuple[Any, int, int, int]:
+    ) -> tuple[Any, _OpCost]:
         args, kwargs, extra_tensors = fn_args
         flat, spec = tree_flatten((args, kwargs))
         key = self._key(flat, extra_tensors, key_extra)
         hit = self.memo.get(key)
         if hit is not None:
-            fwd, bwd, act, rg = hit
             with torch.no_grad():
                 out = fn(*args, **kwargs)
-            return _with_grad_flags(out, rg), fwd, bwd, act
+            return _with_grad_flags(out, hit.rg_flags), hit
         needs_grad = any(isinstance(x, torch.Tensor) and x.requires_grad for x in (*flat, *extra_tensors))
         if not needs_grad:
             with torch.no_grad(), FlopCounterMode(display=False) as fc:
                 out = fn(*args, **kwargs)
-            fwd = fc.get_total_flops()
-            rg_flags = tuple(False for _ in _tensor_leaves(out))
-            self.memo[key] = (fwd, 0, 0, rg_flags)
-            return _with_grad_flags(out, rg_flags), fwd, 0, 0
+            cost = _OpCost(fwd=fc.get_total_flops(), rg_flags=tuple(False for _ in _tensor_leaves(out)))
+            self.memo[key] = cost
+            return _with_grad_flags(out, cost.rg_flags), cost
         # Leaves for autograd: parameters as they are (so their saved views can be recognised and left
         # out), activations through a clone (in-place ops may write to them).
         leaves: list[torch.Tensor] = []
-        param_leaves: set[int] = set()
+        param_storages: set[int] = set()
+        input_storages: dict[int, int] = {}  # storage of what the op received -> index in `flat`
         new_flat = []
-        for x in flat:
+        for i, x in enumerate(flat):
             if isinstance(x, torch.Tensor) and x.requires_grad:
                 leaf = x.detach().requires_grad_(True)
                 leaves.append(leaf)
                 if id(x) in self.param_meta_ids:
-                    param_leaves.add(id(leaf))
+                    param_storages.add(_storage(leaf))
                     new_flat.append(leaf)
-                else:
-                    new_flat.append(leaf.clone())
+                    continue
+                x2 = leaf.clone()
+                input_storages.setdefault(_storage(x2), i)
+                new_flat.append(x2)
             else:
+                if isinstance(x, torch.Tensor):
+                    input_storages.setdefault(_storage(x), i)
                 new_flat.append(x)
         for t in extra_tensors:  # parameters of a call_module (fx fallback) are read inside fn
             if isinstance(t, torch.Tensor) and t.requires_grad:
-                param_leaves.add(id(t))
+                param_storages.add(_storage(t))
                 leaves.append(t)
         a2, k2 = tree_unflatten(new_flat, spec)
         saved: list[torch.Tensor] = []
@@ -389,7 +433,7 @@ class _Annotator:
         outs = _tensor_leaves(out)
         rg_flags = tuple(bool(o.requires_grad) for o in outs)
         grad_outs = [o for o in outs if o.requires_grad]
-        bwd = 0
+        cost = _OpCost(fwd=fwd, rg_flags=rg_flags)
         if grad_outs:
             with FlopCounterMode(display=False) as fc2:
                 torch.autograd.grad(
@@ -398,21 +442,54 @@ class _Annotator:
                     grad_outputs=[torch.empty_like(o) for o in grad_outs],
                     allow_unused=True,
                 )
-            bwd = fc2.get_total_flops()
-            act = _flash_attention_saved(args, outs) if sdpa else _saved_bytes(saved, param_leaves)
-        else:
-            act = 0
-        self.memo[key] = (fwd, bwd, act, rg_flags)
+            cost.bwd = fc2.get_total_flops()
+            if sdpa:
+                # Flash / memory-efficient kernels keep q, k, v, the output and a float32 log-sum-exp per
+                # (batch, head, query) row; not the seq x seq scores the meta (math) path saves.
+                cost.saved_inputs = tuple(i for i in (0, 1, 2) if isinstance(flat[i], torch.Tensor))
+                cost.saved_outputs = (0,)
+                cost.internal_bytes = outs[0].numel() // outs[0].shape[-1] * 4
+            else:
+                out_storages = {_storage(o): j for j, o in enumerate(outs)}
+                ins: set[int] = set()
+                outs_saved: set[int] = set()
+                seen: set[int] = set()
+                for t in saved:
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    st = _storage(t)
+                    if st in param_storages or st in seen:
+                        continue
+                    seen.add(st)
+                    if st in input_storages:
+                        ins.add(input_storages[st])
+                    elif st in out_storages:
+                        outs_saved.add(out_storages[st])
+                    else:
+                        cost.internal_bytes += t.untyped_storage().nbytes()
+                cost.saved_inputs = tuple(sorted(ins))
+                cost.saved_outputs = tuple(sorted(outs_saved))
+        self.memo[key] = cost
         with torch.no_grad():
             plain = tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, out)
-        return _with_grad_flags(plain, rg_flags), fwd, bwd, act
+        return _with_grad_flags(plain, rg_flags), cost
+
+    def _charge(self, t: Any) -> int:
+        """Bytes of ``t``'s storage the first time any node saves it (later savers share it), else 0."""
+        if not isinstance(t, torch.Tensor):
+            return 0
+        st = _storage(t)
+        if st in self.charged or st in self.param_meta_storages:
+            return 0
+        self.charged.add(st)
+        return int(t.untyped_storage().nbytes())
 
     def _key(self, flat: list[Any], extra: tuple[Any, ...], key_extra: Any) -> Any:
         first_seen: dict[int, int] = {}
         parts: list[Any] = [key_extra]
         for i, x in enumerate(flat):
             if isinstance(x, torch.Tensor):
-                alias = first_seen.setdefault(id(x), i)
+                alias = first_seen.setdefault(_storage(x), i)
                 parts.append(
                     (
                         "T",
@@ -464,33 +541,6 @@ def _with_grad_flags(out: Any, flags: tuple[bool, ...]) -> Any:
         else:
             res.append(x)
     return tree_unflatten(res, spec)
-
-
-def _root(t: torch.Tensor) -> torch.Tensor:
-    while t._base is not None:
-        t = t._base
-    return t
-
-
-def _saved_bytes(saved: list[torch.Tensor], param_leaves: set[int]) -> int:
-    seen: set[int] = set()
-    total = 0
-    for t in saved:
-        if not isinstance(t, torch.Tensor):
-            continue
-        r = _root(t)
-        if id(r) in param_leaves or id(t) in param_leaves or id(r) in seen:
-            continue
-        seen.add(id(r))
-        total += _nbytes(r)
-    return total
-
-
-def _flash_attention_saved(args: Any, outs: list[torch.Tensor]) -> int:
-    q, k, v = args[0], args[1], args[2]
-    out = outs[0]
-    lse = out.numel() // out.shape[-1] * 4  # one float32 per (batch, head, query)
-    return _nbytes(q) + _nbytes(k) + _nbytes(v) + _nbytes(out) + lse
 
 
 def _metas(v: Any) -> tuple[TensorMeta, ...]:

@@ -162,13 +162,13 @@ _NO_DROPOUT_BERT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 
 def _entries() -> dict[str, _ZooEntry]:
     # Dropout is zero throughout so a training step is deterministic (the lowering compares numerics).
     rows: list[tuple[str, str, ModelKind, str, int, Literal["mlp", "gpt", "hf"], dict[str, Any]]] = [
-        ("mlp", "mlp", "regression", "residual MLP, 8 blocks of width 4096", 269_000_000, "mlp", {}),
+        ("mlp", "mlp", "regression", "residual MLP, 8 blocks of width 4096 (545M)", 545_000_000, "mlp", {}),
         (
             "mlp-tiny",
             "mlp",
             "regression",
             "residual MLP, 3 blocks of width 32 (tests)",
-            7_000,
+            13_600,
             "mlp",
             {"in_features": 16, "hidden": 32, "num_layers": 3, "out_features": 8},
         ),
@@ -177,7 +177,7 @@ def _entries() -> dict[str, _ZooEntry]:
             "gpt",
             "causal-lm",
             "hand-written GPT, 12 layers, width 768, tied embedding",
-            124_000_000,
+            124_500_000,
             "gpt",
             {},
         ),
@@ -186,7 +186,7 @@ def _entries() -> dict[str, _ZooEntry]:
             "gpt",
             "causal-lm",
             "hand-written GPT, 2 layers, width 32 (tests)",
-            34_000,
+            46_000,
             "gpt",
             {"vocab_size": 128, "block_size": 512, "n_layer": 2, "n_head": 4, "n_embd": 32},
         ),
@@ -195,7 +195,7 @@ def _entries() -> dict[str, _ZooEntry]:
             "gpt2",
             "causal-lm",
             "Hugging Face GPT-2 small (124M)",
-            124_000_000,
+            124_400_000,
             "hf",
             {"model_type": "gpt2", **_NO_DROPOUT_GPT2},
         ),
@@ -204,7 +204,7 @@ def _entries() -> dict[str, _ZooEntry]:
             "gpt2",
             "causal-lm",
             "Hugging Face GPT-2, 2 layers, width 64 (tests)",
-            170_000,
+            149_000,
             "hf",
             {
                 "model_type": "gpt2",
@@ -213,6 +213,8 @@ def _entries() -> dict[str, _ZooEntry]:
                 "n_head": 4,
                 "vocab_size": 256,
                 "n_positions": 512,
+                "bos_token_id": 0,
+                "eos_token_id": 0,
                 **_NO_DROPOUT_GPT2,
             },
         ),
@@ -221,7 +223,7 @@ def _entries() -> dict[str, _ZooEntry]:
             "gpt2",
             "causal-lm",
             "Hugging Face GPT-2 XL (1.5B)",
-            1_560_000_000,
+            1_558_000_000,
             "hf",
             {"model_type": "gpt2", "n_layer": 48, "n_embd": 1600, "n_head": 25, **_NO_DROPOUT_GPT2},
         ),
@@ -230,7 +232,7 @@ def _entries() -> dict[str, _ZooEntry]:
             "llama",
             "causal-lm",
             "Hugging Face Llama, 2 layers, width 64, grouped-query attention (tests)",
-            140_000,
+            107_000,
             "hf",
             {
                 "model_type": "llama",
@@ -248,7 +250,7 @@ def _entries() -> dict[str, _ZooEntry]:
             "llama",
             "causal-lm",
             "Llama-2-7B config: 32 layers, width 4096",
-            6_740_000_000,
+            6_738_000_000,
             "hf",
             {
                 "model_type": "llama",
@@ -267,7 +269,7 @@ def _entries() -> dict[str, _ZooEntry]:
             "llama",
             "causal-lm",
             "Llama-2-13B config: 40 layers, width 5120",
-            13_020_000_000,
+            13_016_000_000,
             "hf",
             {
                 "model_type": "llama",
@@ -286,7 +288,7 @@ def _entries() -> dict[str, _ZooEntry]:
             "llama",
             "causal-lm",
             "Llama-2-70B config: 80 layers, width 8192, grouped-query attention (8 KV heads)",
-            68_980_000_000,
+            68_977_000_000,
             "hf",
             {
                 "model_type": "llama",
@@ -305,7 +307,7 @@ def _entries() -> dict[str, _ZooEntry]:
             "bert",
             "encoder",
             "Hugging Face BERT encoder, 2 layers, width 64 (tests)",
-            120_000,
+            133_000,
             "hf",
             {
                 "model_type": "bert",
@@ -324,7 +326,7 @@ def _entries() -> dict[str, _ZooEntry]:
             "bert",
             "encoder",
             "Hugging Face BERT-base encoder (110M)",
-            109_000_000,
+            108_900_000,
             "hf",
             {"model_type": "bert", "add_pooling_layer": False, **_NO_DROPOUT_BERT},
         ),
@@ -557,6 +559,11 @@ def _reduced_hf_config(cfg: Mapping[str, Any], max_hidden: int) -> dict[str, Any
             out[key] = max(2, int(full[key]) * new_hidden // hidden)
     if full.get("vocab_size"):
         out["vocab_size"] = min(int(full["vocab_size"]), 128)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            # special tokens must stay inside the smaller vocabulary
+            v = full.get(key)
+            if isinstance(v, int) and v >= out["vocab_size"]:
+                out[key] = out["vocab_size"] - 1
     return out
 
 
