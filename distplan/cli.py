@@ -157,12 +157,13 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
+    except Exception as e:
+        # Usage errors (unknown command, bad option value): typer raises its own vendored copy of click's
+        # ClickException, so recognise it by behaviour rather than by class.
+        show = getattr(e, "show", None)
+        if callable(show) and isinstance(getattr(e, "exit_code", None), int):
+            show()
+            sys.exit(e.exit_code)  # type: ignore[attr-defined]
         if debug:
             raise
         typer.echo(f"internal error: {type(e).__name__}: {e}", err=True)
