@@ -31,7 +31,7 @@ from distplan.service.models import (
 )
 from distplan.service.specs import plan_spec, validation_spec
 from distplan.service.store import JobRecord, SubjectRecord
-from fastapi import APIRouter, Body, Path, Response, status
+from fastapi import APIRouter, Body, Path, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 
@@ -272,7 +272,18 @@ async def list_models(catalog: CatalogDep) -> list[dict[str, Any]]:
     },
 )
 async def create_plan(
-    body: PlanCreate, settings: SettingsDep, store: StoreDep, jobs: JobsDep, catalog: CatalogDep
+    body: PlanCreate,
+    settings: SettingsDep,
+    store: StoreDep,
+    jobs: JobsDep,
+    catalog: CatalogDep,
+    wait_s: float | None = Query(
+        None,
+        ge=0,
+        le=60,
+        description="How long to wait for the result before answering 202 (default: the server's short wait; "
+        "0 answers at once).",
+    ),
 ) -> Response:
     spec = await run_in_threadpool(plan_spec, body, settings=settings, catalog=catalog)
     payload = {
@@ -292,7 +303,7 @@ async def create_plan(
         artifacts=artifacts,
     )
     if rec.status in ("queued", "running") and rec.job_id is not None:
-        await jobs.wait(rec.job_id, settings.short_wait_s)
+        await jobs.wait(rec.job_id, settings.short_wait_s if wait_s is None else wait_s)
         rec = _require_plan(store, spec.id)
     headers = {"Location": f"/v1/plans/{rec.id}"}
     if rec.status == "failed":

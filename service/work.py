@@ -162,17 +162,23 @@ def launcher(plan: Any, model: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_validation(payload: dict[str, Any]) -> dict[str, str]:
-    """Validate a stored plan's numerics on CPU/gloo; return the report."""
+    """Validate a stored plan's numerics on CPU/gloo; return the report.
+
+    The lowering rebuilds the model in each rank process from a spec string; a built-in model with config
+    overrides is handed over as a bundle instead (its spec alone would lose the overrides).
+    """
     from distplan.lowering import validate
 
     from distplan.plan import Plan
 
     plan = Plan.from_dict(payload["plan"])
     with model_source(payload["model"]) as (spec, overrides):
-        kwargs: dict[str, Any] = {"steps": int(payload["steps"]), "timeout_s": float(payload["timeout_s"])}
+        model: Any = spec
         if overrides:
-            kwargs["config_overrides"] = overrides
-        report = validate(plan, spec, **kwargs)
+            from distplan.tracer import resolve_model
+
+            model = resolve_model(spec, batch=1, seq=16, device="cpu", config_overrides=overrides)
+        report = validate(plan, model, steps=int(payload["steps"]), timeout_s=float(payload["timeout_s"]))
     return {"report": json.dumps(report.to_dict())}
 
 
