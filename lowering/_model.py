@@ -62,12 +62,18 @@ def resolve_source(
     device: str = "cpu",
     example_inputs: Sequence[Any] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ) -> ModelSource:
     """Turn a spec string, ``ModelBundle`` or ``nn.Module`` into a :class:`ModelSource`."""
     if isinstance(model, str):
         from distplan.tracer import resolve_model
 
-        kw: dict[str, Any] = {"batch": batch, "device": device, "seed": seed}
+        kw: dict[str, Any] = {
+            "batch": batch,
+            "device": device,
+            "seed": seed,
+            "config_overrides": config_overrides,
+        }
         if seq is not None:
             kw["seq"] = seq
         bundle = resolve_model(model, **kw)

@@ -391,6 +391,7 @@ def lower(
     eval_mode: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
     host_index: int | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ) -> Runner:
     """Build this rank's part of ``plan`` (call inside a ``torchrun`` process, once per rank).
 
@@ -412,6 +413,7 @@ def lower(
             ``DISTPLAN_HOST_INDEX``); with it the plan rank is that host's rank for ``LOCAL_RANK``, whatever
             global rank the rendezvous gave (see [Note: rank translation]). Without it, ``RANK`` is the plan
             rank.
+        config_overrides: config fields replaced when building a model from a spec string.
 
     Returns:
         A :class:`Runner`.
@@ -450,7 +452,13 @@ def lower(
     # ---- the model, captured at one microbatch
     mb = plan.microbatch_size
     source = resolve_source(
-        model, batch=mb, seq=seq, seed=seed, example_inputs=example_inputs, loss_fn=loss_fn
+        model,
+        batch=mb,
+        seq=seq,
+        seed=seed,
+        example_inputs=example_inputs,
+        loss_fn=loss_fn,
+        config_overrides=config_overrides,
     )
     if state_dict is not None:
         source.module.load_state_dict(state_dict)

@@ -15,6 +15,10 @@ ever talks to its neighbours (what ``torch.distributed.pipelining.PipelineStage`
 - *Contiguous gradients*: each received value goes through an identity whose backward makes the gradient
   contiguous, since autograd may produce strided gradients (of a ``transpose``, ``expand``, ...) and the
   pipeline sends them back as they are.
+- *Every received value gets a gradient*: a stage that reads a received float only through non-differentiable
+  ops (``size``, comparisons) would send back no gradient for it, and the sender's backward then fails
+  ("grad can be implicitly created only for scalar outputs"). The first float output is tied to every
+  received float by an identity whose backward adds a zero gradient (an expanded scalar, no memory) for each.
 - *Pass-through*: a relayed input is returned through ``aten.alias`` so it has its own autograd node and the
   gradient that arrives for it flows back to the input (returning the input object itself would make the
   output a leaf of this stage and lose the gradient).
@@ -106,6 +110,29 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+class _Anchor(torch.autograd.Function):
+    """``out`` unchanged; in backward, a zero gradient for each of ``inputs`` (see [Note: stage boundaries])."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.metas = [(i.shape, i.dtype, i.device) for i in inputs]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        zeros = [
+            torch.zeros((), dtype=dt, device=dev).expand(shape) if need else None
+            for (shape, dt, dev), need in zip(ctx.metas, ctx.needs_input_grad[1:], strict=True)
+        ]
+        return (grad, *zeros)
+
+
+def _anchor(out: Any, *inputs: Any) -> Any:
+    if isinstance(out, torch.Tensor) and out.is_floating_point() and any(i.requires_grad for i in inputs):
+        return _Anchor.apply(out, *inputs)
+    return out
+
+
 def _contiguous_grad(x: Any) -> Any:
     if isinstance(x, torch.Tensor) and x.requires_grad:
         return _ContiguousGrad.apply(x)
@@ -135,7 +162,7 @@ def split_graph(
 
     Example:
         >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
-        >>> s0, s1 = split_graph(gm, stage_nodes=[["input", "_0"], ["_1"]])
+        >>> s0, s1 = split_graph(gm, stage_nodes=[["input_1", "_0"], ["_1"]])
         >>> [str(v) for v in s0.outputs], [str(v) for v in s1.inputs]
         (['_0'], ['_0'])
     """
@@ -285,6 +312,8 @@ def split_graph(
                     env[n.name] = env[key]
                     continue
             env[n.name] = g.node_copy(n, lookup)
+        received = [env[v if v.index is not None else v.node] for v in stage_inputs[s]]
+        received = [n for n in received if _maybe_float(n)]
         outs = []
         for v in stage_outputs[s]:
             if v.index is not None:
@@ -295,8 +324,14 @@ def split_graph(
                 node = env[v.node]
             outs.append(_as_output(g, node, relayed=v in stage_inputs[s]))
         if s == last:
-            result = lookup(model_output)
-            g.output(result)
+            outs = [lookup(model_output)]
+        if received:
+            for i, o in enumerate(outs):
+                if _maybe_float(o):
+                    outs[i] = _with_meta(g.call_function(_anchor, (o, *received)), o)
+                    break
+        if s == last:
+            g.output(outs[0])
         else:
             g.output(tuple(outs))
         g.lint()
@@ -321,6 +356,11 @@ def _as_output(g: fx.Graph, node: fx.Node, *, relayed: bool) -> fx.Node:
     if relayed:
         node = _with_meta(g.call_function(_alias, (node,)), node)
     return _with_meta(g.call_method("contiguous", (node,)), node)
+
+
+def _maybe_float(n: fx.Node) -> bool:
+    val = n.meta.get("val")
+    return not isinstance(val, torch.Tensor) or val.is_floating_point()
 
 
 def _with_meta(new: fx.Node, like: fx.Node) -> fx.Node:

@@ -235,6 +235,7 @@ def validate(
     max_microbatch_size: int = 2,
     max_hidden: int = 64,
     inject_fault: str | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ) -> ValidationReport:
     """Run ``plan`` on ``plan.world_size`` CPU processes and compare with one device.
 
@@ -251,6 +252,7 @@ def validate(
             and seed of weights and batches.
         max_ranks, max_full_width_ranks, max_param_bytes, max_microbatch_size, max_hidden: the policy of
             [Note: validation policy].
+        config_overrides: config fields replaced when building the model (as for ``resolve_model``).
         inject_fault: testing aid, ``"kill:R"``, ``"hang:R"`` or ``"raise:R"`` makes rank ``R`` die, hang or
             raise in the middle of the first step.
 
@@ -309,7 +311,8 @@ def validate(
     from distplan.tracer import resolve_model
 
     say(f"building {spec}")
-    meta_bundle = resolve_model(spec, batch=mb, seq=seq, device="meta", seed=seed)
+    overrides = dict(config_overrides or {})
+    meta_bundle = resolve_model(spec, batch=mb, seq=seq, device="meta", seed=seed, config_overrides=overrides)
     pbytes = _param_bytes(meta_bundle.module)
     reduced = bool(width_reduce)
     if width_reduce is None:
@@ -327,7 +330,7 @@ def validate(
             f"{_param_bytes(bundle.module) / 2**20:.2f} MiB reduced); same layers, node names and cut positions"
         )
     else:
-        bundle = resolve_model(spec, batch=mb, seq=seq, device="cpu", seed=seed)
+        bundle = resolve_model(spec, batch=mb, seq=seq, device="cpu", seed=seed, config_overrides=overrides)
     source = resolve_source(bundle, batch=mb, seq=seq)
     ex_args, _ = source.inputs(mb, seed=seed)
     captured = capture_model(source, ex_args, source.example_kwargs)
@@ -355,6 +358,7 @@ def validate(
             "lr": lr,
             "timeout_s": timeout_s,
             "fault": fault,
+            "config_overrides": overrides,
         }
         (d / "config.json").write_text(json.dumps(cfg))
         world = run_plan.world_size

@@ -1,0 +1,165 @@
+"""``distplan lower`` and ``distplan validate``.
+
+Both check the plan and the model before anything is written or spawned: a plan of another schema version,
+a plan made for another model (structure hash), or a model spec that cannot be built (unknown name, factory
+that cannot be imported) is a one-paragraph error and exit code 2. ``validate`` exits 0 when the plan
+passed and 1 when it failed (numerics or a rank's failure); ``--json`` prints the report's contract.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+__all__ = ["register"]
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    from distplan.errors import ModelSpecError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ModelSpecError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _check_model(plan: Any, model: str, *, seq: int, overrides: dict[str, Any]) -> None:
+    """Build the model on the meta device and check the plan's structure hash against its trace."""
+    from distplan.lowering._model import check_node_names, check_plan_graph
+    from distplan.tracer import resolve_model, trace_bundle
+
+    bundle = resolve_model(
+        model, batch=plan.microbatch_size, seq=seq, device="meta", config_overrides=overrides
+    )
+    graph = trace_bundle(bundle)
+    check_plan_graph(plan, graph)
+    check_node_names(plan, [n.name for n in graph.nodes], graph)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``lower`` and ``validate`` commands to the distplan CLI."""
+
+    @app.command("lower")
+    def lower_command(
+        plan_path: Path = typer.Argument(..., help="Plan JSON written by `distplan plan --out`."),
+        model: str = typer.Option(
+            ...,
+            "--model",
+            "-m",
+            help="The model the plan was made for: built-in name, config.json path or package.module:function.",
+        ),
+        out: Path = typer.Option(
+            ..., "--out", "-o", help="Folder to write plan.json, train.py, launch.sh, commands.txt."
+        ),
+        steps: int = typer.Option(5, "--steps", help="Training steps train.py runs by default. Default: 5."),
+        seq: int = typer.Option(
+            512, "--seq", "-s", help="Sequence length train.py uses by default. Default: 512."
+        ),
+        lr: float = typer.Option(
+            1e-3, "--lr", help="Learning rate train.py uses by default. Default: 0.001."
+        ),
+        port: int = typer.Option(29500, "--port", help="Rendezvous port on the first host. Default: 29500."),
+        overrides: list[str] = typer.Option(
+            [],
+            "--set",
+            help="Override a model config field, KEY=VALUE (JSON value), repeatable. Default: none.",
+        ),
+        check: bool = typer.Option(
+            True,
+            "--check/--no-check",
+            help="Trace the model and check the plan belongs to it. Default: check.",
+        ),
+        json_out: bool = typer.Option(False, "--json", help="Print one JSON object (files, commands)."),
+    ) -> None:
+        """Emit a launcher for a plan: plan.json, a train.py entry point and the torchrun command per host."""
+        from distplan.lowering.launcher import emit_launcher
+
+        from distplan.plan import Plan
+
+        plan = Plan.load(plan_path)
+        if check:
+            _check_model(plan, model, seq=seq, overrides=_parse_overrides(overrides))
+        files = emit_launcher(plan, model, out, steps=steps, seq=seq, lr=lr, port=port)
+        if json_out:
+            typer.echo(json.dumps(files.to_dict()))
+            return
+        typer.echo(f"wrote {files.plan_json}, {files.train_py}, {files.launch_sh}, {files.commands_txt}")
+        typer.echo(f"plan: {plan.layout}")
+        for h in files.hosts:
+            typer.echo(f"host {h.host} (index {h.host_index}, {h.nproc} processes):")
+            typer.echo(f"  {h.command}")
+        typer.echo("all ranks on this machine's CPU (test):")
+        typer.echo(f"  cd {files.out_dir} && {files.local_command}")
+
+    @app.command("validate")
+    def validate_command(
+        plan_path: Path = typer.Argument(..., help="Plan JSON written by `distplan plan --out`."),
+        model: str = typer.Option(
+            ...,
+            "--model",
+            "-m",
+            help="The model the plan was made for: built-in name, config.json path or package.module:function.",
+        ),
+        steps: int = typer.Option(1, "--steps", "-k", help="Training steps to compare. Default: 1."),
+        seq: int = typer.Option(
+            16, "--seq", "-s", help="Sequence length of the validation batches. Default: 16."
+        ),
+        timeout: float = typer.Option(
+            120.0, "--timeout", help="Seconds before a run (or any collective) counts as hung. Default: 120."
+        ),
+        width_reduce: bool | None = typer.Option(
+            None,
+            "--width-reduce/--full-width",
+            help="Validate on a width-reduced copy of the model, or at full width. Default: decided by size.",
+        ),
+        optimizer: str = typer.Option("sgd", "--optimizer", help="sgd, adam or adamw. Default: sgd."),
+        max_ranks: int = typer.Option(
+            16,
+            "--max-ranks",
+            help="Most processes to start; larger plans run one replica per stage. Default: 16.",
+        ),
+        overrides: list[str] = typer.Option(
+            [],
+            "--set",
+            help="Override a model config field, KEY=VALUE (JSON value), repeatable. Default: none.",
+        ),
+        json_out: bool = typer.Option(
+            False, "--json", help="Print one JSON object (the report) instead of text."
+        ),
+    ) -> None:
+        """Run a plan on one CPU process per rank (gloo) and compare loss, gradients and updated parameters
+        with the single-device model. Exit code 0 when it passed, 1 when it failed."""
+        from distplan.lowering.validation import validate
+
+        from distplan.plan import Plan
+        from distplan.progress import ProgressLine
+
+        plan = Plan.load(plan_path)
+        with ProgressLine("validating", json_out=json_out) as show:
+            report = validate(
+                plan,
+                model,
+                steps=steps,
+                seq=seq,
+                timeout_s=timeout,
+                width_reduce=width_reduce,
+                optimizer=optimizer,
+                max_ranks=max_ranks,
+                config_overrides=_parse_overrides(overrides),
+                progress=show,
+            )
+        if json_out:
+            typer.echo(json.dumps(report.to_dict()))
+        else:
+            typer.echo(report.summary())
+        if not report.passed:
+            raise typer.Exit(1)
