@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import httpx
-from service_harness import ServerProcess, wait_done
+from service_harness import wait_done
 
 from distplan.plan import Plan
 from distplan.profiles import preset_cluster
@@ -137,17 +137,3 @@ def test_validation_to_passing_report(client: httpx.Client) -> None:
     # Asking again is the same validation, not a second run.
     again = client.post(f"/v1/plans/{done['id']}/validations", json={"steps": 1})
     assert again.status_code == 200 and again.json()["id"] == v["id"] and again.json()["attempts"] == 1
-
-
-def test_restart_reads_the_same_plan_back(server: ServerProcess) -> None:
-    body = {"model": {"builtin": "gpt-tiny"}, "batch": 1, "seq": 16, "cluster": MIXED, "global_batch": 4}
-    with server.client() as c:
-        _, done = _plan_until_done(c, body)
-    assert server.stop() == 0
-    server.start()
-    with server.client() as c:
-        back = c.get(f"/v1/plans/{done['id']}")
-        assert back.status_code == 200
-        assert back.json()["plan"] == done["plan"] and back.json()["status"] == "done"
-        again = c.post("/v1/plans", json=body)
-        assert again.status_code == 200 and again.json()["attempts"] == 1
