@@ -36,7 +36,6 @@ __version__ = "0.1.0"
 # name -> (module, attribute): resolved on first use so `import distplan` stays light.
 _LAZY = {
     "trace": ("distplan.tracer", "trace"),
-    "plan": ("distplan.planner", "plan"),
     "simulate": ("distplan.planner", "simulate"),
     "lower": ("distplan.lowering", "lower"),
     "validate": ("distplan.lowering", "validate"),
@@ -77,6 +76,18 @@ __all__ = [
     "trace",
     "validate",
 ]
+
+
+def plan(graph: Any, /, **kwargs: Any) -> Plan:
+    """Plan ``graph`` on a cluster: :func:`distplan.planner.plan` (see there for the arguments).
+
+    A real function rather than a lazy attribute: ``distplan.plan`` is also the core module that holds
+    :class:`Plan`, and once that module is imported (above) the package attribute would be the module, so
+    ``distplan.plan(graph, ...)`` would fail with "'module' object is not callable".
+    """
+    from distplan.planner import plan as _plan
+
+    return _plan(graph, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

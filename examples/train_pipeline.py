@@ -35,15 +35,29 @@ import torch.distributed as dist
 import distplan
 
 
-def local_cluster(world_size: int) -> dict[str, object]:
-    """This machine as a one-host cluster of ``world_size`` CPU devices (the catalogue's CPU kind)."""
+def local_cluster(world_size: int, memory_mib: float) -> dict[str, object]:
+    """This machine as a one-host cluster of ``world_size`` CPU ranks, each with ``memory_mib`` of memory.
+
+    The device kind is defined inline (any datasheet numbers work the same way). The small memory budget
+    is what makes the tiny model need a pipeline, as a large model would on real GPUs; with a large budget
+    the planner would rightly keep the whole model on each rank (data parallel).
+    """
     return {
         "name": f"this-machine-{world_size}",
         "description": "the CPU ranks of this torchrun launch",
+        "kinds": [
+            {
+                "name": "cpu-rank",
+                "memory_bytes": int(memory_mib * 2**20),
+                "memory_bandwidth_gbyte_s": 20,
+                "peak_tflops": {"fp32": 0.16},
+                "efficiency": 0.5,
+            }
+        ],
         "hosts": [
             {
                 "name": "localhost",
-                "devices": [{"kind": "cpu-epyc-2core", "count": world_size}],
+                "devices": [{"kind": "cpu-rank", "count": world_size}],
                 "link": {"bandwidth_gbyte_s": 5, "latency_us": 50},
             }
         ],
@@ -59,6 +73,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--global-batch", type=int, default=8, help="samples per iteration (default: 8)")
     p.add_argument("--steps", type=int, default=5, help="training steps (default: 5)")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: 3e-3)")
+    p.add_argument(
+        "--memory-mib",
+        type=float,
+        default=1.0,
+        help="memory per rank the planner may use, MiB (default: 1.0, too little for the whole model)",
+    )
     p.add_argument("--plan", default=None, help="use this plan JSON instead of planning (default: plan now)")
     return p.parse_args()
 
@@ -82,7 +102,10 @@ def main() -> int:
         else:
             graph = distplan.trace(args.model, seq=args.seq)
             plan = distplan.plan(
-                graph, cluster=local_cluster(world), global_batch=args.global_batch, time_limit_s=5
+                graph,
+                cluster=local_cluster(world, args.memory_mib),
+                global_batch=args.global_batch,
+                time_limit_s=5,
             )
         box[0] = plan.to_json()
         print(

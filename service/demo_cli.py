@@ -62,23 +62,6 @@ def print_plan_table(result: DemoResult, console: Console) -> None:
     console.print(t)
 
 
-def _missing_parts(*, validate: bool) -> list[str]:
-    """Pipeline steps not installed in this checkout (while the project is being assembled)."""
-    import importlib
-
-    missing = []
-    needed = [("distplan.tracer", "trace"), ("distplan.planner", "plan"), ("distplan.planner", "simulate")]
-    if validate:
-        needed.append(("distplan.lowering", "validate"))
-    for module, attr in needed:
-        try:
-            if not hasattr(importlib.import_module(module), attr):
-                missing.append(f"{module}.{attr}")
-        except ImportError:
-            missing.append(f"{module}.{attr}")
-    return missing
-
-
 def demo_command(
     model: str = typer.Option(
         DEFAULT_MODEL,
@@ -123,11 +106,6 @@ def demo_command(
 
     from distplan.progress import ProgressLine
 
-    missing = _missing_parts(validate=validate)
-    if missing:
-        # The project is assembled step by step; until every step is in, say what is not there yet.
-        typer.echo(f"distplan demo: pipeline incomplete in this checkout, missing: {', '.join(missing)}")
-        return
     console = Console(width=None if sys.stdout.isatty() else 120, highlight=False)
     with ProgressLine("starting", json_out=json_out) as show:
         result = run_demo(
@@ -161,7 +139,7 @@ def demo_command(
         print_plan_table(result, console)
         console.print()
         for line in summary_lines(result):
-            console.print(line)
+            console.print(line, soft_wrap=True)
         if plan_out is not None:
             console.print(f"Plan saved to {plan_out}")
         if report is not None:
