@@ -150,8 +150,9 @@ class LauncherPublic(BaseModel):
 
     plan_id: str
     model_spec: str = Field(description="The model spec the entry point builds the model from.")
-    files: dict[str, str]
-    commands: list[str]
+    files: dict[str, str] = Field(description="File name -> contents (plan.json, train.py, launch.sh, ...).")
+    commands: list[str] = Field(description="The torchrun command per host, in node-rank order.")
+    local_command: str = Field("", description="All ranks on one machine, on CPU (a smoke test).")
 
 
 # ---------------------------------------------------------------------------------------------- jobs

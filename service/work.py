@@ -12,6 +12,7 @@ fixed file name; nothing a client sends becomes a file name, an import path or c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -126,39 +127,44 @@ def run_plan(payload: dict[str, Any]) -> dict[str, str]:
         "timeline": json.dumps(timeline.to_chrome_trace()),
         "timeline_data": json.dumps(timeline.to_dict()),
     }
-    artifacts["launcher"] = json.dumps(_launcher_or_error(plan, request["model"]))
+    artifacts["launcher"] = json.dumps(_launcher_or_error(plan, request["model"], seq=request["seq"]))
     return artifacts
 
 
-def _launcher_or_error(plan: Any, model: dict[str, Any]) -> dict[str, Any]:
+def _launcher_or_error(plan: Any, model: dict[str, Any], *, seq: int | None) -> dict[str, Any]:
     """The launcher, or the reason there is none: a plan is still a plan when its program cannot be
     emitted (``GET /v1/plans/{id}/launcher`` then answers that reason)."""
     from distplan.errors import DistplanError
 
     try:
-        return launcher(plan, model)
+        return launcher(plan, model, seq=seq)
     except DistplanError as e:
         return {"error": {"type": type(e).__name__, "message": str(e)}}
     except ImportError as e:  # this build has no lowering
         return {"error": {"type": "LoweringError", "message": f"this server cannot emit launchers: {e}"}}
 
 
-def launcher(plan: Any, model: dict[str, Any]) -> dict[str, Any]:
+def launcher(plan: Any, model: dict[str, Any], *, seq: int | None = None) -> dict[str, Any]:
     """The emitted entry point, plan file and torchrun commands for a plan, as ``{files, commands}``."""
     from distplan.lowering import emit_launcher
 
-    with tempfile.TemporaryDirectory(prefix="distplan-launch-") as tmp:
+    kwargs: dict[str, Any] = {"seq": seq} if seq else {}
+    with tempfile.TemporaryDirectory(prefix="distplan-launch-") as tmp, contextlib.ExitStack() as stack:
         if "builtin" in model:
-            spec: str = str(model["builtin"])
+            spec = str(model["builtin"])
         elif "hf_config" in model:
-            (Path(tmp) / "config.json").write_text(json.dumps(model["hf_config"]))
-            spec = "config.json"
+            # An absolute path in a folder of our own: the lowering copies it next to train.py.
+            spec = str(stack.enter_context(hf_config_dir(model["hf_config"])) / "config.json")
         else:
-            spec = "<your-package.module:factory>"
-        out = emit_launcher(plan, spec, Path(tmp))
+            spec = "your_package.module:factory"  # an uploaded graph names no model: the user fills it in
+        out = emit_launcher(plan, spec, Path(tmp), **kwargs)
         files = {p.name: p.read_text() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
-        commands = list(getattr(out, "commands", []) or [])
-    return {"model_spec": spec, "files": files, "commands": commands}
+    return {
+        "model_spec": Path(spec).name if "hf_config" in model else spec,
+        "files": files,
+        "commands": list(out.commands),
+        "local_command": out.local_command,
+    }
 
 
 def run_validation(payload: dict[str, Any]) -> dict[str, str]:

@@ -97,6 +97,8 @@ def test_plan_builtin_model_on_mixed_cluster(client: httpx.Client) -> None:
     assert lj["plan_id"] == done["id"] and lj["model_spec"] == "gpt-tiny"
     assert any(name.endswith(".py") for name in lj["files"]), list(lj["files"])
     assert lj["commands"] and all("torchrun" in c for c in lj["commands"])
+    assert len(lj["commands"]) == len({r["host"] for r in done["plan"]["rank_map"]})
+    assert "plan.json" in lj["files"] and lj["local_command"].startswith("torchrun")
 
     timeline = client.get(f"/v1/plans/{done['id']}/timeline")
     assert timeline.status_code == 200
@@ -117,7 +119,7 @@ def test_plan_hf_config_on_mixed_cluster(client: httpx.Client) -> None:
     assert plan.request.graph_name  # traced from the config
     assert done["request"]["model"]["hf_config"]["model_type"] == "llama"
     lj = client.get(f"/v1/plans/{done['id']}/launcher").json()
-    assert "config.json" in lj["files"]
+    assert lj["model_spec"] == "config.json" and '"llama"' in lj["files"]["config.json"]
 
 
 def test_validation_to_passing_report(client: httpx.Client) -> None:
