@@ -311,7 +311,7 @@ class _Annotator:
             val = node.meta.get("val")
             if val is None:
                 raise TraceError(
-                    _op_failure(node, target_name, args, kwargs, e, _owner(node, self.cap))
+                    _op_failure(node, target_name, args, kwargs, e, _owner(node, self.cap), self.cap)
                 ) from e
             # The op cannot run on meta tensors (e.g. data-dependent output): keep the shapes export recorded.
             out = tree_map(lambda x: _to_meta(x) if isinstance(x, torch.Tensor) else x, val)
@@ -571,8 +571,16 @@ def _describe_value(v: Any) -> str:
     return repr(v)
 
 
-def _op_failure(node: fx.Node, target: str, args: Any, kwargs: Any, e: BaseException, owner: str) -> str:
+def _op_failure(
+    node: fx.Node, target: str, args: Any, kwargs: Any, e: BaseException, owner: str, cap: Capture
+) -> str:
     shown = ", ".join(_describe_value(a) for a in args)
     where = f" in module {owner!r}" if owner else ""
     first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-    return f"op {target} (node {node.name!r}){where} fails on inputs ({shown}): {type(e).__name__}: {first[:300]}"
+    msg = (
+        f"the model fails on its example inputs at op {target} (node {node.name!r}){where}, "
+        f"which got ({shown}): {type(e).__name__}: {first[:300]} -- check the example inputs' shapes"
+    )
+    if cap.export_error:
+        msg += f"; before that, {cap.export_error}"
+    return msg

@@ -8,6 +8,7 @@ so names depend only on the model's code and configuration: the same at another 
 from __future__ import annotations
 
 import contextlib
+import io
 import linecache
 import time
 from collections.abc import Iterator
@@ -65,7 +66,7 @@ def capture(
     export_error: BaseException | None = None
     if method in ("auto", "export"):
         try:
-            with _meta_as_fake_cpu(module, args, kwargs) as (xargs, xkwargs):
+            with _quiet_torch_logs(), _meta_as_fake_cpu(module, args, kwargs) as (xargs, xkwargs):
                 ep = torch.export.export(module, xargs, xkwargs, strict=False)
             # check_guards=False: no `_guards_fn` call_module node, so the graph holds only the model's ops.
             gm = ep.module(check_guards=False)
@@ -75,7 +76,8 @@ def capture(
             if method == "export":
                 raise TraceError(describe_failure(module, e, how="torch.export")) from e
     try:
-        gm = fx.symbolic_trace(module)
+        with _quiet_torch_logs():
+            gm = fx.symbolic_trace(module)
     except Exception as e:
         if export_error is not None:
             msg = describe_failure(module, export_error, how="torch.export")
@@ -85,7 +87,9 @@ def capture(
         gm=gm,
         method="fx",
         seconds=time.perf_counter() - t0,
-        export_error=None if export_error is None else _first_line(export_error),
+        export_error=None
+        if export_error is None
+        else describe_failure(module, export_error, how="torch.export"),
     )
 
 
@@ -139,7 +143,32 @@ def _meta_as_fake_cpu(
             getattr(mod, kind)[name] = t
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """Silence torch's loggers while capturing: a failed trace is reported at WARNING/ERROR level, with
+    tracebacks and graph dumps, before the exception reaches us; the TraceError says it in one paragraph."""
+    import logging
+
+    loggers = [logging.getLogger("torch")]
+    loggers += [
+        lg
+        for name, lg in logging.root.manager.loggerDict.items()
+        if name.startswith("torch.") and isinstance(lg, logging.Logger)
+    ]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        # torch.export also print()s the partial graph of a failed export to stderr.
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _first_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: first informative line`` of an exception (torch messages run to dozens of lines)."""
     text = str(e).strip()
     # torch errors often start with a blank or boilerplate line; take the first informative one.
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]

@@ -646,8 +646,8 @@ def _build_hf(
     kwargs["use_cache"] = False
     try:
         config = AutoConfig.for_model(model_type, **kwargs)
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise ModelSpecError(f"{where}: invalid {model_type} config: {e}") from e
+    except Exception as e:  # transformers raises many types (strict-dataclass validators among them)
+        raise ModelSpecError(f"{where}: invalid {model_type} config: {_one_line(e)}") from e
     causal = _is_causal_lm(cfg)
     rope = any(
         k in cfg or getattr(config, k, None) for k in ("rope_theta", "rope_parameters", "rope_scaling")
@@ -669,8 +669,10 @@ def _build_hf(
             except (TypeError, ValueError):
                 extra.pop("add_pooling_layer", None)
                 model = auto.from_config(config, **extra)
-    except (ValueError, TypeError, KeyError, RuntimeError, AttributeError) as e:
-        raise ModelSpecError(f"{where}: cannot build {model_type} model ({auto.__name__}): {e}") from e
+    except Exception as e:
+        raise ModelSpecError(
+            f"{where}: cannot build {model_type} model ({auto.__name__}): {_one_line(e)}"
+        ) from e
     _single_output(model, "logits" if causal else "last_hidden_state")
     vocab = int(getattr(config, "vocab_size", 0) or 2)
     plain = config.to_dict()
@@ -763,7 +765,7 @@ def _build_from_factory(
         with _building(device, seed):
             result = fn(**overrides)
     except Exception as e:
-        raise ModelSpecError(f"factory {spec!r} raised {type(e).__name__}: {e}") from e
+        raise ModelSpecError(f"factory {spec!r} raised {type(e).__name__}: {_one_line(e)}") from e
     if isinstance(result, ModelBundle):
         return result
     kwargs: dict[str, Any] = {}
@@ -797,6 +799,12 @@ def _build_from_factory(
         device=device,
         seed=seed,
     )
+
+
+def _one_line(e: BaseException, limit: int = 400) -> str:
+    """An exception as one line: multi-line messages (validators, torch) joined, cut at ``limit``."""
+    text = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_json(v: Any) -> bool:
