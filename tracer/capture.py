@@ -149,11 +149,12 @@ def _quiet_torch_logs() -> Iterator[None]:
     tracebacks and graph dumps, before the exception reaches us; the TraceError says it in one paragraph."""
     import logging
 
+    # Loggers without a level of their own inherit "torch"'s; torch._logging gives some their own.
     loggers = [logging.getLogger("torch")]
     loggers += [
         lg
         for name, lg in logging.root.manager.loggerDict.items()
-        if name.startswith("torch.") and isinstance(lg, logging.Logger)
+        if name.startswith("torch.") and isinstance(lg, logging.Logger) and lg.level != logging.NOTSET
     ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
