@@ -64,9 +64,9 @@ class Settings(BaseSettings):
         2.0, ge=0, le=60, description="How long POST /v1/plans waits for the result before answering 202."
     )
     cache_entries: int = Field(512, ge=0, le=1_000_000, description="Finished plan responses kept in memory.")
-    max_hf_layers: int = Field(
+    max_layers: int = Field(
         512,
         ge=1,
         le=100_000,
-        description="Most layers (num_hidden_layers / n_layer) an uploaded HF config may have.",
+        description="Most layers (num_hidden_layers, n_layer, ...) an hf_config or a built-in config override may ask for.",
     )

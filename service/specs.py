@@ -4,10 +4,12 @@ Everything a client sends is checked here before a job is queued, with errors th
 
 - a built-in model must be a name of the zoo; a ``package.module:function`` spec (code) is refused;
 - an ``hf_config`` must name a ``model_type`` this transformers knows, must not carry ``auto_map`` or
-  ``trust_remote_code`` (remote code), and its layer count is capped; private ``_*`` keys are dropped;
+  ``trust_remote_code`` (remote code), and its layer count is capped (as are built-in config overrides);
+  private ``_*`` keys are dropped;
 - an uploaded graph is size-checked (node count) *before* it is parsed, then parsed and linted by
   ``OpGraph.from_dict`` (cycles, dangling inputs, negative sizes) and its numbers range-checked;
-- a cluster is a preset name (never a file path) or an inline cluster, and its device count is capped;
+- a cluster is a preset name (never a file path) or an inline cluster, its device count is capped and its
+  figures must lie in physical ranges (a 1e-300 B/s link would overflow the planner's integer times);
 - the batch arithmetic is checked by ``PlanRequest``'s own rules.
 
 The canonical request is plain JSON: the cluster in full, the graph by content hash, the solver time limit
@@ -63,6 +65,42 @@ class ValidationSpec:
     request: dict[str, Any]
 
 
+# Physical ranges for the figures of an inline cluster. The core accepts any positive number; the planner's
+# integer time units need the results to stay within int64, and no real device is outside these.
+_RANGES: tuple[tuple[str, float, float, str], ...] = (
+    ("memory", 2**20, 2**50, "bytes"),
+    ("memory bandwidth", 1e6, 1e16, "bytes/s"),
+    ("peak FLOP/s", 1e6, 1e19, "FLOP/s"),
+    ("link bandwidth", 1e3, 1e16, "bytes/s"),
+    ("link latency", 0.0, 10.0, "s"),
+    ("calibration factor", 1e-3, 1e3, ""),
+)
+
+
+def _in_range(what: str, where: str, value: float) -> None:
+    for name, lo, hi, unit in _RANGES:
+        if name == what and not lo <= value <= hi:
+            raise ProfileError(
+                f"{where}: {what} {value:g} {unit} is outside the range this service plans for ({lo:g}..{hi:g})"
+            )
+
+
+def _check_ranges(cluster: Cluster) -> None:
+    for k in cluster.kinds.values():
+        where = f"cluster {cluster.name!r}: device kind {k.name!r}"
+        _in_range("memory", where, k.memory_bytes)
+        _in_range("memory bandwidth", where, k.memory_bandwidth_bytes_s)
+        for dtype, flops in k.peak_flops.items():
+            _in_range("peak FLOP/s", f"{where} ({dtype})", flops)
+        for op, factor in k.calibration.items():
+            _in_range("calibration factor", f"{where} ({op})", factor)
+    links = [(f"host {h.name!r}", h.link) for h in cluster.hosts] + [("network", cluster.network)]
+    for name, link in links:
+        where = f"cluster {cluster.name!r}: {name} link"
+        _in_range("link bandwidth", where, link.bandwidth_bytes_s)
+        _in_range("link latency", where, link.latency_s)
+
+
 def check_cluster(spec: str | dict[str, Any], *, max_devices: int) -> Cluster:
     """A cluster from a preset name or an inline cluster (never a file path)."""
     if isinstance(spec, str):
@@ -72,6 +110,7 @@ def check_cluster(spec: str | dict[str, Any], *, max_devices: int) -> Cluster:
         cluster = preset_cluster(spec)
     else:
         cluster = load_cluster(dict(spec))
+        _check_ranges(cluster)
     if cluster.num_devices > max_devices:
         raise ProfileError(
             f"cluster {cluster.name!r} has {cluster.num_devices} devices, more than this server's limit of {max_devices}"
@@ -79,7 +118,15 @@ def check_cluster(spec: str | dict[str, Any], *, max_devices: int) -> Cluster:
     return cluster
 
 
-def _builtin(m: BuiltinModel, catalog: dict[str, Any]) -> dict[str, Any]:
+def _check_layers(cfg: dict[str, Any], where: str, max_layers: int) -> None:
+    # Tracing time and memory grow with the layer count (not with width: models are built on meta).
+    for key in _LAYER_KEYS:
+        v = cfg.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and not 1 <= v <= max_layers:
+            raise ModelSpecError(f"{where}.{key}: {v} is out of range (1..{max_layers} on this server)")
+
+
+def _builtin(m: BuiltinModel, catalog: dict[str, Any], *, max_layers: int) -> dict[str, Any]:
     name = m.builtin
     if ":" in name or "/" in name or "\\" in name:
         raise ModelSpecError(
@@ -96,6 +143,7 @@ def _builtin(m: BuiltinModel, catalog: dict[str, Any]) -> dict[str, Any]:
             raise ModelSpecError(f"model.config.{k}: string of {len(v)} characters (at most 256)")
         if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) > _MAX_NUMBER:
             raise ModelSpecError(f"model.config.{k}: {v} is out of range (|value| <= 2**53)")
+    _check_layers(m.config, "model.config", max_layers)
     return {"builtin": name, "config": dict(sorted(m.config.items()))}
 
 
@@ -118,10 +166,7 @@ def _hf(m: HFConfigModel, catalog: dict[str, Any], *, max_layers: int) -> dict[s
         raise ModelSpecError(
             f"hf_config.model_type {mt[:64]!r} is not a model type this transformers knows ({len(known)} known{hint})"
         )
-    for key in _LAYER_KEYS:
-        v = cfg.get(key)
-        if isinstance(v, int) and not isinstance(v, bool) and not 1 <= v <= max_layers:
-            raise ModelSpecError(f"hf_config.{key}: {v} is out of range (1..{max_layers} on this server)")
+    _check_layers(cfg, "hf_config", max_layers)
     # Private keys (``_name_or_path``, ``_commit_hash``) may point transformers at files or the hub.
     return {"hf_config": {k: v for k, v in sorted(cfg.items()) if not k.startswith("_")}}
 
@@ -150,9 +195,9 @@ def plan_spec(body: PlanCreate, *, settings: Settings, catalog: dict[str, Any]) 
     graph: OpGraph | None = None
     model: dict[str, Any]
     if isinstance(body.model, BuiltinModel):
-        model = _builtin(body.model, catalog)
+        model = _builtin(body.model, catalog, max_layers=settings.max_layers)
     elif isinstance(body.model, HFConfigModel):
-        model = _hf(body.model, catalog, max_layers=settings.max_hf_layers)
+        model = _hf(body.model, catalog, max_layers=settings.max_layers)
     else:
         graph = _graph(body.model, max_nodes=settings.max_graph_nodes)
         model = {"graph": graph.content_hash, "name": graph.name}

@@ -43,8 +43,15 @@ def model_source(model: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any] | 
     if "builtin" in model:
         yield str(model["builtin"]), (dict(model.get("config") or {}) or None)
     elif "hf_config" in model:
+        from distplan.errors import DistplanError
+
         with hf_config_dir(model["hf_config"]) as folder:
-            yield str(folder / "config.json"), None
+            path = str(folder / "config.json")
+            try:
+                yield path, None
+            except DistplanError as e:
+                # Name the request's field, not this worker's temporary file.
+                raise type(e)(str(e).replace(path, "hf_config")) from e
     else:
         raise ValueError(f"no model source in {sorted(model)}")
 

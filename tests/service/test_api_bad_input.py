@@ -125,6 +125,20 @@ def test_bad_inline_cluster(client: httpx.Client) -> None:
     _error(client.post("/v1/plans", json=_body(cluster=huge)), 422, "4096")
 
 
+def test_inline_cluster_figures_out_of_range(client: httpx.Client) -> None:
+    host = {"name": "h", "devices": [{"kind": "t4-16g", "count": 2}], "link": {"bandwidth_gbyte_s": 1e-300}}
+    _error(
+        client.post("/v1/plans", json=_body(cluster={"name": "c", "hosts": [host]})),
+        422,
+        "link bandwidth",
+        "range",
+    )
+    kind = {"name": "k", "memory_bytes": 1, "memory_bandwidth_gbyte_s": 100, "peak_tflops": {"fp32": 10}}
+    host = {"name": "h", "devices": [{"kind": "k", "count": 2}], "link": {"bandwidth_gbyte_s": 10}}
+    cluster = {"name": "c", "kinds": [kind], "hosts": [host]}
+    _error(client.post("/v1/plans", json=_body(cluster=cluster)), 422, "memory", "'k'")
+
+
 def test_huge_body_is_413(client: httpx.Client) -> None:
     big = b'{"pad": "' + b"x" * (3 * 2**20) + b'"}'
     err = _error(
@@ -175,6 +189,36 @@ def test_hf_config_remote_code_refused(client: httpx.Client) -> None:
     _error(client.post("/v1/plans", json=_body(model={"hf_config": cfg})), 422, "auto_map", "remote code")
     cfg = {"model_type": "llama", "num_hidden_layers": 10**6}
     _error(client.post("/v1/plans", json=_body(model={"hf_config": cfg})), 422, "num_hidden_layers")
+
+
+def test_layer_counts_are_capped(client: httpx.Client) -> None:
+    # Tracing time grows with depth: a billion layers must not reach a worker.
+    _error(
+        client.post("/v1/plans", json=_body(model={"builtin": "gpt-tiny", "config": {"n_layer": 10**9}})),
+        422,
+        "n_layer",
+        "512",
+    )
+
+
+def test_hf_errors_name_the_field_not_a_server_path(client: httpx.Client) -> None:
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": 66,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 1,
+        "vocab_size": 64,
+    }
+    r = client.post("/v1/plans", json=_body(model={"hf_config": cfg}))
+    if r.status_code == 202:
+        err = wait_done(client, f"/v1/plans/{r.json()['id']}")["error"]
+    else:
+        err = _error(r, 422, "hidden size")
+    assert (
+        err["type"] == "ModelSpecError"
+        and err["message"].startswith("hf_config")
+        and "/tmp" not in err["message"]
+    )
 
 
 def test_code_paths_are_refused(client: httpx.Client) -> None:
