@@ -243,7 +243,10 @@ def _greedy(p: StageProblem) -> tuple[int, tuple[tuple[int, int, int], ...]] | N
     memory first), binary-search the smallest bottleneck a left-to-right fill achieves, then move single
     stage boundaries while that lowers the objective."""
     nb = p.num_blocks
-    tfb = [[f + b for f, b in zip(fp, bp, strict=True)] for fp, bp in zip(p.fwd_prefix, p.bwd_prefix, strict=True)]
+    tfb = [
+        [f + b for f, b in zip(fp, bp, strict=True)]
+        for fp, bp in zip(p.fwd_prefix, p.bwd_prefix, strict=True)
+    ]
     rooms: dict[int, list[int]] = {}
 
     def room(v: int) -> list[int]:
@@ -255,11 +258,15 @@ def _greedy(p: StageProblem) -> tuple[int, tuple[tuple[int, int, int], ...]] | N
     kinds = sorted({g.kind for g in p.groups}, key=lambda k: speed_rank[k])
     perms = list(itertools.permutations(kinds)) if len(kinds) <= 3 else [tuple(kinds)]
     orders = [
-        sorted(range(len(p.groups)), key=lambda gi, pm=pm: (pm.index(p.groups[gi].kind), p.groups[gi].host, gi))
+        sorted(
+            range(len(p.groups)), key=lambda gi, pm=pm: (pm.index(p.groups[gi].kind), p.groups[gi].host, gi)
+        )
         for pm in perms
     ]
     orders.append(
-        sorted(range(len(p.groups)), key=lambda gi: (-p.groups[gi].cap_kib, speed_rank[p.groups[gi].kind], gi))
+        sorted(
+            range(len(p.groups)), key=lambda gi: (-p.groups[gi].cap_kib, speed_rank[p.groups[gi].kind], gi)
+        )
     )
 
     def fill(slots: list[int], limit: int, n_guess: int) -> list[tuple[int, int, int]] | None:
@@ -350,7 +357,9 @@ def _lower_bound(p: StageProblem, upper: int | None = None) -> int:
     ``T`` at least the largest block on its fastest kind. Minimised over ``T`` on a grid, taking for each
     grid cell the cover at its right end and the steady state at its left end, so the bound stays valid.
     """
-    tfb = [np.array(f, dtype=np.float64) + np.array(b) for f, b in zip(p.fwd_prefix, p.bwd_prefix, strict=True)]
+    tfb = [
+        np.array(f, dtype=np.float64) + np.array(b) for f, b in zip(p.fwd_prefix, p.bwd_prefix, strict=True)
+    ]
     work = {k: float(t[-1]) for k, t in enumerate(tfb)}
     counts: dict[int, int] = {}
     for g in p.groups:

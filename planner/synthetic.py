@@ -14,9 +14,19 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from distplan.graph import OpGraph, OpNode, TensorMeta, make_graph
+from typing import Any
 
-__all__ = ["TransformerShape", "random_chain_graph", "synthetic_transformer", "transformer_shape"]
+from distplan.cluster import Cluster
+from distplan.graph import OpGraph, OpNode, TensorMeta, make_graph
+from distplan.profiles import load_cluster
+
+__all__ = [
+    "TransformerShape",
+    "random_chain_graph",
+    "random_cluster",
+    "synthetic_transformer",
+    "transformer_shape",
+]
 
 _F32 = 4
 
@@ -252,4 +262,35 @@ def random_chain_graph(seed: int, *, nodes: int = 6, skip_prob: float = 0.3, sca
     total = sum(n.param_bytes for n in out)
     return make_graph(
         f"random-{seed}", out, outputs=(out[-1].name,), num_params=total // 4, meta={"batch": 1}
+    )
+
+
+_RANDOM_KINDS = ("a100-sxm-80g", "v100-sxm2-32g", "t4-16g", "h100-sxm-80g")
+
+
+def random_cluster(seed: int, *, max_devices: int = 4) -> Cluster:
+    """1-2 hosts, at most ``max_devices`` devices of at most 2 kinds, random link speeds."""
+    rng = random.Random(seed)
+    kinds = rng.sample(_RANDOM_KINDS, 2)
+    n = rng.randint(2, max_devices)
+    hosts: list[dict[str, Any]] = []
+    left = n
+    while left:
+        take = rng.randint(1, left)
+        left -= take
+        kind_split = rng.randint(0, take)
+        devs = [{"kind": kinds[0], "count": kind_split}, {"kind": kinds[1], "count": take - kind_split}]
+        hosts.append(
+            {
+                "name": f"h{len(hosts)}",
+                "devices": [d for d in devs if d["count"]],
+                "link": {"bandwidth_gbyte_s": rng.choice([16, 150, 300]), "latency_us": rng.choice([2, 10])},
+            }
+        )
+    return load_cluster(
+        {
+            "name": f"random-{seed}",
+            "hosts": hosts,
+            "network": {"bandwidth_gbit_s": rng.choice([25, 100]), "latency_us": 20},
+        }
     )

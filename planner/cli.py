@@ -1,0 +1,247 @@
+"""``distplan plan`` and ``distplan simulate``.
+
+The tracer is imported inside the command, and only when MODEL is not a graph JSON file, so planning a
+saved graph never loads torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from distplan.errors import PlanError
+
+__all__ = ["load_graph", "plan_summary", "register"]
+
+_DEFAULT_CLUSTER = "a100x8-v100x8"
+
+
+def load_graph(model: str, *, batch: int = 1, seq: int | None = None) -> Any:
+    """An ``OpGraph`` from a graph JSON file, or traced from a model spec (built-in name, config.json or
+    ``package.module:function``) by ``distplan.tracer``."""
+    from distplan.graph import OpGraph
+
+    p = Path(model)
+    if p.suffix == ".json" and p.exists():
+        text = p.read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{model}: not valid JSON: {e}") from e
+        if isinstance(data, dict) and "nodes" in data:
+            return OpGraph.load(p)
+    from distplan.tracer import trace  # imported lazily: it pulls in torch
+
+    kw: dict[str, Any] = {"batch": batch}
+    if seq is not None:
+        kw["seq"] = seq
+    return trace(model, **kw)
+
+
+def plan_summary(plan: Any, graph: Any | None = None) -> dict[str, Any]:
+    """The machine-readable summary ``distplan plan --json`` prints (see the issue's contract)."""
+    pred = plan.predictions
+    stages = []
+    for s in plan.stages:
+        cap = plan.request.cluster.kinds[s.kind].usable_memory_bytes
+        stages.append(
+            {
+                "index": s.index,
+                "start": s.start,
+                "end": s.end,
+                "start_node": s.start_node,
+                "modules": list(s.modules),
+                "kind": s.kind,
+                "devices": list(s.devices),
+                "dp": s.dp,
+                "fwd_time_s": s.fwd_time_s,
+                "bwd_time_s": s.bwd_time_s,
+                "send_time_s": s.send_time_s,
+                "allreduce_time_s": s.allreduce_time_s,
+                "time_s": s.fwd_time_s + s.bwd_time_s,
+                "memory_bytes": s.memory_bytes,
+                "memory_capacity_bytes": cap,
+            }
+        )
+    it = pred.iteration_time_s
+    return {
+        "id": plan.id,
+        "graph": plan.request.graph_name,
+        "cluster": plan.request.cluster.name,
+        "layout": plan.layout,
+        "schedule": plan.schedule,
+        "num_microbatches": plan.num_microbatches,
+        "microbatch_size": plan.microbatch_size,
+        "dp": plan.dp,
+        "iteration_time_s": it,
+        "throughput_samples_per_s": pred.throughput_samples_s,
+        "bubble_fraction": pred.bubble_fraction,
+        "num_stages": plan.num_stages,
+        "devices_used": len(plan.devices_used),
+        "solver": {
+            "status": plan.solver.status,
+            "objective": plan.solver.objective_s,
+            "bound": plan.solver.bound_s,
+            "gap": plan.solver.gap,
+            "seconds": plan.solver.seconds,
+            "notes": list(plan.solver.notes),
+        },
+        "baselines": dict(plan.baselines),
+        "speedup": {k: (v / it if v and it > 0 else None) for k, v in plan.baselines.items()},
+        "stages": stages,
+    }
+
+
+def _span(modules: list[str]) -> str:
+    if not modules:
+        return "-"
+    return modules[0] if len(modules) == 1 else f"{modules[0]} .. {modules[-1]} ({len(modules)})"
+
+
+def _print_table(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    gib = 2**30
+    con = Console()
+    t = Table(title=f"{summary['graph']} on {summary['cluster']}: {summary['layout']}")
+    for col in ("stage", "modules", "devices", "dp", "fwd+bwd ms", "send ms", "memory / capacity GiB"):
+        t.add_column(col)
+    for s in summary["stages"]:
+        t.add_row(
+            str(s["index"]),
+            _span(s["modules"]),
+            f"{s['kind']} {','.join(str(d) for d in s['devices'])}",
+            str(s["dp"]),
+            f"{s['time_s'] * 1e3:.2f}",
+            f"{s['send_time_s'] * 1e3:.2f}",
+            f"{s['memory_bytes'] / gib:.1f} / {s['memory_capacity_bytes'] / gib:.1f}",
+        )
+    con.print(t)
+    sv = summary["solver"]
+    con.print(
+        f"predicted iteration {summary['iteration_time_s']:.4g} s, {summary['throughput_samples_per_s']:.4g} "
+        f"samples/s, bubble {summary['bubble_fraction']:.1%}; {summary['num_microbatches']} microbatches x "
+        f"{summary['microbatch_size']} x dp {summary['dp']}, {summary['devices_used']} devices"
+    )
+    con.print(
+        f"solver {sv['status']}: objective {sv['objective']:.4g} s, bound {sv['bound']:.4g} s, "
+        f"gap {sv['gap']:.2%}, {sv['seconds']:.2f} s"
+    )
+    for name, v in summary["baselines"].items():
+        if v is None:
+            con.print(f"  baseline {name}: does not fit")
+        else:
+            con.print(
+                f"  baseline {name}: {v:.4g} s  (distplan is {v / summary['iteration_time_s']:.2f}x faster)"
+            )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``plan`` and ``simulate`` to the ``distplan`` app."""
+
+    @app.command("plan")
+    def plan_command(
+        model: str = typer.Argument(..., help="GRAPH.json (from `distplan trace`) or a model to trace."),
+        cluster: str = typer.Option(
+            _DEFAULT_CLUSTER, "--cluster", help="Cluster preset name or YAML/JSON file."
+        ),
+        global_batch: int = typer.Option(64, "--global-batch", help="Samples per training iteration."),
+        microbatches: int | None = typer.Option(None, "--microbatches", help="Fix the microbatch count."),
+        schedule: str | None = typer.Option(None, "--schedule", help="1f1b or gpipe (default: 1f1b)."),
+        dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (mixed precision)."),
+        optimizer: str = typer.Option("adam", "--optimizer", help="adam, adamw or sgd."),
+        time_limit: float = typer.Option(10.0, "--time-limit", help="Solver time limit in seconds."),
+        workers: int = typer.Option(2, "--workers", help="CP-SAT worker threads."),
+        seq: int | None = typer.Option(None, "--seq", help="Sequence length when tracing MODEL."),
+        batch: int = typer.Option(1, "--batch", help="Batch size when tracing MODEL."),
+        out: Path | None = typer.Option(None, "--out", help="Write the plan JSON here."),
+        json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+        no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the baselines."),
+    ) -> None:
+        """Plan pipeline stages and device placement for a model on a cluster."""
+        from distplan.planner import plan as make_plan
+
+        graph = load_graph(model, batch=batch, seq=seq)
+        progress = None
+        live = None
+        if not json_out and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.live import Live
+
+            live = Live(console=Console(stderr=True), transient=True)
+            live.start()
+
+            def progress(p: Any) -> None:
+                live.update(  # type: ignore[union-attr]
+                    f"[{p.label}] best {p.objective_s:.4g} s, bound {p.bound_s:.4g} s, {p.elapsed_s:.1f} s"
+                )
+
+        try:
+            p = make_plan(
+                graph,
+                cluster=cluster,
+                global_batch=global_batch,
+                microbatches=microbatches,
+                schedule=schedule,
+                dtype=dtype,
+                optimizer=optimizer,
+                time_limit_s=time_limit,
+                workers=workers,
+                progress=progress,
+                baselines=not no_baselines,
+            )
+        finally:
+            if live is not None:
+                live.stop()
+        if out is not None:
+            p.save(out)
+        summary = plan_summary(p, graph)
+        if json_out:
+            typer.echo(json.dumps(summary, indent=1))
+            return
+        _print_table(summary)
+        if out is not None:
+            typer.echo(f"plan written to {out}")
+
+    @app.command("simulate")
+    def simulate_command(
+        plan_file: Path = typer.Argument(..., help="A plan JSON written by `distplan plan --out`."),
+        timeline: Path | None = typer.Option(
+            None, "--timeline", help="Write a Chrome-trace/Perfetto JSON here."
+        ),
+        graph_file: Path | None = typer.Option(None, "--graph", help="The plan's graph JSON (optional)."),
+        json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+    ) -> None:
+        """Simulate one training iteration of a plan, event by event."""
+        from distplan.graph import OpGraph
+        from distplan.plan import Plan
+        from distplan.planner import simulate
+
+        p = Plan.load(plan_file)
+        graph = OpGraph.load(graph_file) if graph_file is not None else None
+        if graph is not None:
+            p.check(graph)
+        tl = simulate(p, graph)
+        if timeline is not None:
+            timeline.write_text(tl.to_chrome_trace_json())
+        result = {
+            "iteration_time_s": tl.iteration_time_s,
+            "predicted_iteration_time_s": p.predictions.iteration_time_s,
+            "bubble_fraction": tl.bubble_fraction,
+            "events": len(tl.events),
+            "devices": len(tl.devices),
+            "timeline": str(timeline) if timeline is not None else None,
+        }
+        if json_out:
+            typer.echo(json.dumps(result, indent=1))
+            return
+        typer.echo(
+            f"simulated iteration {tl.iteration_time_s:.4g} s (predicted {p.predictions.iteration_time_s:.4g} s), "
+            f"bubble {tl.bubble_fraction:.1%}, {len(tl.events)} events on {len(tl.devices)} devices"
+            + (f"; timeline written to {timeline}" if timeline is not None else "")
+        )

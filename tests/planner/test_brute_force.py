@@ -1,0 +1,136 @@
+"""The integer program against exhaustive search on small random graphs and clusters.
+
+Two levels: (1) each candidate's CP-SAT model (``ilp.solve_stage_problem``) reaches exactly the optimum
+of its own integer data, enumerated over every partition and every assignment of group types;
+(2) the whole planner's plan is as fast as the best of every layout in its scope (stages of ``dp``
+same-kind devices on one host, each device once, every dp and microbatch count), priced by the float
+cost model, within the integer program's rounding.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from distplan.errors import InfeasiblePlanError
+from distplan.planner import plan
+from distplan.planner.coarsen import coarsen
+from distplan.planner.cost import CostModel
+from distplan.planner.evaluate import StageSpec, layout_cost
+from distplan.planner.ilp import solve_stage_problem
+from distplan.planner.search import (
+    Candidate,
+    build_problem,
+    candidate_dp,
+    candidate_microbatches,
+    int_objective,
+)
+from distplan.planner.synthetic import random_chain_graph, random_cluster
+
+SEEDS = range(24)
+
+
+def _compositions(nb: int, parts: int):
+    for cuts in itertools.combinations(range(1, nb), parts - 1):
+        bounds = (0, *cuts, nb)
+        yield list(itertools.pairwise(bounds))
+
+
+def _brute_int(prob) -> int | None:
+    best = None
+    for parts in range(1, min(prob.num_blocks, prob.max_stages) + 1):
+        for ranges in _compositions(prob.num_blocks, parts):
+            for types in itertools.product(range(len(prob.groups)), repeat=parts):
+                val = int_objective(prob, [(a, e, g) for (a, e), g in zip(ranges, types, strict=True)])
+                if val is not None and (best is None or val < best):
+                    best = val
+    return best
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_integer_program_matches_exhaustive_search(seed: int) -> None:
+    graph = random_chain_graph(seed, nodes=7 + seed % 2, scale=0.4)
+    cluster = random_cluster(seed)
+    cost = CostModel(graph, cluster, dtype="bf16" if seed % 3 == 0 else "fp32")
+    blocks = coarsen(graph, max_blocks=8)
+    assert blocks.num_blocks <= 8
+    global_batch = 4
+    checked = 0
+    for dp in candidate_dp(cluster, global_batch):
+        for m in candidate_microbatches(global_batch // dp, max_stages=4):
+            schedule = "gpipe" if (seed + m) % 4 == 0 else "1f1b"
+            cand = Candidate(dp, m, global_batch // (dp * m), schedule)
+            prob, _ = build_problem(cost, blocks, cand)
+            expected = _brute_int(prob)
+            sol = solve_stage_problem(prob, workers=1, deterministic_time=20.0, time_limit_s=60.0)
+            if expected is None:
+                assert sol.status == "INFEASIBLE", (dp, m)
+                continue
+            assert sol.status == "OPTIMAL", (dp, m, sol.status)
+            assert sol.objective == expected, (dp, m, sol.objective, expected)
+            assert int_objective(prob, sol.stages) == expected
+            checked += 1
+    assert checked >= 1
+
+
+def _scope_layouts(cluster, nb_bounds, dp):
+    """Every layout in the planner's scope: contiguous block ranges, each on dp same-kind devices of one
+    host, devices used once (device choice within a host and kind does not change the cost)."""
+    devs = cluster.devices()
+    pools = {}
+    for d in devs:
+        pools.setdefault((d.host_index, d.kind), []).append(d.index)
+    types = [k for k, v in sorted(pools.items()) if len(v) >= dp]
+    nb = len(nb_bounds) - 1
+    for parts in range(1, nb + 1):
+        for ranges in _compositions(nb, parts):
+            for seq in itertools.product(types, repeat=parts):
+                used: dict = {}
+                stages = []
+                ok = True
+                for (a, e), t in zip(ranges, seq, strict=True):
+                    i = used.get(t, 0)
+                    if (i + 1) * dp > len(pools[t]):
+                        ok = False
+                        break
+                    used[t] = i + 1
+                    stages.append(
+                        StageSpec(nb_bounds[a], nb_bounds[e], tuple(pools[t][i * dp : (i + 1) * dp]))
+                    )
+                if ok:
+                    yield stages
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_plan_is_as_fast_as_every_layout_in_scope(seed: int) -> None:
+    graph = random_chain_graph(100 + seed, nodes=6, scale=0.4)
+    cluster = random_cluster(100 + seed)
+    global_batch = 4
+    cost = CostModel(graph, cluster)
+    bounds = coarsen(graph, max_blocks=8).bounds
+    best = math.inf
+    for dp in candidate_dp(cluster, global_batch):
+        for m in candidate_microbatches(global_batch // dp, max_stages=4):
+            for stages in _scope_layouts(cluster, bounds, dp):
+                costs, total, _ = layout_cost(
+                    cost, stages, schedule="1f1b", microbatches=m, microbatch_size=global_batch // (dp * m)
+                )
+                fits = all(
+                    c.memory_bytes <= cluster.kinds[cluster.devices()[s.devices[0]].kind].usable_memory_bytes
+                    for c, s in zip(costs, stages, strict=True)
+                )
+                if fits:
+                    best = min(best, total)
+    if math.isinf(best):
+        with pytest.raises(InfeasiblePlanError):
+            plan(graph, cluster=cluster, global_batch=global_batch, baselines=False, time_limit_s=5)
+        return
+    p = plan(graph, cluster=cluster, global_batch=global_batch, baselines=False, time_limit_s=5)
+    got = p.predictions.iteration_time_s
+    # The program works in integer units of 1e-6 of one microbatch's whole-model time: allow that rounding.
+    assert got <= best * (1 + 1e-4), (got, best, p.layout)
+    assert got >= best * (1 - 1e-9)
+    assert p.solver.status == "OPTIMAL"
+    assert p.solver.gap <= 1e-4
