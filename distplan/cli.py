@@ -140,7 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     _register_all()
     try:
-        app(args=args, prog_name="distplan", standalone_mode=False)
+        # Without standalone mode, click returns a command's `typer.Exit(code)` instead of exiting.
+        rc = app(args=args, prog_name="distplan", standalone_mode=False)
+        if isinstance(rc, int) and not isinstance(rc, bool) and rc != 0:
+            sys.exit(rc)
     except DistplanError as e:
         if debug:
             raise

@@ -102,10 +102,12 @@ def run_demo(
     validate: bool = True,
     steps: int = 1,
     progress: Any | None = None,
+    inject_fault: str | None = None,
 ) -> DemoResult:
     """Trace, plan, simulate and validate ``model`` on ``cluster`` (a preset name or a YAML file).
 
     ``progress`` receives each step's progress events (a :class:`distplan.progress.ProgressLine` fits).
+    ``inject_fault`` is passed to the validation (a testing aid: ``"raise:R"`` makes rank R fail).
     Raises the pipeline's own :class:`~distplan.errors.DistplanError` subclasses on bad input; a failed
     validation is *returned* (``result.passed is False``), not raised, so the caller can show it.
     """
@@ -148,7 +150,9 @@ def run_demo(
 
         cb.phase(f"validating on CPU ({plan.world_size} ranks planned)")
         t0 = time.perf_counter()
-        report = run_validation(plan, model, steps=steps, timeout_s=VALIDATION_TIMEOUT_S, progress=cb)
+        report = run_validation(
+            plan, model, steps=steps, timeout_s=VALIDATION_TIMEOUT_S, progress=cb, inject_fault=inject_fault
+        )
         seconds["validate"] = time.perf_counter() - t0
     return DemoResult(model, the_cluster.name, graph, plan, timeline, report, seconds)
 
@@ -197,28 +201,30 @@ def _validation_line(report: Any) -> str:
     verdict = "PASSED" if d.get("passed") else "FAILED"
     bits = []
     if d.get("ranks") is not None:
-        bits.append(f"{d['ranks']} CPU ranks (gloo)")
+        bits.append(f"{d['ranks']} CPU rank{'s' if d['ranks'] != 1 else ''} (gloo)")
     if d.get("steps") is not None:
         bits.append(f"{d['steps']} training step{'s' if d['steps'] != 1 else ''}")
     if d.get("width_reduced"):
-        bits.append("on a width-reduced copy (same layers and cuts)")
+        bits.append("width-reduced copy (same layers and cut points)")
+    if d.get("dp_reduced"):
+        bits.append("one replica per stage")
     errs = []
     if d.get("max_abs_error") is not None:
         errs.append(f"max abs error {d['max_abs_error']:.2g}")
     if d.get("max_rel_error") is not None:
         errs.append(f"max rel error {d['max_rel_error']:.2g}")
     tol = d.get("tolerance")
+    names = {"loss": "loss", "grad": "gradients", "param": "parameters"}
     if isinstance(tol, (int, float)):
-        errs.append(f"tolerance {tol:.2g}")
+        errs.append(f"relative tolerance {tol:.0e}")
     elif isinstance(tol, dict) and tol:
-        errs.append(
-            "tolerance " + ", ".join(f"{k} {v:.2g}" for k, v in tol.items() if isinstance(v, (int, float)))
-        )
+        parts = [f"{names.get(k, k)} {v:.0e}" for k, v in tol.items() if isinstance(v, (int, float))]
+        errs.append("relative tolerance: " + ", ".join(parts))
     line = f"Validation: {verdict}"
     if bits:
         line += " — " + ", ".join(bits)
     if errs:
-        line += "; " + ", ".join(errs)
+        line += "; vs one device: " + ", ".join(errs)
     if not d.get("passed") and d.get("error"):
         line += f"\n  error: {d['error']}"
     return line

@@ -32,8 +32,8 @@ def print_plan_table(result: DemoResult, console: Console) -> None:
     cluster = plan.request.cluster
     s = plan.solver
     title = (
-        f"Plan: {plan.num_stages} stages x dp {plan.dp} on {len(plan.devices_used)} of {cluster.num_devices} devices, "
-        f"{plan.schedule}, {plan.num_microbatches} microbatches of {plan.microbatch_size} "
+        f"Plan: {_n(plan.num_stages, 'stage')} x dp {plan.dp} on {len(plan.devices_used)} of {cluster.num_devices} "
+        f"devices, {plan.schedule}, {_n(plan.num_microbatches, 'microbatch', 'microbatches')} of {plan.microbatch_size} "
         f"(solver {s.status}, gap {s.gap * 100:.1f}%, {s.seconds:.1f} s)"
     )
     t = Table(title=title, title_justify="left")
@@ -98,6 +98,9 @@ def demo_command(
     json_out: bool = typer.Option(
         False, "--json", help="Print one JSON object instead of tables (no progress)."
     ),
+    inject_fault: str | None = typer.Option(
+        None, "--inject-fault", hidden=True, help="Testing aid passed to the validation (e.g. raise:1)."
+    ),
 ) -> None:
     """Run the whole pipeline on a built-in default: trace a model, plan it on a mixed cluster, simulate
     it, validate the lowered plan on CPU, and summarise. Exits 1 if the validation fails."""
@@ -117,6 +120,7 @@ def demo_command(
             validate=validate,
             steps=steps,
             progress=show,
+            inject_fault=inject_fault,
         )
     if plan_out is not None:
         _write(plan_out, result.plan.to_json())
@@ -132,7 +136,7 @@ def demo_command(
         kinds = ", ".join(f"{n} x {k}" for k, n in c.kind_counts().items())
         timing = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
         console.print(
-            f"distplan demo: {g.name} ({g.num_params / 1e6:,.0f}M parameters, {len(g.nodes):,} graph nodes) "
+            f"distplan demo: {g.name} ({_count(g.num_params)} parameters, {len(g.nodes):,} graph nodes) "
             f"on {c.name} ({kinds})"
         )
         console.print()
@@ -147,6 +151,19 @@ def demo_command(
         console.print(f"[dim]({timing})[/dim]")
     if result.passed is False:
         raise typer.Exit(1)
+
+
+def _n(count: int, one: str, many: str | None = None) -> str:
+    return f"{count} {one if count == 1 else (many or one + 's')}"
+
+
+def _count(n: int) -> str:
+    """``124M``, ``1.56B``, ``184K``."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            v = n / scale
+            return f"{v:.3g}{unit}" if v < 100 else f"{v:.0f}{unit}"
+    return str(n)
 
 
 def _write(path: Path, text: str) -> None:
