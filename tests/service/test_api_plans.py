@@ -139,3 +139,24 @@ def test_validation_to_passing_report(client: httpx.Client) -> None:
     # Asking again is the same validation, not a second run.
     again = client.post(f"/v1/plans/{done['id']}/validations", json={"steps": 1})
     assert again.status_code == 200 and again.json()["id"] == v["id"] and again.json()["attempts"] == 1
+
+
+def test_validation_of_a_large_model_is_width_reduced(client: httpx.Client) -> None:
+    # "mlp" has 269M parameters (1 GiB): too big to run 4 full copies here, so it is validated at
+    # reduced width, with the same layers and cut positions, and the report says so.
+    body = {
+        "model": {"builtin": "mlp"},
+        "batch": 4,
+        "cluster": "cpu-local",
+        "global_batch": 8,
+        "microbatches": 4,
+    }
+    _, done = _plan_until_done(client, body)
+    assert len(done["plan"]["stages"]) >= 2, done["layout"]
+    r = client.post(f"/v1/plans/{done['id']}/validations")
+    assert r.status_code == 202, r.text
+    final = wait_done(client, f"/v1/validations/{r.json()['id']}", timeout_s=300)
+    assert final["status"] == "done", final
+    report = final["report"]
+    assert report["passed"] is True and report["width_reduced"] is True, report
+    assert report["ranks"] == len(done["plan"]["rank_map"])
