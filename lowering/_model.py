@@ -122,8 +122,30 @@ class CapturedModel:
     constant_inputs: dict[str, Any]
     flatten: Callable[[tuple[Any, ...], dict[str, Any]], list[torch.Tensor]]
     capture: Any = None
+    flat_inputs: Callable[[tuple[Any, ...], dict[str, Any]], list[Any]] | None = None
     module: nn.Module | None = None
     example: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
+
+    def values(self) -> dict[str, Any]:
+        """Node name -> value at the captured shape: ``node.meta["val"]`` (export), else one run of the graph
+        on the example inputs (``fx`` captures carry no values)."""
+        nodes = [n for n in self.gm.graph.nodes if n.op not in ("get_attr", "output")]
+        if all("val" in n.meta for n in nodes):
+            return {n.name: n.meta["val"] for n in nodes}
+        out: dict[str, Any] = {}
+        interp = fx.Interpreter(self.gm)
+        run_node = interp.run_node
+
+        def record(n: fx.Node) -> Any:
+            out[n.name] = v = run_node(n)
+            return v
+
+        interp.run_node = record  # type: ignore[method-assign]
+        args, kwargs = self.example
+        with torch.no_grad():
+            assert self.flat_inputs is not None
+            interp.run(*self.flat_inputs(args, kwargs))
+        return out
 
     def graph(self, *, name: str = "model") -> OpGraph:
         """The tracer's annotated ``OpGraph`` of this very capture (what ``structure_hash`` refers to)."""
@@ -174,6 +196,7 @@ def capture_model(source: ModelSource, args: tuple[Any, ...], kwargs: dict[str, 
         constant_inputs=constants,
         flatten=flatten,
         capture=cap,
+        flat_inputs=flat_all,
         module=source.module,
         example=(tuple(args), dict(kwargs)),
     )

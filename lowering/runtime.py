@@ -476,7 +476,12 @@ def lower(
         check_plan_graph(plan, graph)
     check_node_names(plan, captured.node_names, graph)
     stage_nodes = [captured.node_names[s.start : s.end] for s in plan.stages]
-    all_stages = split_graph(captured.gm, stage_nodes=stage_nodes, constant_inputs=captured.constant_inputs)
+    all_stages = split_graph(
+        captured.gm,
+        stage_nodes=stage_nodes,
+        constant_inputs=captured.constant_inputs,
+        example_values=captured.values(),
+    )
 
     # ---- which parameters each stage holds, by original FQN
     canonical: dict[int, str] = {}
@@ -531,7 +536,10 @@ def lower(
     pstages = []
     for st in mine:
         st.module.to(dev)
-        pstages.append(PipelineStage(st.module, st.index, plan.num_stages, dev, group=pp_group))
+        static: dict[str, Any] = {}
+        if st.input_examples is not None and st.output_examples is not None:
+            static = {"input_args": st.input_examples, "output_args": st.output_examples}
+        pstages.append(PipelineStage(st.module, st.index, plan.num_stages, dev, group=pp_group, **static))
     if layout.dp > 1:
         # Replicas start from replica 0's weights, as DDP does.
         src = tr[layout.stage_ranks[my_stages[0]][0]]

@@ -70,6 +70,10 @@ class StageModule:
             model's output tensor on the last stage).
         inputs / outputs: the values crossing the cut in front of / behind the stage, in argument order.
         nodes: names of the captured graph's nodes the stage computes.
+        input_examples / output_examples: ``meta`` tensors with the shape, dtype and ``requires_grad`` of
+            each input and output at the captured (microbatch) shape, or ``None`` where unknown. They let
+            ``PipelineStage`` skip its metadata inference, which runs the stage on uninitialised tensors and
+            fails on data-dependent ops (``index`` with garbage indices in HF attention masks).
 
     The stage module keeps the captured module's attribute layout, so its parameter names are the captured
     module's (see :func:`stage_parameters`).
@@ -80,6 +84,16 @@ class StageModule:
     inputs: tuple[Value, ...]
     outputs: tuple[Value, ...]
     nodes: tuple[str, ...]
+    input_examples: tuple[torch.Tensor, ...] | None = None
+    output_examples: tuple[torch.Tensor, ...] | None = None
+
+
+def _example(val: Any, *, grad: bool) -> torch.Tensor | None:
+    """A ``meta`` tensor like ``val``; float tensors that cross a cut carry gradients (see the anchor)."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    t = torch.empty(tuple(int(d) for d in val.shape), dtype=val.dtype, device="meta")
+    return t.requires_grad_(grad and t.is_floating_point())
 
 
 def _is_getitem(n: fx.Node) -> bool:
@@ -212,6 +226,12 @@ def split_graph(
             return example_values[node.name]
         return None
 
+    def element_value(v: Value) -> Any:
+        val = value_of(by_name[v.node])
+        if v.index is not None:
+            return val[v.index] if isinstance(val, (tuple, list)) else None
+        return val
+
     output_node = next(n for n in graph_nodes if n.op == "output")
     last = num_stages - 1
 
@@ -336,6 +356,13 @@ def split_graph(
             g.output(tuple(outs))
         g.lint()
         module = fx.GraphModule(gm, g, class_name=f"Stage{s}")
+        in_ex = [_example(element_value(v), grad=s > 0) for v in stage_inputs[s]]
+        out_vals = [model_output] if s == last else None
+        out_ex = (
+            [_example(value_of(model_output), grad=True)]
+            if out_vals is not None
+            else [_example(element_value(v), grad=True) for v in stage_outputs[s]]
+        )
         stages.append(
             StageModule(
                 index=s,
@@ -343,6 +370,8 @@ def split_graph(
                 inputs=tuple(stage_inputs[s]),
                 outputs=tuple(stage_outputs[s]),
                 nodes=tuple(names),
+                input_examples=None if any(x is None for x in in_ex) else tuple(in_ex),  # type: ignore[arg-type]
+                output_examples=None if any(x is None for x in out_ex) else tuple(out_ex),  # type: ignore[arg-type]
             )
         )
     return stages
