@@ -8,6 +8,9 @@ import httpx
 import pytest
 from service_harness import wait_done
 
+# Multi-process: the real server runs uvicorn plus its worker processes.
+pytestmark = pytest.mark.slow
+
 MIXED = "a100x4-t4x4"
 
 

@@ -6,7 +6,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 from service_harness import ServerProcess
+
+# Multi-process: the real server runs uvicorn plus its worker processes.
+pytestmark = pytest.mark.slow
 
 
 def _slow_body(global_batch: int) -> dict[str, object]:

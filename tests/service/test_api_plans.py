@@ -7,10 +7,14 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 from service_harness import wait_done
 
 from distplan.plan import Plan
 from distplan.profiles import preset_cluster
+
+# Multi-process: the real server runs uvicorn plus its worker processes.
+pytestmark = pytest.mark.slow
 
 MIXED = "a100x4-t4x4"
 TINY_LLAMA = {

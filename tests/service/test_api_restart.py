@@ -8,7 +8,11 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 from service_harness import ServerProcess, wait_done
+
+# Multi-process: the real server runs uvicorn plus its worker processes.
+pytestmark = pytest.mark.slow
 
 MIXED = "a100x4-t4x4"
 

@@ -4,12 +4,16 @@ with a type and a message, and 2xx bodies conform to the schema."""
 from __future__ import annotations
 
 import httpx
+import pytest
 import schemathesis
 from distplan.service.app import create_app
 from distplan.service.settings import Settings
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 from service_harness import ServerProcess
+
+# Multi-process: the real server runs uvicorn plus its worker processes.
+pytestmark = pytest.mark.slow
 
 # The schema comes from the app object (building it starts nothing); requests go to the live server.
 schema = schemathesis.openapi.from_dict(create_app(Settings()).openapi())
