@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['peak_rss_bytes'] / 2**20:.0f} MiB",
             goal,
         )
-    Console().print(t)
+    Console(width=160).print(t)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "benchmark": "trace_speed",

@@ -182,6 +182,15 @@ class _Annotator:
     def _placeholder_values(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
         phs = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         if self.cap.method == "export":
+            # Placeholders follow the exported input spec: (args, kwargs) leaves, kwargs in its key order.
+            spec = getattr(self.gm, "_in_spec", None)
+            keys = (
+                getattr(spec.child(1), "context", None)
+                if spec is not None and spec.num_children == 2
+                else None
+            )
+            if isinstance(keys, list) and set(keys) == set(kwargs):
+                kwargs = {k: kwargs[k] for k in keys}
             flat, _ = tree_flatten((args, kwargs))
             if len(flat) != len(phs):
                 raise TraceError(

@@ -86,7 +86,7 @@ def trace_bundle(bundle: ModelBundle, *, name: str | None = None) -> OpGraph:
             "spec": bundle.spec,
             "kind": bundle.kind,
             "batch": _batch_of(bundle),
-            "seq": bundle.seq,
+            "seq": _seq_of(bundle),
         },
     )
     t2 = time.perf_counter()
@@ -109,3 +109,11 @@ def trace_bundle(bundle: ModelBundle, *, name: str | None = None) -> OpGraph:
 def _batch_of(bundle: ModelBundle) -> int:
     first = next((a for a in bundle.example_args if isinstance(a, torch.Tensor) and a.dim() > 0), None)
     return int(first.shape[0]) if first is not None else bundle.batch
+
+
+def _seq_of(bundle: ModelBundle) -> int:
+    # Token ids (batch, seq) carry the sequence length; other models have none beyond what was asked.
+    first = next((a for a in bundle.example_args if isinstance(a, torch.Tensor)), None)
+    if first is not None and first.dim() == 2 and not first.dtype.is_floating_point:
+        return int(first.shape[1])
+    return bundle.seq

@@ -34,6 +34,7 @@ import difflib
 import importlib
 import inspect
 import json
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -422,6 +423,11 @@ def _token_ids(batch: int, seq: int, vocab: int, device: str, seed: int) -> torc
 def _build_zoo(
     name: str, entry: _ZooEntry, *, batch: int, seq: int, device: str, seed: int, overrides: dict[str, Any]
 ) -> ModelBundle:
+    if device != "meta":
+        meta = _build_zoo(
+            name, entry, batch=1, seq=min(seq, 8), device="meta", seed=seed, overrides=overrides
+        )
+        _check_fits(name, meta.module, device)
     cfg = {**entry.config, **overrides}
     if entry.source == "hf":
         cfg.pop("model_type", None)
@@ -434,6 +440,7 @@ def _build_zoo(
             seq=seq,
             device=device,
             seed=seed,
+            skip_size_check=True,  # checked above
         )
     if entry.source == "mlp":
         try:
@@ -481,6 +488,28 @@ def _build_zoo(
         seed=seed,
         _reduce=_reducer(name, entry, batch=batch, seq=seq, seed=seed, overrides=overrides),
     )
+
+
+def _physical_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_fits(name: str, meta_module: nn.Module, device: str) -> None:
+    """Refuse to allocate a model bigger than this machine's memory (building it would get the process
+    killed, not raise an error)."""
+    if device != "cpu":
+        return
+    need = sum(p.numel() * p.element_size() for p in meta_module.parameters())
+    have = _physical_memory()
+    if have is not None and need > 0.8 * have:
+        raise ModelSpecError(
+            f"{name} has {need / 4e9:.2f}B float32 parameters = {need / 1e9:.1f} GB, more than 80% of this "
+            f"machine's {have / 1e9:.1f} GB of memory; trace it on the meta device (the default) or use its "
+            "width_reduced() copy for numerics"
+        )
 
 
 def _check_seq(name: str, seq: int, limit: int, field_name: str) -> None:
@@ -625,6 +654,7 @@ def _build_hf(
     device: str,
     seed: int,
     source: Path | None = None,
+    skip_size_check: bool = False,
 ) -> ModelBundle:
     try:
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -659,6 +689,11 @@ def _build_hf(
         )
         _check_seq(name, seq, int(limit), field_name)
     auto = AutoModelForCausalLM if causal else AutoModel
+    if device != "meta" and not skip_size_check:
+        probe = _build_hf(
+            cfg, name=name, spec=spec, batch=1, seq=min(seq, 8), device="meta", seed=seed, source=source
+        )
+        _check_fits(name, probe.module, device)
     extra: dict[str, Any] = {"attn_implementation": "sdpa"}
     if not causal and "add_pooling_layer" in cfg:
         extra["add_pooling_layer"] = bool(cfg["add_pooling_layer"])

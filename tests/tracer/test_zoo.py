@@ -117,3 +117,13 @@ def test_bad_specs(spec: str, kwargs: dict, needle: str) -> None:  # type: ignor
     with pytest.raises(ModelSpecError) as e:
         resolve_model(spec, **kwargs)
     assert needle in str(e.value)
+
+
+def test_refuses_to_allocate_a_model_bigger_than_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import distplan.tracer.zoo as zoo
+
+    monkeypatch.setattr(zoo, "_physical_memory", lambda: 16 * 10**9)  # the size of a 16 GB machine
+    with pytest.raises(ModelSpecError) as e:
+        resolve_model("llama-7b", device="cpu")
+    assert "6.74B float32 parameters = 27.0 GB" in str(e.value) and "16.0 GB" in str(e.value)
+    assert resolve_model("llama-7b", device="meta").module is not None  # meta needs no memory
