@@ -16,6 +16,7 @@ that fits in memory (so they are strong baselines), or is None when nothing fits
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -110,7 +111,7 @@ def _by_layer_count(points: Sequence[int], num_stages: int, n: int) -> list[int]
         acc += sz
         bounds.append(points[acc])
     bounds.append(n)
-    return bounds if all(a < b for a, b in zip(bounds, bounds[1:], strict=False)) else None
+    return bounds if all(a < b for a, b in itertools.pairwise(bounds)) else None
 
 
 def _by_params(cost: CostModel, points: Sequence[int], num_stages: int, n: int) -> list[int] | None:
@@ -129,7 +130,7 @@ def _by_params(cost: CostModel, points: Sequence[int], num_stages: int, n: int) 
             return None
         bounds.append(min(usable, key=lambda p: (abs(float(pp[p]) - target), p)))
     bounds.append(n)
-    return bounds if all(a < b for a, b in zip(bounds, bounds[1:], strict=False)) else None
+    return bounds if all(a < b for a, b in itertools.pairwise(bounds)) else None
 
 
 def _pipeline_baseline(

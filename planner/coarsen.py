@@ -12,6 +12,7 @@ as the budget allows; the mapping back to node positions is kept (``Blocks.bound
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from distplan.graph import OpGraph
@@ -89,7 +90,7 @@ def coarsen(graph: OpGraph, *, max_blocks: int = 160) -> Blocks:
     cands.sort()
     chosen = sorted(p for _, _, p in cands[: max_blocks - 1])
     bounds = (0, *chosen, n)
-    labels = tuple(_label(graph, a, b) for a, b in zip(bounds, bounds[1:], strict=False))
+    labels = tuple(_label(graph, a, b) for a, b in itertools.pairwise(bounds))
     return Blocks(bounds=bounds, labels=labels)
 
 

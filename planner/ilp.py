@@ -40,6 +40,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ortools.sat.python import cp_model
 
@@ -180,7 +181,7 @@ def solve_stage_problem(
         model.add_element(end[s], list(arr), v)
         return v
 
-    def span(arrs: list[cp_model.IntVar], s: int) -> cp_model.LinearExprT:
+    def span(arrs: list[cp_model.IntVar], s: int) -> Any:
         return arrs[s] - arrs[s - 1] if s else arrs[s]
 
     # (d) stage compute time on the stage's kind, (e) bottleneck.
@@ -248,15 +249,15 @@ def solve_stage_problem(
             model.add(z >= span(avals[g.ar_class], s) + g.ar_latency).only_enforce_if(y[s, gi])
 
     # (h) memory per device: parameters, gradients, optimizer state + activations in flight.
-    mem = [element(p.mem_prefix, s, "mem") for s in range(ns)]
-    act = [element(p.act_prefix, s, "act") for s in range(ns)]
+    mem_end = [element(p.mem_prefix, s, "mem") for s in range(ns)]
+    act_end = [element(p.act_prefix, s, "act") for s in range(ns)]
     for s in range(ns):
         cap = sum(g.cap_kib * y[s, gi] for gi, g in enumerate(groups))
         if gpipe:
-            model.add(span(mem, s) + m * span(act, s) <= cap).only_enforce_if(used[s])
+            model.add(span(mem_end, s) + m * span(act_end, s) <= cap).only_enforce_if(used[s])
         else:
             for v in range(1, min(m, ns - s) + 1):
-                model.add(span(mem, s) + v * span(act, s) <= cap).only_enforce_if(used[s + v - 1])
+                model.add(span(mem_end, s) + v * span(act_end, s) <= cap).only_enforce_if(used[s + v - 1])
 
     # (i) symmetry between identical hosts.
     for h1, h2 in p.identical_hosts:
@@ -298,19 +299,19 @@ def solve_stage_problem(
     name = solver.status_name(status)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return StageSolution(name, 0, 0, seconds, ())
-    stages = []
-    prev = 0
+    stages: list[tuple[int, int, int]] = []
+    first = 0
     for s in range(ns):
         if not solver.boolean_value(used[s]):
             break
-        e = solver.value(end[s])
+        last = int(solver.value(end[s]))
         gi = next(gi for gi in range(len(groups)) if solver.boolean_value(y[s, gi]))
-        stages.append((prev, e, gi))
-        prev = e
+        stages.append((first, last, gi))
+        first = last
     return StageSolution(
         name,
-        int(round(solver.objective_value)),
-        int(round(solver.best_objective_bound)),
+        round(solver.objective_value),
+        round(solver.best_objective_bound),
         seconds,
         tuple(stages),
     )

@@ -96,7 +96,7 @@ def candidate_microbatches(per_replica: int, *, max_stages: int, fixed: int | No
     # Keep 1, the largest, and a geometric spread that includes counts around 1x-4x the stage count.
     keep = {divs[0], divs[-1]}
     for target in (max_stages, 2 * max_stages, 4 * max_stages):
-        keep.add(min(divs, key=lambda m, t=target: (abs(math.log(m / t)), m)))
+        keep.add(min(divs, key=lambda m, t=target: (abs(math.log(m / t)), m)))  # type: ignore[misc]
     i = 0
     while len(keep) < MAX_MICROBATCH_CANDIDATES and i < len(divs):
         step = max(1, len(divs) // MAX_MICROBATCH_CANDIDATES)
@@ -171,7 +171,7 @@ def build_problem(
             ]
             ar[t.ar_class] = q(vals)
         cap = cluster.kinds[kind].usable_memory_bytes // KIB
-        lat = int(round(2 * (cand.dp - 1) * lk.latency_s / unit)) if cand.dp > 1 else 0
+        lat = round(2 * (cand.dp - 1) * lk.latency_s / unit) if cand.dp > 1 else 0
         types.append(GroupType(t.host, t.kind, t.count, cap, t.ar_class, lat, t.link))
     mem = tuple(int(v) for v in np.ceil(np.array([cost.state_bytes(p) for p in params]) / KIB))
     act = tuple(int(v) for v in np.ceil(cost.act_prefix[bounds] * b / KIB))
@@ -259,7 +259,8 @@ def _greedy(p: StageProblem) -> tuple[int, tuple[tuple[int, int, int], ...]] | N
     perms = list(itertools.permutations(kinds)) if len(kinds) <= 3 else [tuple(kinds)]
     orders = [
         sorted(
-            range(len(p.groups)), key=lambda gi, pm=pm: (pm.index(p.groups[gi].kind), p.groups[gi].host, gi)
+            range(len(p.groups)),
+            key=lambda gi, pm=pm: (pm.index(p.groups[gi].kind), p.groups[gi].host, gi),  # type: ignore[misc]
         )
         for pm in perms
     ]
@@ -334,7 +335,7 @@ def _improve(
         for s in range(len(stages) - 1):
             for delta in (-3, -2, -1, 1, 2, 3):
                 a, e, g = stages[s]
-                a2, e2, g2 = stages[s + 1]
+                _a2, e2, g2 = stages[s + 1]
                 ne = e + delta
                 if not a < ne < e2:
                     continue

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-
 from typing import Any
 
 from distplan.cluster import Cluster
@@ -78,7 +77,7 @@ def synthetic_transformer(
     """
     if name is not None:
         s = transformer_shape(name)
-        layers, hidden, heads, ffn, vocab, tied_embeddings = (
+        layers, hidden, _heads, ffn, vocab, tied_embeddings = (
             s.layers,
             s.hidden,
             s.heads,
@@ -97,9 +96,13 @@ def synthetic_transformer(
             n *= d
         return (TensorMeta(tuple(shape), dtype, n * size),)
 
-    def add(name_: str, module: str, target: str, inputs: tuple[str, ...], out, **kw: int) -> str:
+    def add(
+        name_: str, module: str, target: str, inputs: tuple[str, ...], out: tuple[TensorMeta, ...], **kw: Any
+    ) -> str:
         op = "placeholder" if target == "input" else "call_function"
-        nodes.append(OpNode(name_, op, target, module, inputs, out, **kw))
+        nodes.append(
+            OpNode(name=name_, op=op, target=target, module=module, inputs=inputs, outputs=out, **kw)
+        )  # type: ignore[arg-type]
         return name_
 
     ids = add("input_ids", "", "input", (), t(batch, seq, dtype="int64", size=8))

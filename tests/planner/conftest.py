@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from distplan.planner.synthetic import synthetic_transformer
 
 

@@ -13,8 +13,6 @@ import itertools
 import math
 
 import pytest
-
-from distplan.errors import InfeasiblePlanError
 from distplan.planner import plan
 from distplan.planner.coarsen import coarsen
 from distplan.planner.cost import CostModel
@@ -28,6 +26,8 @@ from distplan.planner.search import (
     int_objective,
 )
 from distplan.planner.synthetic import random_chain_graph, random_cluster
+
+from distplan.errors import InfeasiblePlanError
 
 SEEDS = range(24)
 

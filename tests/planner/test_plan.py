@@ -7,13 +7,12 @@ import subprocess
 import sys
 
 import pytest
-
-from distplan.errors import DistplanError, InfeasiblePlanError, PlanError, ProfileError
-from distplan.plan import Plan
 from distplan.planner import BASELINES, baselines, coarsen, evaluate, plan, simulate
 from distplan.planner.coarsen import layer_starts
 from distplan.planner.synthetic import synthetic_transformer
-from distplan.profiles import load_cluster
+
+from distplan.errors import DistplanError, InfeasiblePlanError, PlanError, ProfileError
+from distplan.plan import Plan
 
 
 def _stable(p: Plan) -> dict:
@@ -98,7 +97,7 @@ def test_simulator_matches_planned_plans(gpt2_xl) -> None:
 
 def test_evaluate_rejects_bad_layouts(small_transformer) -> None:
     n = len(small_transformer.nodes)
-    with pytest.raises(PlanError, match="nodes 20..45 unplaced"):
+    with pytest.raises(PlanError, match=r"nodes 20\.\.45 unplaced"):
         evaluate(small_transformer, cluster="a100x4-t4x4", layout="1f1b m4x1 | 0:20@0", global_batch=4)
     with pytest.raises(PlanError, match="mixes device kinds"):
         evaluate(small_transformer, cluster="a100x4-t4x4", layout=f"1f1b m4x1 | 0:{n}@3,4", global_batch=8)
