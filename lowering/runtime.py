@@ -114,12 +114,12 @@ def plan_layout(plan: Plan) -> PlanLayout:
         raise LoweringError(
             f"interleaved 1F1B needs the {len(stage_ranks)} stages to be a multiple of the {positions} pipeline ranks"
         )
-    for s, reps in enumerate(stage_ranks):
+    for si, reps in enumerate(stage_ranks):
         for r, rank in enumerate(reps):
-            if rank != stage_ranks[s % positions][r]:
+            if rank != stage_ranks[si % positions][r]:
                 raise LoweringError(
-                    f"stage {s} (replica {r}) runs on rank {rank}, but interleaved 1F1B places stage {s} on the "
-                    f"rank of stage {s % positions} (rank {stage_ranks[s % positions][r]}): stages must loop "
+                    f"stage {si} (replica {r}) runs on rank {rank}, but interleaved 1F1B places stage {si} on the "
+                    f"rank of stage {si % positions} (rank {stage_ranks[si % positions][r]}): stages must loop "
                     f"over the pipeline ranks in order"
                 )
     pipeline_ranks = tuple(tuple(stage_ranks[p][r] for p in range(positions)) for r in range(dp))
