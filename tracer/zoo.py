@@ -769,7 +769,17 @@ def _single_output(model: nn.Module, attr: str) -> None:
             value = getattr(out, attr, None)
             return value if isinstance(value, torch.Tensor) else out[0]
 
-        cls = type(base.__name__, (base,), {"forward": forward, "__module__": base.__module__})
+        # A distinct __qualname__ makes pickling the whole module fail loudly instead of silently
+        # unpickling as the base class (whose forward returns a ModelOutput); state_dicts are unaffected.
+        cls = type(
+            base.__name__,
+            (base,),
+            {
+                "forward": forward,
+                "__module__": base.__module__,
+                "__qualname__": f"{base.__qualname__}.{attr}",
+            },
+        )
         _SINGLE_OUTPUT_CLASSES[key] = cls
     model.__class__ = cls
 
