@@ -222,8 +222,9 @@ class JobManager:
 
     @property
     def ready(self) -> bool:
-        """Whether every worker has warmed up and waits for work or runs a job."""
-        return all(s.ready for s in self._slots)
+        """Whether the service can take work: a worker has warmed up (so the catalogue is known). A worker
+        being replaced after a cancellation does not make the instance unready; ``stats`` has the counts."""
+        return any(s.ready for s in self._slots)
 
     @property
     def catalog(self) -> dict[str, Any] | None:

@@ -3,8 +3,8 @@
 Routes are thin: check the body (pydantic + ``distplan.service.specs``), hand work to the
 :class:`~distplan.service.jobs.JobManager`, read results from the :class:`~distplan.service.store.Store`.
 Errors are raised as ``DistplanError`` subclasses and turned into JSON answers in one place
-(``distplan.service.errors``). Bodies of finished plans are cached as bytes by path (``ResponseCache``); later reads of them are
-answered before routing (``CachedReads``).
+(``distplan.service.errors``). Bodies of finished plans are cached as bytes by path (``ResponseCache``);
+later reads of them are answered before routing (``CachedReads``).
 """
 
 from __future__ import annotations
@@ -180,8 +180,8 @@ async def healthz() -> dict[str, str]:
     "/readyz",
     response_model=Readiness,
     tags=["health"],
-    summary="Readiness: every worker process has started (503 until then).",
-    responses={503: {"model": Readiness, "description": "Workers still starting."}},
+    summary="Readiness: a worker process has started (503 until then); the body counts workers and jobs.",
+    responses={503: {"model": Readiness, "description": "No worker has started yet."}},
 )
 async def readyz(jobs: JobsDep) -> Response:
     stats = jobs.stats()

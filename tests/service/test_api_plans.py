@@ -53,6 +53,7 @@ def test_health_and_catalogue(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready["ready"] is True and ready["workers_ready"] == ready["workers"] == 2
+    assert ready["queue_limit"] == 2
 
     clusters = {c["name"]: c for c in client.get("/v1/clusters").json()}
     assert MIXED in clusters and clusters[MIXED]["num_devices"] == preset_cluster(MIXED).num_devices
