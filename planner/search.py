@@ -486,6 +486,7 @@ def search(
     _precheck(cost, cluster, blocks)
     sched = schedule or "1f1b"
     cands: list[tuple[Candidate, StageProblem, _Groups, int, tuple[int, tuple] | None]] = []
+    memory_short = 0
     for dp in candidate_dp(cluster, global_batch, microbatches):
         groups = _groups(cluster, dp)
         total_groups = sum(t.count for t in groups.types)
@@ -495,8 +496,15 @@ def search(
         ):
             cand = Candidate(dp, m, per // m, sched)
             prob, _ = build_problem(cost, blocks, cand, groups)
+            # Every replica holds its stage's whole state: if all groups together cannot hold one copy of
+            # the model's state plus one microbatch of activations, no layout of this candidate fits.
+            if prob.mem_prefix[-1] + prob.act_prefix[-1] > sum(g.count * g.cap_kib for g in prob.groups):
+                memory_short += 1
+                continue
             gr = _greedy(prob)
             cands.append((cand, prob, groups, _lower_bound(prob, gr[0] if gr else None), gr))
+    if not cands and memory_short:
+        raise InfeasiblePlanError(_why_infeasible(cost, cluster, blocks, global_batch))
     if not cands:
         raise PlanError(
             f"no data-parallel degree and microbatch count divide global_batch {global_batch}"
@@ -597,7 +605,11 @@ def search(
     exact = all(k in ("OPTIMAL", "INFEASIBLE", "PRUNED") for k in statuses)
     status = "OPTIMAL" if exact else "FEASIBLE"
     summary = ", ".join(f"{k.lower()} {v}" for k, v in sorted(statuses.items()))
-    notes.insert(0, f"{len(cands)} candidates (dp x microbatches): {summary}; best from {source}")
+    notes.insert(
+        0,
+        f"{len(cands)} candidates (dp x microbatches): {summary}; best from {source}"
+        + (f"; {memory_short} more cannot hold the model's state" if memory_short else ""),
+    )
     report = SolverReport(
         solver="cp-sat",
         status=status,
