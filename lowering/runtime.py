@@ -401,8 +401,9 @@ def lower(
             with ``example_inputs`` (one microbatch) and ``loss_fn``. Every rank must build identical
             weights (same spec and ``seed``); replicas of a stage are also synchronised from replica 0.
         seq: sequence length for spec strings (the tracer's default when ``None``).
-        graph: the traced ``OpGraph`` the plan was made from; when ``None`` and ``check_graph``, the model is
-            traced again to check ``plan.request.structure_hash``.
+        graph: the traced ``OpGraph`` the plan was made from; when ``None`` and ``check_graph``, this rank's
+            capture is annotated into one (the tracer's ``graph_from_capture``) to check
+            ``plan.request.structure_hash`` and the node names; ``check_graph=False`` skips that.
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, a factory ``params -> Optimizer``, or ``None`` for the
             plan's optimizer; ``lr`` its learning rate.
         device: ``"cpu"`` or ``"cuda"``; default CUDA (NCCL) when available, else CPU (gloo).

@@ -10,7 +10,7 @@ run on one process from the same initial weights.
   over ``max_full_width_ranks`` ranks (default 8) is validated on ``bundle.width_reduced()``: the same
   layers, graph structure, node names and therefore cut positions, with hidden sizes of about 64. The
   structure hash is checked on the reduced model too. The report says ``width_reduced: true``.
-- *Ranks*: a plan with more than ``max_ranks`` ranks (default 16) keeps its stages, cuts, schedule and
+- *Ranks*: a plan with more than ``max_ranks`` ranks (default 8) keeps its stages, cuts, schedule and
   microbatches but is validated with one replica per stage (``dp`` reduced to 1): data-parallel replicas run
   the same program on other samples, and their gradient averaging is checked by every plan with ``dp > 1``
   that fits. If the stages alone exceed ``max_ranks``, that is a clear error.
@@ -146,6 +146,7 @@ class ValidationReport:
     model: str = ""
     seq: int = 0
     dp_reduced: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
     logs: dict[int, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,6 +159,7 @@ class ValidationReport:
             "tolerance": self.tolerance.to_dict(),
             "width_reduced": self.width_reduced,
             "dp_reduced": self.dp_reduced,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "seconds": round(self.seconds, 3),
             "error": self.error,
             "failed_rank": self.failed_rank,
@@ -232,7 +234,7 @@ def validate(
     optimizer: str = "sgd",
     lr: float = 0.1,
     seed: int = 0,
-    max_ranks: int = 16,
+    max_ranks: int = 8,
     max_full_width_ranks: int = 8,
     max_param_bytes: int = 64 * 2**20,
     max_microbatch_size: int = 2,
@@ -248,7 +250,8 @@ def validate(
             (the rank processes rebuild the model from its spec and load the parent's weights).
         steps: training steps (forward, backward, optimizer step) to compare.
         tolerance: relative tolerances, or one number for all three.
-        timeout_s: the whole run's limit and every collective's timeout; a rank that hangs fails the run then.
+        timeout_s: limit of the ranks' run (from their start) and every collective's timeout; a rank that
+            hangs fails the run then.
         width_reduce: force (``True``) or forbid (``False``) width reduction; ``None`` decides by size.
         progress: called with short progress messages.
         seq, optimizer, lr, seed: sequence length, optimizer (``sgd``/``adam``/``adamw``), learning rate,
@@ -371,11 +374,14 @@ def validate(
         world = run_plan.world_size
         say(f"starting {world} ranks ({run_plan.layout})")
         procs = _spawn(d, world)
+        t_spawn = time.perf_counter()
         try:
             ref = _reference(
                 reference, source.loss, batches, source.example_kwargs, optimizer=optimizer, lr=lr
             )
-            failure = _wait(procs, d, t0=t0, timeout_s=timeout_s, say=say, layout=run_plan)
+            t_ref = time.perf_counter() - t_spawn
+            failure = _wait(procs, d, t0=t_spawn, timeout_s=timeout_s, say=say, layout=run_plan)
+            timings = {"prepare_s": t_spawn - t0, "reference_s": t_ref, "ranks_s": time.perf_counter() - t_spawn}
         finally:
             _kill_all(procs)
         logs = {r: _tail(d / f"rank{r}.log") for r in range(world)}
@@ -390,6 +396,7 @@ def validate(
             "model": spec,
             "seq": seq,
             "dp_reduced": dp_reduced,
+            "timings": timings,
         }
         if failure is not None:
             rank, message = failure
@@ -536,8 +543,8 @@ def _wait(
             if r not in done and p.poll() == 0:
                 done.add(r)
                 say(f"rank {r} finished ({len(done)}/{len(procs)})")
-        if time.perf_counter() - t0 > timeout_s:
-            running = [r for r, p in enumerate(procs) if p.poll() is None]
+        running = [r for r, p in enumerate(procs) if p.poll() is None]
+        if running and time.perf_counter() - t0 > timeout_s:
             return (
                 running[0] if running else None,
                 f"timed out after {timeout_s:g} s with ranks {running} still running (a rank hangs, or the run "
