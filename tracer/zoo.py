@@ -689,6 +689,11 @@ def _build_hf(
         )
         _check_seq(name, seq, int(limit), field_name)
     auto = AutoModelForCausalLM if causal else AutoModel
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelSpecError(
+            f"{where}: {model_type} is an encoder-decoder model; distplan traces decoder-only (causal LM) "
+            "and encoder models fed input_ids, or any model through a package.module:function factory"
+        )
     if device != "meta" and not skip_size_check:
         probe = _build_hf(
             cfg, name=name, spec=spec, batch=1, seq=min(seq, 8), device="meta", seed=seed, source=source
@@ -708,6 +713,11 @@ def _build_hf(
         raise ModelSpecError(
             f"{where}: cannot build {model_type} model ({auto.__name__}): {_one_line(e)}"
         ) from e
+    if "input_ids" not in inspect.signature(type(model).forward).parameters:
+        raise ModelSpecError(
+            f"{where}: {type(model).__name__}.forward takes no input_ids (not a text model); use a "
+            "package.module:function factory that returns the model with its example inputs"
+        )
     _single_output(model, "logits" if causal else "last_hidden_state")
     vocab = int(getattr(config, "vocab_size", 0) or 2)
     plain = config.to_dict()

@@ -127,3 +127,20 @@ def test_refuses_to_allocate_a_model_bigger_than_memory(monkeypatch: pytest.Monk
         resolve_model("llama-7b", device="cpu")
     assert "6.74B float32 parameters = 27.0 GB" in str(e.value) and "16.0 GB" in str(e.value)
     assert resolve_model("llama-7b", device="meta").module is not None  # meta needs no memory
+
+
+@pytest.mark.parametrize(
+    ("cfg", "needle"),
+    [
+        ({"model_type": "t5", "d_model": 32, "num_layers": 1, "num_heads": 2, "d_kv": 16}, "encoder-decoder"),
+        (
+            {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+            "takes no input_ids",
+        ),
+    ],
+)
+def test_unsupported_hf_families_are_named(cfg: dict, needle: str, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelSpecError) as e:
+        resolve_model(str(tmp_path / "config.json"))
+    assert needle in str(e.value)
