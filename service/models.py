@@ -11,9 +11,9 @@ is a 422 that names it rather than a silently ignored option.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 __all__ = [
     "BuiltinModel",
@@ -85,7 +85,26 @@ class GraphModel(_Request):
     graph: dict[str, Any] = Field(description="An OpGraph JSON document (schema_version 1).")
 
 
-ModelSpec = BuiltinModel | HFConfigModel | GraphModel
+def _model_kind(value: Any) -> str | None:
+    """Which model form a request uses, by its key (so errors speak of that form only)."""
+    if isinstance(value, dict):
+        kinds = [k for k in ("builtin", "hf_config", "graph") if k in value]
+        return kinds[0] if len(kinds) == 1 else None
+    if isinstance(value, BaseModel):
+        return {BuiltinModel: "builtin", HFConfigModel: "hf_config", GraphModel: "graph"}.get(type(value))
+    return None
+
+
+ModelSpec = Annotated[
+    Annotated[BuiltinModel, Tag("builtin")]
+    | Annotated[HFConfigModel, Tag("hf_config")]
+    | Annotated[GraphModel, Tag("graph")],
+    Discriminator(
+        _model_kind,
+        custom_error_type="model_form",
+        custom_error_message="model must be an object with exactly one of 'builtin', 'hf_config' or 'graph'",
+    ),
+]
 
 
 # ---------------------------------------------------------------------------------------------- plans

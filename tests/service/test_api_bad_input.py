@@ -88,6 +88,21 @@ def test_wrong_types_and_fields(client: httpx.Client, over: dict[str, Any], need
     assert err["type"] == "RequestValidationError"
 
 
+def test_model_must_have_one_form(client: httpx.Client) -> None:
+    for model in ({}, {"builtin": "gpt-tiny", "graph": {}}, "gpt-tiny"):
+        _error(
+            client.post("/v1/plans", json=_body(model=model)),
+            422,
+            "exactly one of 'builtin', 'hf_config' or 'graph'",
+        )
+
+
+def test_unparseable_nesting_is_400(client: httpx.Client) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    err = _error(client.post("/v1/plans", content=deep, headers={"content-type": "application/json"}), 400)
+    assert err["type"] in ("BadRequest", "MalformedJSON")
+
+
 def test_body_must_be_an_object(client: httpx.Client) -> None:
     _error(client.post("/v1/plans", json=[1, 2, 3]), 422)
     _error(client.post("/v1/plans", content=b"", headers={"content-type": "application/json"}), 422)
