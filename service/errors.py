@@ -177,11 +177,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        name = {404: "NotFound", 405: "MethodNotAllowed", 413: "PayloadTooLarge"}.get(
+        name = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed", 413: "PayloadTooLarge"}.get(
             exc.status_code, "HTTPError"
         )
+        message = str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in message:
+            # FastAPI's answer when the JSON parser itself gives up (e.g. nesting deeper than it recurses).
+            name, message = (
+                "MalformedJSON",
+                "request body could not be parsed as JSON (malformed, or nested too deeply)",
+            )
         return JSONResponse(
-            error_body(name, str(exc.detail)),
+            error_body(name, message),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
