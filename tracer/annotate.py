@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from distplan.tracer.capture import Capture
+from distplan.tracer.capture import Capture, TorchFailure
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
@@ -321,7 +321,7 @@ class _Annotator:
             if val is None:
                 raise TraceError(
                     _op_failure(node, target_name, args, kwargs, e, _owner(node, self.cap), self.cap)
-                ) from e
+                ) from TorchFailure.of(e)
             # The op cannot run on meta tensors (e.g. data-dependent output): keep the shapes export recorded.
             out = tree_map(lambda x: _to_meta(x) if isinstance(x, torch.Tensor) else x, val)
             fwd = bwd = act = 0

@@ -21,9 +21,24 @@ from torch import fx, nn
 
 from distplan.errors import TraceError
 
-__all__ = ["Capture", "CaptureMethod", "capture", "describe_failure"]
+__all__ = ["Capture", "CaptureMethod", "TorchFailure", "capture", "describe_failure"]
 
 CaptureMethod = Literal["export", "fx"]
+
+
+class TorchFailure(Exception):
+    """The first line of a torch error, chained (``__cause__``) to the full exception.
+
+    Torch's trace errors run to dozens of lines of advice and graph dumps; the CLI prints a
+    :class:`TraceError`'s cause, so the cause is this one-line summary, and ``--debug`` still shows the
+    whole chain.
+    """
+
+    @classmethod
+    def of(cls, e: BaseException) -> TorchFailure:
+        summary = cls(_first_line(e))
+        summary.__cause__ = e
+        return summary
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,15 +89,17 @@ def capture(
         except Exception as e:
             export_error = e
             if method == "export":
-                raise TraceError(describe_failure(module, e, how="torch.export")) from e
+                raise TraceError(describe_failure(module, e, how="torch.export")) from TorchFailure.of(e)
     try:
         with _quiet_torch_logs():
             gm = fx.symbolic_trace(module)
     except Exception as e:
         if export_error is not None:
             msg = describe_failure(module, export_error, how="torch.export")
-            raise TraceError(f"{msg}; the torch.fx fallback failed too: {_first_line(e)}") from export_error
-        raise TraceError(describe_failure(module, e, how="torch.fx")) from e
+            raise TraceError(
+                f"{msg}; the torch.fx fallback failed too: {_first_line(e)}"
+            ) from TorchFailure.of(export_error)
+        raise TraceError(describe_failure(module, e, how="torch.fx")) from TorchFailure.of(e)
     return Capture(
         gm=gm,
         method="fx",

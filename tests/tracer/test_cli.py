@@ -61,6 +61,7 @@ def test_models_lists_the_zoo(capsys: pytest.CaptureFixture[str]) -> None:
 def _assert_clean_error(code: int, err: str, *needles: str) -> None:
     assert code == 2, err
     assert "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 3, err  # one paragraph: error, cause, --debug hint
     assert err.startswith("error: ")
     for needle in needles:
         assert needle in err, f"{needle!r} not in {err!r}"
@@ -189,6 +190,7 @@ def test_real_process_exit_code_and_no_traceback(factories: str) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "def forward" not in proc.stderr
     assert "module 'gate' (Gate)" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 3  # the error, its cause, the --debug hint
     debug = subprocess.run(
         [sys.executable, "-m", "distplan.cli", "trace", "tracer_test_factories:untraceable", "--debug"],
         cwd=REPO,
