@@ -23,7 +23,8 @@ Every element that belongs to a stage carries ``data-stage="<index>"`` and every
 [Note: report colours]
 A stage's colour is ``STAGE_COLOURS[index % len(STAGE_COLOURS)]`` everywhere (cluster, stages, model,
 timeline); forward is drawn as a light tint of it and backward in full, so both read as "this stage".
-Communication is amber, all-reduce violet, the optimizer step near-black, idle light grey.
+Communication is drawn as a band in the lower part of a row (amber for sends, near-black for the
+gradient all-reduce), the optimizer step slate grey, idle light grey: none of them is a stage colour.
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ STAGE_COLOURS = (
 _UNUSED = "#cbd5e1"
 _IDLE = "#eef1f5"
 _COMM = "#f59e0b"
-_ALLREDUCE = "#7c3aed"
-_OPTIMIZER = "#1f2937"
+_ALLREDUCE = "#0f172a"
+_OPTIMIZER = "#64748b"
 
 # Baseline names that mean "equal layers per device", the split users get by default (torchtitan,
 # torch.distributed.pipelining). The planner names it ``equal_layers``; the prefix keeps older names working.
@@ -673,6 +674,7 @@ def _model_section(plan: Plan, graph: OpGraph | None) -> str:
             "its width its share of the compute, its colour its stage.</p>"
         )
         out.append('<div class="strip">')
+        total = sum(r.weight for r in runs) or 1.0
         for r in runs:
             colour = stage_colour(r.stage)
             tip = (
@@ -680,6 +682,12 @@ def _model_section(plan: Plan, graph: OpGraph | None) -> str:
                 f"{_format_flops(r.weight)}, params {format_bytes(r.param_bytes)}"
             )
             short = _short_module(r.module)
+            # Label only tiles wide enough to hold it (the strip is about 1150 px wide); the rest keep
+            # their name in the tooltip, so narrow tiles do not run into each other.
+            room = r.weight / total * 1150
+            if room < 6.5 * len(short) + 6:
+                last = short.rsplit(".", 1)[-1]
+                short = last if room >= 6.5 * len(last) + 4 else ""
             out.append(
                 f'<div class="tile" data-stage="{r.stage}" title="{_e(tip)}" '
                 f'style="flex-grow:{r.weight:.6g};background:{colour}"><span>{_e(short)}</span></div>'
