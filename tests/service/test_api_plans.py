@@ -165,3 +165,14 @@ def test_validation_of_a_large_model_is_width_reduced(client: httpx.Client) -> N
     report = final["report"]
     assert report["passed"] is True and report["width_reduced"] is True, report
     assert report["ranks"] == len(done["plan"]["rank_map"])
+
+
+def test_solver_time_limit_is_capped_by_the_server(client: httpx.Client) -> None:
+    # The test server caps solves at 10 s: a request for 3000 s is planned (and identified) as 10 s.
+    body = {"model": {"builtin": "gpt-tiny"}, "batch": 1, "seq": 8, "cluster": MIXED, "global_batch": 2}
+    _, capped = _plan_until_done(client, {**body, "time_limit_s": 3000})
+    assert capped["request"]["time_limit_s"] == 10
+    assert capped["plan"]["request"]["time_limit_s"] == 10
+    assert capped["solver"]["seconds"] <= 10 + 1
+    same = client.post("/v1/plans", json={**body, "time_limit_s": 10})
+    assert same.status_code == 200 and same.json()["id"] == capped["id"]
