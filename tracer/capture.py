@@ -27,11 +27,11 @@ CaptureMethod = Literal["export", "fx"]
 
 
 class TorchFailure(Exception):
-    """The first line of a torch error, chained (``__cause__``) to the full exception.
+    """The first line of a library error, chained (``__cause__``) to the full exception.
 
-    Torch's trace errors run to dozens of lines of advice and graph dumps; the CLI prints a
-    :class:`TraceError`'s cause, so the cause is this one-line summary, and ``--debug`` still shows the
-    whole chain.
+    Torch's trace errors (and transformers' validators) run to dozens of lines of advice and graph dumps;
+    the CLI prints a :class:`TraceError`'s / :class:`ModelSpecError`'s cause, so the cause is this
+    one-line summary, and ``--debug`` still shows the whole chain.
     """
 
     @classmethod

@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from distplan.tracer.capture import TorchFailure
 from distplan.tracer.models import GPT, MLP, GPTConfig, MLPConfig
 from torch import nn
 
@@ -677,7 +678,7 @@ def _build_hf(
     try:
         config = AutoConfig.for_model(model_type, **kwargs)
     except Exception as e:  # transformers raises many types (strict-dataclass validators among them)
-        raise ModelSpecError(f"{where}: invalid {model_type} config: {_one_line(e)}") from e
+        raise ModelSpecError(f"{where}: invalid {model_type} config: {_one_line(e)}") from TorchFailure.of(e)
     causal = _is_causal_lm(cfg)
     rope = any(
         k in cfg or getattr(config, k, None) for k in ("rope_theta", "rope_parameters", "rope_scaling")
@@ -712,7 +713,7 @@ def _build_hf(
     except Exception as e:
         raise ModelSpecError(
             f"{where}: cannot build {model_type} model ({auto.__name__}): {_one_line(e)}"
-        ) from e
+        ) from TorchFailure.of(e)
     if "input_ids" not in inspect.signature(type(model).forward).parameters:
         raise ModelSpecError(
             f"{where}: {type(model).__name__}.forward takes no input_ids (not a text model); use a "
@@ -808,7 +809,7 @@ def _build_from_factory(
     except Exception as e:
         raise ModelSpecError(
             f"importing module {mod_name!r} of factory {spec!r} raised {type(e).__name__}: {e}"
-        ) from e
+        ) from TorchFailure.of(e)
     fn: Any = mod
     for part in fn_name.split("."):
         if not hasattr(fn, part):
@@ -820,7 +821,9 @@ def _build_from_factory(
         with _building(device, seed):
             result = fn(**overrides)
     except Exception as e:
-        raise ModelSpecError(f"factory {spec!r} raised {type(e).__name__}: {_one_line(e)}") from e
+        raise ModelSpecError(
+            f"factory {spec!r} raised {type(e).__name__}: {_one_line(e)}"
+        ) from TorchFailure.of(e)
     if isinstance(result, ModelBundle):
         return result
     kwargs: dict[str, Any] = {}
