@@ -81,6 +81,7 @@ def check_page_in_browser(html_file: Path, plan: Plan, screenshot: Path) -> None
             assert page.locator("#timeline rect.ev-fwd").count() >= plan.num_microbatches
             assert page.locator("#timeline rect.ev-bwd").count() >= plan.num_microbatches
 
+            page.screenshot(path=str(screenshot), full_page=True)
             # Hovering stage 0's row dims the other stages' elements, leaving stage 0's.
             if plan.num_stages > 1:
                 page.locator('#stages tr[data-stage="0"]').hover()
@@ -91,7 +92,6 @@ def check_page_in_browser(html_file: Path, plan: Plan, screenshot: Path) -> None
                     page.locator('#model .tile[data-stage="0"]').first.get_attribute("class") or ""
                 )
 
-            page.screenshot(path=str(screenshot), full_page=True)
             assert errors == [], errors
         finally:
             browser.close()
@@ -104,4 +104,20 @@ def test_report_page_in_chromium(tmp_path: Path) -> None:
     plan = handmade_plan(graph)
     html_file = tmp_path / "report.html"
     html_file.write_text(render_report(plan, graph=graph, timeline=handmade_timeline(plan)))
+    check_page_in_browser(html_file, plan, tmp_path / "report.png")
+
+
+@pytest.mark.timeout(180)
+def test_report_page_of_a_real_plan_in_chromium(tmp_path: Path) -> None:
+    """The same checks on what the planner and simulator really produce: a 24-layer transformer graph
+    (the planner's torch-free generator) on the four-host mixed preset."""
+    from distplan.planner import plan as make_plan
+    from distplan.planner import simulate
+    from distplan.planner.synthetic import synthetic_transformer
+
+    graph = synthetic_transformer(layers=24, hidden=2048, heads=16, seq=1024, vocab=50000)
+    plan = make_plan(graph, cluster="mixed-4host", global_batch=32, time_limit_s=3)
+    assert plan.num_stages >= 2
+    html_file = tmp_path / "report.html"
+    html_file.write_text(render_report(plan, graph=graph, timeline=simulate(plan, graph)))
     check_page_in_browser(html_file, plan, tmp_path / "report.png")
