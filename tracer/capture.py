@@ -151,10 +151,16 @@ def _meta_as_fake_cpu(
             fakes[id(t)] = f  # tied weights: one fake for one tensor
         return f
 
+    def fake_input(t: Any) -> Any:
+        # Real example inputs next to fake parameters: one fake mode for all of them.
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            return fake_mode.from_tensor(t)
+        return fake(t)
+
     for mod, kind, name, t in slots:
         getattr(mod, kind)[name] = fake(t)
     try:
-        yield tuple(fake(a) for a in args), {k: fake(v) for k, v in kwargs.items()}
+        yield tuple(fake_input(a) for a in args), {k: fake_input(v) for k, v in kwargs.items()}
     finally:
         for mod, kind, name, t in slots:
             getattr(mod, kind)[name] = t

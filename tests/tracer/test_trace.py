@@ -245,3 +245,12 @@ def test_same_seed_same_weights_and_batches() -> None:
     assert x1[0].shape == (3, 512) and y1.shape == (3, 512)
     # next-token targets: the target is the input shifted by one
     assert torch.equal(x1[0][:, 1:], y1[:, :-1])
+
+
+def test_meta_module_with_cpu_example_inputs() -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    g = trace(model, (torch.randn(3, 8),))
+    assert g.meta["method"] == "export"
+    assert g.fwd_flops == 2 * 3 * (8 * 16 + 16 * 4)
+    assert all(p.device.type == "meta" for p in model.parameters())  # the model is left as it was
