@@ -20,6 +20,7 @@ from distplan.planner.evaluate import StageSpec, layout_cost
 from distplan.planner.ilp import solve_stage_problem
 from distplan.planner.search import (
     Candidate,
+    _lower_bound,
     build_problem,
     candidate_dp,
     candidate_microbatches,
@@ -68,6 +69,8 @@ def test_integer_program_matches_exhaustive_search(seed: int) -> None:
             if expected is None:
                 assert sol.status == "INFEASIBLE", (dp, m)
                 continue
+            # the bounds the search reports must be bounds: LP/fluid relaxation <= the true optimum
+            assert _lower_bound(prob) <= expected, (dp, m)
             assert sol.status == "OPTIMAL", (dp, m, sol.status)
             assert sol.objective == expected, (dp, m, sol.objective, expected)
             assert int_objective(prob, sol.stages) == expected
