@@ -26,7 +26,7 @@ __all__ = ["ProgressLine", "describe", "progress_wanted"]
 
 # Event fields that mean the same thing under different names, in display order.
 _TIME_FIELDS = (
-    ("objective", ("best_objective_s", "objective_s", "best_s", "objective", "best_objective")),
+    ("best", ("best_objective_s", "objective_s", "best_s", "objective", "best_objective")),
     ("bound", ("best_bound_s", "bound_s", "bound", "best_bound")),
 )
 _GAP_FIELDS = ("gap",)
@@ -65,9 +65,10 @@ def _seconds(s: float) -> str:
     return f"{s:.3g} s"
 
 
-def describe(event: Any) -> str:
+def describe(event: Any, *, elapsed: bool = True) -> str:
     """One short line for a progress event (see the module docstring); unknown fields show as
-    ``name=value``."""
+    ``name=value``. ``elapsed=False`` leaves out the event's own elapsed time (a display that shows its
+    own clock)."""
     if event is None:
         return ""
     if isinstance(event, str):
@@ -102,19 +103,19 @@ def describe(event: Any) -> str:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             parts.append(f"gap {v * 100:.1f}%")
             used.add(n)
-    elapsed = None
+    took = None
     for n in _ELAPSED_FIELDS:
         v = f.get(n)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            elapsed = f"{float(v):.1f} s"
+            took = f"{float(v):.1f} s"
             used.update(_ELAPSED_FIELDS)
             break
     for k, v in f.items():
         if k in used or v is None or isinstance(v, (list, tuple, dict)):
             continue
         parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
-    if elapsed is not None:
-        parts.append(elapsed)
+    if took is not None and elapsed:
+        parts.append(took)
     return " · ".join(parts)
 
 
@@ -143,7 +144,8 @@ class ProgressLine:
             from rich.console import Console
 
             console = Console(stderr=True)
-            self._status = console.status(self._text(""), spinner="dots")
+            # A renderable that rebuilds its text at every refresh, so the elapsed time ticks between events.
+            self._status = console.status(_LiveText(self), spinner="dots")
             self._status.start()
         return self
 
@@ -154,11 +156,12 @@ class ProgressLine:
             self._status.stop()
             self._status = None
 
-    def _text(self, detail: str) -> str:
+    def text(self) -> str:
+        """The line as rich markup: title, last event, elapsed seconds of this phase."""
         from rich.markup import escape
 
         elapsed = time.monotonic() - self._started
-        tail = f" — {escape(detail)}" if detail else ""
+        tail = f" — {escape(self.last)}" if self.last else ""
         return f"[bold]{escape(self.title)}[/bold]{tail} [dim]({elapsed:.0f} s)[/dim]"
 
     def set_title(self, title: str) -> None:
@@ -166,10 +169,18 @@ class ProgressLine:
         self.title = title
         self._started = time.monotonic()
         self.last = ""
-        if self._status is not None:
-            self._status.update(self._text(""))
 
     def __call__(self, event: Any = None) -> None:
-        self.last = describe(event)
-        if self._status is not None:
-            self._status.update(self._text(self.last))
+        self.last = describe(event, elapsed=False)
+
+
+class _LiveText:
+    """Rich renderable of a :class:`ProgressLine`'s current text (``__rich__`` is called at each refresh)."""
+
+    def __init__(self, line: ProgressLine) -> None:
+        self._line = line
+
+    def __rich__(self) -> Any:
+        from rich.text import Text
+
+        return Text.from_markup(self._line.text())

@@ -22,7 +22,8 @@ class SolverLike:
 
 def test_describe_solver_event() -> None:
     line = describe(SolverLike(solutions=3, objective_s=0.212, bound_s=0.198, gap=0.066, elapsed_s=3.21))
-    assert line == "3 solutions · objective 212 ms · bound 198 ms · gap 6.6% · 3.2 s"
+    assert line == "3 solutions · best 212 ms · bound 198 ms · gap 6.6% · 3.2 s"
+    assert describe(SolverLike(3, 0.212, 0.198, 0.066, 3.21), elapsed=False).endswith("gap 6.6%")
 
 
 def test_describe_mapping_string_and_unknown_fields() -> None:
