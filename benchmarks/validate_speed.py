@@ -27,8 +27,9 @@ from distplan.profiles import load_cluster
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def pipeline_plan(spec: str, stages: int, dp: int, *, microbatches: int = 4) -> Plan:
+def pipeline_plan(spec: str, stages: int, dp: int, *, microbatches: int | None = None) -> Plan:
     g = trace(spec, batch=1, seq=16)
+    microbatches = microbatches or max(4, stages)  # 1F1B needs at least one microbatch per stage
     c = load_cluster("a100x8-v100x8")
     n = len(g)
     bounds = [n * k // stages for k in range(stages + 1)]

@@ -86,6 +86,13 @@ class PlanLayout:
 def plan_layout(plan: Plan) -> PlanLayout:
     """Derive the stage -> rank layout from the plan's rank map; raise :class:`LoweringError` if the
     torch schedules cannot run it."""
+    if plan.schedule == "1f1b" and plan.num_microbatches < plan.num_stages:
+        raise LoweringError(
+            f"1F1B needs at least as many microbatches as stages (torch.distributed.pipelining's Schedule1F1B), "
+            f"but the plan has {plan.num_microbatches} microbatches for {plan.num_stages} stages "
+            f"({plan.num_stages - plan.num_microbatches} short); re-plan with --microbatches >= "
+            f"{plan.num_stages} or the gpipe schedule"
+        )
     rank_of_device = {r.device: r.rank for r in plan.rank_map}
     stage_ranks = []
     for s in plan.stages:

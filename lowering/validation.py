@@ -381,7 +381,11 @@ def validate(
             )
             t_ref = time.perf_counter() - t_spawn
             failure = _wait(procs, d, t0=t_spawn, timeout_s=timeout_s, say=say, layout=run_plan)
-            timings = {"prepare_s": t_spawn - t0, "reference_s": t_ref, "ranks_s": time.perf_counter() - t_spawn}
+            timings = {
+                "prepare_s": t_spawn - t0,
+                "reference_s": t_ref,
+                "ranks_s": time.perf_counter() - t_spawn,
+            }
         finally:
             _kill_all(procs)
         logs = {r: _tail(d / f"rank{r}.log") for r in range(world)}
@@ -493,14 +497,22 @@ def _kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
 _PEER_FAILURE = ("connection closed by peer", "connection reset", "broken pipe", "timed out", "timeout")
 
 
+_GRACE_S = 10.0
+
+
+def _where(rank: int, layout: Plan) -> str:
+    """``rank R (stage S)`` (stages plural under interleaved schedules)."""
+    stages = [
+        s.index
+        for s in layout.stages
+        if any(r.rank == rank for r in layout.rank_map if r.device in s.devices)
+    ]
+    return f"rank {rank}" + (f" (stage {','.join(map(str, stages))})" if stages else "")
+
+
 def _describe(rank: int, code: int, d: Path, layout: Plan) -> tuple[str, bool]:
     """``(message, secondary)``: the rank's failure, and whether it looks like a reaction to a peer's."""
-    stage = ",".join(
-        str(s.index)
-        for s in layout.stages
-        if any(r.rank == rank and r.stage == s.index for r in layout.rank_map)
-    )
-    where = f"rank {rank}" + (f" (stage {stage})" if stage else "")
+    where = _where(rank, layout)
     err = d / f"rank{rank}.error.json"
     if err.exists():
         info = json.loads(err.read_text())
@@ -534,7 +546,14 @@ def _wait(
             failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
             described = [(r, *_describe(r, procs[r].returncode, d, layout)) for r in failed]
             described.sort(key=lambda x: (x[2], x[0]))
-            rank, message, _ = described[0]
+            rank, message, secondary = described[0]
+            running = [r for r, p in enumerate(procs) if p.poll() is None]
+            if secondary and running:
+                # Everyone who failed was waiting on a peer, and someone is still busy: that one hangs.
+                return running[0], (
+                    f"{_where(running[0], layout)} hangs: still running after ranks {failed} gave up waiting "
+                    f"(first: {message})"
+                )
             others = [r for r, _, _ in described[1:]]
             if others:
                 message += f" (ranks {others} failed after it)"
@@ -544,7 +563,9 @@ def _wait(
                 done.add(r)
                 say(f"rank {r} finished ({len(done)}/{len(procs)})")
         running = [r for r, p in enumerate(procs) if p.poll() is None]
-        if running and time.perf_counter() - t0 > timeout_s:
+        # A little longer than the collectives' own timeout, so the ranks waiting on a hung peer give up
+        # first and the hung one can be named.
+        if running and time.perf_counter() - t0 > timeout_s + _GRACE_S:
             return (
                 running[0] if running else None,
                 f"timed out after {timeout_s:g} s with ranks {running} still running (a rank hangs, or the run "

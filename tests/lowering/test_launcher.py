@@ -131,3 +131,10 @@ def test_end_to_end_trace_plan_lower_torchrun(tmp_path: Path) -> None:
     losses = [float(m) for m in re.findall(r"^step \d+ loss ([0-9.]+)", proc.stdout, flags=re.M)]
     assert len(losses) == 5, proc.stdout
     assert all(b < a for a, b in itertools.pairwise(losses)), losses
+
+
+def test_1f1b_with_fewer_microbatches_than_stages_is_rejected() -> None:
+    q = [cut("gpt-tiny", f) for f in (0.25, 0.5, 0.75)]
+    plan = hand_plan("gpt-tiny", bounds=q, devices=[(0,), (1,), (2,), (3,)], schedule="1f1b", microbatches=2)
+    with pytest.raises(LoweringError, match="2 microbatches for 4 stages"):
+        plan_layout(plan)

@@ -137,15 +137,16 @@ def test_killed_rank_fails_fast_with_its_error() -> None:
 
 
 @pytest.mark.slow
-def test_hanging_rank_times_out() -> None:
+def test_hanging_rank_is_named() -> None:
     spec = "mlp-tiny"
     plan = layout_plan(spec, f"gpipe m2x1 | 0:{cut(spec, 0.5)}@0 | {cut(spec, 0.5)}:{{n}}@1", global_batch=2)
     t0 = time.monotonic()
-    report = validate(plan, spec, timeout_s=12, inject_fault="hang:0")
+    report = validate(plan, spec, timeout_s=8, inject_fault="hang:0")
     elapsed = time.monotonic() - t0
     assert not report.passed
-    assert elapsed < 25, elapsed
-    assert report.error is not None and "timed out after 12 s" in report.error
+    assert elapsed < 45, elapsed
+    assert report.failed_rank == 0
+    assert report.error is not None and report.error.startswith("rank 0 (stage 0) hangs"), report.error
 
 
 @pytest.mark.slow
