@@ -117,6 +117,12 @@ def test_report_command_writes_page_svg_and_png(tmp_path: Path) -> None:
     ET.fromstring((tmp_path / "out/t.svg").read_text())
     png = (tmp_path / "out/t.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+    # Without --timeline the command simulates the plan itself (the planner's simulator).
+    r = _run("report", "plan.json", "--out", "sim.html", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    page = (tmp_path / "sim.html").read_text()
+    assert page.count('class="tl-row"') == len(plan.devices_used)
+    assert 'class="ev ev-bwd"' in page
 
 
 def test_report_command_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
