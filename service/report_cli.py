@@ -59,8 +59,12 @@ def report_command(
         show_default=False,
     ),
 ) -> None:
-    """Write one self-contained HTML page for a plan: the cluster coloured by stage, per-stage time and
-    memory against capacity, the model's layers by stage, the simulated timeline, baselines and solver."""
+    """Write a plan's report: one self-contained HTML page (and the timeline alone as SVG or PNG).
+
+    The page shows the cluster's hosts and devices coloured by stage, per-stage time and memory against
+    capacity, the model's layers coloured by stage, the simulated timeline (one row per device), the
+    baselines and the solver report. It needs no network to view.
+    """
     from distplan.service.report import render_report, render_timeline_svg, write_timeline_png
 
     from distplan.errors import DistplanError

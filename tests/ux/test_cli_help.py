@@ -42,6 +42,9 @@ def test_every_option_has_help_and_a_default() -> None:
     for name, cmd in sorted(commands.items()):
         if not (cmd.help or "").strip():
             problems.append(f"distplan {name}: no description")
+        elif "\n" in (cmd.help or "").strip().split("\n\n")[0]:
+            # `distplan --help` shows the first paragraph with its line breaks: keep it to one line.
+            problems.append(f"distplan {name}: the docstring's first paragraph spans several lines")
         for p in cmd.params:
             if _is_option(p):
                 if p.hidden or "--help" in p.opts:
