@@ -5,6 +5,7 @@ Heavy imports (torch, transformers) happen inside the commands so ``distplan --h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -63,6 +64,22 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n:g} {unit}".rstrip()
 
 
+def _count(n: float) -> str:
+    """A parameter count: 124.44M, 6.74B."""
+    for suffix, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(int(n))
+
+
+def _op(target: str) -> str:
+    """``aten.linear.default`` -> ``linear``; other targets as they are."""
+    if target.startswith("aten."):
+        parts = target.split(".")
+        return parts[1] if len(parts) == 3 and parts[2] == "default" else ".".join(parts[1:])
+    return target
+
+
 def _bytes(n: float) -> str:
     for suffix, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:
@@ -96,9 +113,9 @@ def _print_summary(graph: Any, info: dict[str, Any], top: int) -> None:
         f"in {info['trace_seconds']:.2f} s at batch {info['batch']}, seq {info['seq']}"
     )
     console.print(
-        f"  nodes {info['num_nodes']}   parameters {_human(info['num_params'])} "
+        f"  nodes {info['num_nodes']}   parameters {_count(info['num_params'])} "
         f"({_bytes(info['param_bytes'])} {info['param_dtype']})   "
-        f"FLOPs fwd {_human(info['fwd_flops'])} / bwd {_human(info['bwd_flops'])}   "
+        f"forward {_human(info['fwd_flops'], 'FLOP')} / backward {_human(info['bwd_flops'], 'FLOP')}   "
         f"activations saved {_bytes(info['activation_bytes'])}   "
         f"cut cost {_bytes(info['min_cut_bytes'])} .. {_bytes(info['max_cut_bytes'])}"
     )
@@ -108,7 +125,7 @@ def _print_summary(graph: Any, info: dict[str, Any], top: int) -> None:
         t.add_column(col)
     for n in largest:
         shape = " ".join(f"{o.dtype}{list(o.shape)}" for o in n.outputs[:2])
-        t.add_row(n.name, n.target, n.module or "<root>", shape, _bytes(n.output_bytes))
+        t.add_row(n.name, _op(n.target), n.module or "<root>", shape, _bytes(n.output_bytes))
     console.print(t)
     groups: dict[str, list[Any]] = {}
     for n in graph.nodes:
@@ -175,10 +192,16 @@ def register(app: typer.Typer) -> None:
 
         if out is not None and out.parent and not out.parent.exists():
             fail(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")
-        bundle = resolve_model(
-            model, batch=batch, seq=seq, device=device, config_overrides=_parse_overrides(overrides)
-        )
-        graph = trace_bundle(bundle)
+        from rich.console import Console
+
+        err = Console(stderr=True)
+        # A spinner on a terminal only: large models take tens of seconds; pipes and logs stay clean.
+        status = err.status(f"tracing {model} (batch {batch}, seq {seq}) on {device} ...")
+        with status if err.is_terminal else contextlib.nullcontext():
+            bundle = resolve_model(
+                model, batch=batch, seq=seq, device=device, config_overrides=_parse_overrides(overrides)
+            )
+            graph = trace_bundle(bundle)
         if out is not None:
             try:
                 graph.save(out)
@@ -210,5 +233,5 @@ def register(app: typer.Typer) -> None:
         for col in ("name", "family", "kind", "params", "description"):
             t.add_column(col)
         for m in infos:
-            t.add_row(m.name, m.family, m.kind, _human(m.approx_params), m.description)
+            t.add_row(m.name, m.family, m.kind, _count(m.approx_params), m.description)
         Console().print(t)
