@@ -344,22 +344,43 @@ def _greedy(p: StageProblem) -> tuple[int, tuple[tuple[int, int, int], ...]] | N
     return best
 
 
+def _spread(p: StageProblem, stages: Sequence[tuple[int, int, int]]) -> int:
+    """Sum of squared per-stage loads (compute + round trip): the local search's tie-breaker, so it can walk
+    across plateaus of the bottleneck (several stages at the maximum) towards a lower maximum."""
+    out = 0
+    for s, (a, e, gi) in enumerate(stages):
+        g = p.groups[gi]
+        load = (
+            p.fwd_prefix[g.kind][e]
+            - p.fwd_prefix[g.kind][a]
+            + p.bwd_prefix[g.kind][e]
+            - p.bwd_prefix[g.kind][a]
+        )
+        if s + 1 < len(stages):
+            lk = g.link if p.groups[stages[s + 1][2]].host == g.host else p.net_link
+            load += 2 * p.comm_prefix[lk][e]
+        out += load * load
+    return out
+
+
 def _improve(
-    p: StageProblem, start: tuple[int, tuple[tuple[int, int, int], ...]], rounds: int = 60
+    p: StageProblem, start: tuple[int, tuple[tuple[int, int, int], ...]], rounds: int = 200
 ) -> tuple[int, tuple[tuple[int, int, int], ...]]:
-    """Local search from a feasible solution, first improvement: move a stage boundary by up to 3 blocks,
-    swap the groups of two neighbouring stages, move a stage to another group type with a free group, or
-    merge two neighbouring stages; repeat while the objective drops."""
+    """Local search from a feasible solution, first improvement of (objective, :func:`_spread`): move a
+    stage boundary by up to 3 blocks, swap the groups of two neighbouring stages, move a stage to another
+    group type with a free group, split a stage onto a free group, or merge two neighbouring stages."""
     obj, stages = start[0], list(start[1])
+    key = (obj, _spread(p, stages))
 
     def moves(st: list[tuple[int, int, int]]):
         n = len(st)
         used: dict[int, int] = {}
         for _, _, g in st:
             used[g] = used.get(g, 0) + 1
+        free = [gi for gi, grp in enumerate(p.groups) if used.get(gi, 0) < grp.count]
         for s in range(n - 1):
             (a, e, g), (_, e2, g2) = st[s], st[s + 1]
-            for delta in (-3, -2, -1, 1, 2, 3):
+            for delta in (-1, 1, -2, 2, -3, 3):
                 if a < e + delta < e2:
                     yield [*st[:s], (a, e + delta, g), (e + delta, e2, g2), *st[s + 2 :]]
             if g != g2:
@@ -368,20 +389,26 @@ def _improve(
                 yield [*st[:s], (a, e2, keep), *st[s + 2 :]]
         for s in range(n):
             a, e, g = st[s]
-            for gi, grp in enumerate(p.groups):
-                if gi != g and used.get(gi, 0) < grp.count:
+            for gi in free:
+                if gi != g:
                     yield [*st[:s], (a, e, gi), *st[s + 1 :]]
+                if e - a >= 2 and n < p.max_stages:
+                    mid = (a + e) // 2
+                    yield [*st[:s], (a, mid, g), (mid, e, gi), *st[s + 1 :]]
 
     for _ in range(rounds):
         improved = False
         for trial in moves(stages):
             val = int_objective(p, trial)
-            if val is not None and val < obj:
-                obj, stages, improved = val, trial, True
+            if val is None or val > key[0]:
+                continue
+            k = (val, _spread(p, trial))
+            if k < key:
+                key, stages, improved = k, trial, True
                 break
         if not improved:
             break
-    return obj, tuple(stages)
+    return key[0], tuple(stages)
 
 
 def _lower_bound(p: StageProblem, upper: int | None = None) -> int:
