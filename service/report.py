@@ -349,7 +349,9 @@ def render_timeline_svg(
     row's lower part, since they may overlap compute; what is left of the grey row is idle time.
     ``standalone`` adds the XML namespace so the result can be saved as an ``.svg`` file.
     """
-    label_w = 250
+    # The label column fits the longest row label (about 6.2 px per character at 11 px), within bounds.
+    longest = max((len(x) for x in timeline.labels), default=10)
+    label_w = int(min(360, max(120, 6.2 * longest + 28)))
     row_h, gap, top = _ROW_H, _ROW_GAP, _top(title)
     plot_w = max(200, width - label_w - 20)
     rows = list(timeline.devices)
@@ -451,7 +453,7 @@ def render_timeline_svg(
         ("optimizer", _OPTIMIZER),
         ("idle", _IDLE),
     ]
-    lx = float(label_w)
+    lx = 8.0  # from the left edge: the legend (about 800 px) fits whatever the label column's width
     for text, colour in items:
         out.append(
             f'<rect x="{lx:.0f}" y="{ly - 9}" width="12" height="12" fill="{colour}" stroke="#94a3b8" stroke-width="0.5"/>'
