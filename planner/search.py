@@ -655,7 +655,7 @@ def search(
     ]
     to_solve = [i for i in small if best is None or lb_s(i) < best[0]][:MAX_SOLVES]
     share = time_limit_s / max(1, len(to_solve))
-    deadline = t0 + 1.5 * time_limit_s
+    deadline = t0 + time_limit_s
     bounds: list[float] = []
     statuses: dict[str, int] = {}
     notes: list[str] = []
@@ -674,7 +674,7 @@ def search(
                 key = "TOO_LARGE"
             statuses[key] = statuses.get(key, 0) + 1
             continue
-        left = min(1.5 * share, deadline - time.perf_counter())
+        left = min(1.25 * share, deadline - time.perf_counter())
         if left <= 0.05:
             bounds.append(lb * unit)
             statuses["SKIPPED_TIME"] = statuses.get("SKIPPED_TIME", 0) + 1
