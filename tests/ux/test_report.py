@@ -15,7 +15,11 @@ from pathlib import Path
 from distplan.service.report import (
     baseline_rows,
     best_baseline,
+    device_ranges,
     equal_split_speedup,
+    format_bytes,
+    format_seconds,
+    layer_summary,
     model_runs,
     render_report,
     render_timeline_svg,
@@ -144,3 +148,22 @@ def test_report_command_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
     gpt_like_graph(layers=3).save(tmp_path / "other.json")
     r = _run("report", "good.json", "--graph", "other.json", cwd=tmp_path)
     assert r.returncode == 2 and "but was given graph" in r.stderr
+
+
+def test_short_forms_for_tables() -> None:
+    gpt2 = ["transformer", "transformer.wte", "transformer.wpe", "transformer.drop"]
+    gpt2 += [f"transformer.h.{i}.{m}" for i in range(9) for m in ("ln_1", "attn", "mlp")]
+    assert layer_summary(gpt2) == "wte, wpe, drop, h.0–h.8"
+    assert layer_summary(["transformer.h.9.mlp", "transformer.h.10.attn", "transformer.ln_f", "lm_head"]) == (
+        "h.9–h.10, ln_f, lm_head"
+    )
+    llama = ["model", "model.embed_tokens", "model.layers.0.self_attn", "model.layers.2.mlp", "model.norm"]
+    assert layer_summary(llama) == "embed_tokens, layers.0, layers.2, norm"  # a gap is not a range
+    assert layer_summary([f"enc.layer.{i}" for i in range(40)] + ["head"], max_chars=20) == (
+        "layer.0–layer.39, head"
+    )
+    assert device_ranges((0, 1, 2, 3, 8, 10, 11)) == "d0–d3, d8, d10–d11"
+    assert [format_seconds(x) for x in (None, 0.0, 5e-4, 0.0123, 0.528, 3.774)] == [
+        "-", "0 s", "500 µs", "12.3 ms", "528 ms", "3.77 s",
+    ]  # fmt: skip
+    assert [format_bytes(x) for x in (512, 3 * 2**20 + 2**19, 78 * 2**30)] == ["512 B", "3.5 MiB", "78 GiB"]
