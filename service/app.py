@@ -17,6 +17,8 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from fastapi import FastAPI
+
 from distplan.service.cache import CachedReads, ResponseCache
 from distplan.service.errors import install_error_handlers
 from distplan.service.jobs import JobManager
@@ -24,7 +26,6 @@ from distplan.service.middleware import BodySizeLimit
 from distplan.service.routes import router
 from distplan.service.settings import Settings
 from distplan.service.store import Store
-from fastapi import FastAPI
 
 __all__ = ["create_app"]
 

@@ -28,11 +28,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve the REST API (OpenAPI docs at /docs). Other settings come from DISTPLAN_* variables."""
         import uvicorn
-        from distplan.service.app import create_app
-        from distplan.service.settings import Settings
         from pydantic import ValidationError
 
         from distplan.errors import DistplanError
+        from distplan.service.app import create_app
+        from distplan.service.settings import Settings
 
         overrides: dict[str, object] = {}
         if db is not None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+from fastapi import Depends, Request
+
 from distplan.service.cache import ResponseCache
 from distplan.service.errors import NotReadyError
 from distplan.service.jobs import JobManager
 from distplan.service.settings import Settings
 from distplan.service.store import Store
-from fastapi import Depends, Request
 
 __all__ = ["CacheDep", "CatalogDep", "JobsDep", "SettingsDep", "StoreDep"]
 

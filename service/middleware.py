@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from distplan.service.errors import error_body
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from distplan.service.errors import error_body
 
 __all__ = ["BodySizeLimit"]
 

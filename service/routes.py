@@ -12,6 +12,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from fastapi import APIRouter, Body, Path, Query, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from distplan.profiles import device_kinds, list_presets, preset_cluster
 from distplan.service.deps import CacheDep, CatalogDep, JobsDep, SettingsDep, StoreDep
 from distplan.service.errors import ConflictError, JobFailure, NotFoundError
 from distplan.service.models import (
@@ -31,11 +36,6 @@ from distplan.service.models import (
 )
 from distplan.service.specs import plan_spec, validation_spec
 from distplan.service.store import JobRecord, SubjectRecord
-from fastapi import APIRouter, Body, Path, Query, Response, status
-from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, JSONResponse
-
-from distplan.profiles import device_kinds, list_presets, preset_cluster
 
 __all__ = ["router"]
 
@@ -390,10 +390,9 @@ async def get_report(store: StoreDep, cache: CacheDep, plan_id: str = _id()) -> 
 
 
 def _render_report(store: Any, plan_id: str) -> str:
-    from distplan.service.report import render_report
-
     from distplan.graph import OpGraph
     from distplan.plan import Plan
+    from distplan.service.report import render_report
     from distplan.timeline import Timeline
 
     plan = Plan.from_json(store.artifact(plan_id, "plan"))

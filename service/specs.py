@@ -22,15 +22,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from distplan.service.models import BuiltinModel, GraphModel, HFConfigModel, PlanCreate, ValidationCreate
-from distplan.service.settings import Settings
-
 from distplan._serde import canonical_hash
 from distplan.cluster import Cluster
 from distplan.errors import GraphError, ModelSpecError, PlanError, ProfileError
 from distplan.graph import OpGraph
 from distplan.plan import PlanRequest
 from distplan.profiles import list_presets, load_cluster, preset_cluster
+from distplan.service.models import BuiltinModel, GraphModel, HFConfigModel, PlanCreate, ValidationCreate
+from distplan.service.settings import Settings
 
 __all__ = ["PlanSpec", "ValidationSpec", "check_cluster", "plan_spec", "validation_spec"]
 

@@ -108,10 +108,9 @@ def catalog() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- tasks
 def run_plan(payload: dict[str, Any]) -> dict[str, str]:
     """Trace (or read) the graph, plan, simulate, emit the launcher; return the artifacts as text."""
+    from distplan.cluster import Cluster
     from distplan.planner import plan as make_plan
     from distplan.planner import simulate
-
-    from distplan.cluster import Cluster
 
     request = payload["request"]
     graph = build_graph(request, payload.get("graph"), max_nodes=int(payload["max_graph_nodes"]))
@@ -181,7 +180,6 @@ def run_validation(payload: dict[str, Any]) -> dict[str, str]:
     overrides is handed over as a bundle instead (its spec alone would lose the overrides).
     """
     from distplan.lowering import validate
-
     from distplan.plan import Plan
 
     plan = Plan.from_dict(payload["plan"])
@@ -203,9 +201,8 @@ TASKS: dict[str, Callable[[dict[str, Any]], dict[str, str]]] = {
 
 # ---------------------------------------------------------------------------------------------- process
 def _error_message(exc: BaseException) -> dict[str, Any]:
-    from distplan.service.errors import status_for
-
     from distplan.errors import DistplanError
+    from distplan.service.errors import status_for
 
     if isinstance(exc, DistplanError):
         message = str(exc)

@@ -34,13 +34,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from distplan.tracer.capture import Capture, TorchFailure
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from distplan.errors import TraceError
 from distplan.graph import OpGraph, OpNode, TensorMeta
+from distplan.tracer.capture import Capture, TorchFailure
 
 __all__ = ["graph_from_capture"]
 

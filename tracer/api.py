@@ -7,13 +7,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from distplan.tracer.annotate import graph_from_capture
-from distplan.tracer.capture import capture
-from distplan.tracer.zoo import ModelBundle, _factory_inputs, resolve_model
 from torch import nn
 
 from distplan.errors import ModelSpecError, TraceError
 from distplan.graph import OpGraph
+from distplan.tracer.annotate import graph_from_capture
+from distplan.tracer.capture import capture
+from distplan.tracer.zoo import ModelBundle, _factory_inputs, resolve_model
 
 __all__ = ["trace", "trace_bundle"]
 

@@ -185,10 +185,9 @@ def register(app: typer.Typer) -> None:
         top: int = typer.Option(10, "--top", help="Rows of the largest-activations table. Default: 10."),
     ) -> None:
         """Trace a model into an annotated graph (shapes, FLOPs, bytes, memory) and summarise it."""
+        from distplan.cli import fail
         from distplan.tracer.api import trace_bundle
         from distplan.tracer.zoo import resolve_model
-
-        from distplan.cli import fail
 
         if out is not None and out.parent and not out.parent.exists():
             fail(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")

@@ -42,11 +42,11 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from distplan.tracer.capture import TorchFailure
-from distplan.tracer.models import GPT, MLP, GPTConfig, MLPConfig
 from torch import nn
 
 from distplan.errors import ModelSpecError
+from distplan.tracer.capture import TorchFailure
+from distplan.tracer.models import GPT, MLP, GPTConfig, MLPConfig
 
 __all__ = ["ModelBundle", "ModelInfo", "ModelKind", "list_models", "resolve_model"]
 

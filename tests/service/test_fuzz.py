@@ -6,11 +6,12 @@ from __future__ import annotations
 import httpx
 import pytest
 import schemathesis
-from distplan.service.app import create_app
-from distplan.service.settings import Settings
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 from service_harness import ServerProcess
+
+from distplan.service.app import create_app
+from distplan.service.settings import Settings
 
 # Multi-process: the real server runs uvicorn plus its worker processes.
 pytestmark = pytest.mark.slow

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from distplan.tracer import capture, graph_from_capture, resolve_model, trace
 from torch import fx, nn
+
+from distplan.tracer import capture, graph_from_capture, resolve_model, trace
 
 
 class _Skip(nn.Module):

@@ -7,12 +7,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from distplan.tracer import capture, graph_from_capture, resolve_model, trace
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from distplan.graph import OpGraph
+from distplan.tracer import capture, graph_from_capture, resolve_model, trace
 
 TINY = ("mlp-tiny", "gpt-tiny", "gpt2-tiny", "llama-tiny", "bert-tiny")
 

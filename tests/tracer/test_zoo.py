@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from distplan.tracer import ModelBundle, list_models, resolve_model, trace
 
 from distplan.errors import ModelSpecError
+from distplan.tracer import ModelBundle, list_models, resolve_model, trace
 
 
 def test_list_models_names_and_sizes() -> None:
