@@ -9,6 +9,7 @@ and exits non-zero at once, so the parent can report it and stop the other ranks
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -45,12 +46,15 @@ def main(config_path: str) -> int:
     cfg = json.loads(Path(config_path).read_text())
     rank = int(os.environ["RANK"])
     out = Path(cfg["dir"])
+    # On SIGUSR1 the parent gets every thread's Python stack (how it tells a hung rank from one waiting).
+    stack_file = open(out / f"rank{rank}.stack", "w")  # noqa: SIM115 - open for the process's lifetime
+    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
     try:
         import torch
-        from distplan.lowering.runtime import lower
-        from distplan.tracer import resolve_model
 
+        from distplan.lowering.runtime import lower
         from distplan.plan import Plan
+        from distplan.tracer import resolve_model
 
         torch.manual_seed(cfg["seed"])
         plan = Plan.from_dict(cfg["plan"])

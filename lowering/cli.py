@@ -82,7 +82,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Emit a launcher for a plan: plan.json, a train.py entry point and the torchrun command per host."""
         from distplan.lowering.launcher import emit_launcher
-
         from distplan.plan import Plan
 
         plan = Plan.load(plan_path)
@@ -139,7 +138,6 @@ def register(app: typer.Typer) -> None:
         """Run a plan on one CPU process per rank (gloo) and compare loss, gradients and updated parameters
         with the single-device model. Exit code 0 when it passed, 1 when it failed."""
         from distplan.lowering.validation import validate
-
         from distplan.plan import Plan
         from distplan.progress import ProgressLine
 

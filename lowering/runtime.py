@@ -37,6 +37,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from distplan.errors import LoweringError
+from distplan.graph import OpGraph
 from distplan.lowering._model import (
     CapturedModel,
     ModelSource,
@@ -46,10 +50,6 @@ from distplan.lowering._model import (
     resolve_source,
 )
 from distplan.lowering.split import StageModule, split_graph
-from torch import nn
-
-from distplan.errors import LoweringError
-from distplan.graph import OpGraph
 from distplan.plan import Plan
 
 __all__ = ["RankInfo", "Runner", "lower", "plan_layout"]

@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from distplan.lowering._model import capture_model, check_node_names, check_plan_graph, resolve_source
-from distplan.lowering.runtime import plan_layout
 
 from distplan.errors import LoweringError, ModelSpecError
+from distplan.lowering._model import capture_model, check_node_names, check_plan_graph, resolve_source
+from distplan.lowering.runtime import plan_layout
 from distplan.plan import Plan, build_rank_map
 
 __all__ = ["TensorCheck", "Tolerance", "ValidationReport", "validate"]
@@ -497,7 +497,51 @@ def _kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
 _PEER_FAILURE = ("connection closed by peer", "connection reset", "broken pipe", "timed out", "timeout")
 
 
-_GRACE_S = 10.0
+_COMM_FRAMES = (
+    "distributed_c10d.py",
+    "_wait_batch_p2p",
+    "batch_isend_irecv",
+    "rendezvous",
+    "_store_based_barrier",
+)
+
+
+def _stack_of(d: Path, rank: int) -> list[str]:
+    """The main thread's frames, innermost first, from the rank's last faulthandler dump."""
+    try:
+        text = (d / f"rank{rank}.stack").read_text(errors="replace")
+    except OSError:
+        return []
+    blocks = [b for b in text.split("\n\n") if b.strip()]
+    if not blocks:
+        return []
+    main = next((b for b in blocks if "Current thread" in b or "Thread" in b), blocks[-1])
+    return [ln.strip() for ln in main.splitlines() if ln.strip().startswith("File ")]
+
+
+def _diagnose_timeout(
+    procs: list[subprocess.Popen[bytes]], running: list[int], d: Path, *, timeout_s: float, layout: Plan
+) -> tuple[int | None, str]:
+    """Ask the running ranks for their stacks: a rank outside communication while the others wait in it is
+    the one that hangs."""
+    for r in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(procs[r].pid, signal.SIGUSR1)
+    time.sleep(1.0)
+    stacks = {r: _stack_of(d, r) for r in running}
+    waiting = [r for r, fr in stacks.items() if fr and any(k in ln for ln in fr[:12] for k in _COMM_FRAMES)]
+    busy = [r for r, fr in stacks.items() if fr and r not in waiting]
+    if busy and waiting:
+        r = busy[0]
+        return r, (
+            f"{_where(r, layout)} hangs: after {timeout_s:g} s it is still in {stacks[r][0]}, while ranks {waiting} "
+            "wait for it in communication"
+        )
+    return (
+        running[0],
+        f"timed out after {timeout_s:g} s with ranks {running} still running (a rank hangs, or the run needs a "
+        "larger timeout_s)",
+    )
 
 
 def _where(rank: int, layout: Plan) -> str:
@@ -563,14 +607,8 @@ def _wait(
                 done.add(r)
                 say(f"rank {r} finished ({len(done)}/{len(procs)})")
         running = [r for r, p in enumerate(procs) if p.poll() is None]
-        # A little longer than the collectives' own timeout, so the ranks waiting on a hung peer give up
-        # first and the hung one can be named.
-        if running and time.perf_counter() - t0 > timeout_s + _GRACE_S:
-            return (
-                running[0] if running else None,
-                f"timed out after {timeout_s:g} s with ranks {running} still running (a rank hangs, or the run "
-                "needs a larger timeout_s)",
-            )
+        if running and time.perf_counter() - t0 > timeout_s:
+            return _diagnose_timeout(procs, running, d, timeout_s=timeout_s, layout=layout)
         time.sleep(0.05)
     return None
 

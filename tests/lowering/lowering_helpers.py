@@ -8,12 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-from distplan.planner import evaluate
-from distplan.tracer import trace
-
 from distplan.graph import OpGraph
 from distplan.plan import Plan, PlanRequest, Stage, build_rank_map
+from distplan.planner import evaluate
 from distplan.profiles import load_cluster
+from distplan.tracer import trace
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,11 +13,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from distplan.lowering import emit_launcher, lower
-from distplan.lowering.runtime import _plan_rank, plan_layout
 from lowering_helpers import PYTHON, cli_env, cut, hand_plan, layout_plan
 
 from distplan.errors import LoweringError
+from distplan.lowering import emit_launcher, lower
+from distplan.lowering.runtime import _plan_rank, plan_layout
 from distplan.plan import Plan
 
 

@@ -8,11 +8,11 @@ import itertools
 
 import pytest
 import torch
-from distplan.lowering.split import StageModule, split_graph
-from distplan.tracer import capture, resolve_model
 from torch import fx, nn
 
 from distplan.errors import LoweringError
+from distplan.lowering.split import StageModule, split_graph
+from distplan.tracer import capture, resolve_model
 
 
 def _names(gm: fx.GraphModule) -> list[str]:

@@ -12,10 +12,10 @@ import subprocess
 import time
 
 import pytest
-from distplan.lowering import Tolerance, validate
 from lowering_helpers import PYTHON, cli_env, cut, graph_of, hand_plan, layout_plan
 
 from distplan.errors import PlanError
+from distplan.lowering import Tolerance, validate
 
 TOL = Tolerance(loss=1e-5, grad=1e-4, param=1e-4)
 
