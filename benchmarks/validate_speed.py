@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 
 from distplan.lowering import validate
-from distplan.planner import plan as make_plan
-from distplan.tracer import trace
-
 from distplan.plan import Plan, PlanRequest, Stage, build_rank_map
+from distplan.planner import plan as make_plan
 from distplan.profiles import load_cluster
+from distplan.tracer import trace
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
