@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _graphs import load
-from distplan.planner import plan
 
+from distplan.planner import plan, simulate
 from distplan.profiles import load_cluster
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,6 +83,7 @@ def main() -> None:
                 it = p.predictions.iteration_time_s
                 row.update(
                     iteration_time_s=it,
+                    simulated_iteration_time_s=simulate(p, graph).iteration_time_s,
                     baselines=dict(p.baselines),
                     best_baseline=best_name,
                     speedup_vs_best=(fitted[best_name] / it) if best_name else None,
@@ -115,7 +116,7 @@ def main() -> None:
     print()
     print(
         f"{'model':10s} {'cluster':14s} {'dtype':5s} {'kinds x':>7s} {'distplan s':>10s} {'best baseline':>22s} "
-        f"{'speed-up':>8s} {'vs equal':>8s} {'gap':>6s} {'solve s':>7s}"
+        f"{'speed-up':>8s} {'vs equal':>8s} {'gap':>6s} {'solve s':>7s} {'sim/pred':>8s}"
     )
     for r in rows:
         if "error" in r:
@@ -132,7 +133,8 @@ def main() -> None:
         eq = f"{r['speedup_vs_equal_layers']:.2f}x" if r["speedup_vs_equal_layers"] else "-"
         print(
             f"{r['model']:10s} {r['cluster']:14s} {r['dtype']:5s} {r['speed_ratio']:7.1f} {r['iteration_time_s']:10.4g} "
-            f"{bb:>22s} {sp:>8s} {eq:>8s} {r['gap']:6.1%} {r['solver_s']:7.2f}"
+            f"{bb:>22s} {sp:>8s} {eq:>8s} {r['gap']:6.1%} {r['solver_s']:7.2f} "
+            f"{r['simulated_iteration_time_s'] / r['iteration_time_s']:8.3f}"
         )
     print(f"\nwritten {out}")
 

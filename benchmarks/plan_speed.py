@@ -18,9 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _graphs import load
+
 from distplan.planner import plan
 from distplan.planner.synthetic import synthetic_transformer
-
 from distplan.profiles import load_cluster
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -82,6 +82,7 @@ def plan_summary(plan: Any, graph: Any | None = None) -> dict[str, Any]:
         "bubble_fraction": pred.bubble_fraction,
         "num_stages": plan.num_stages,
         "devices_used": len(plan.devices_used),
+        "device_ids": list(plan.devices_used),
         "solver": {
             "status": plan.solver.status,
             "objective": plan.solver.objective_s,
