@@ -202,7 +202,7 @@ class Runner:
         captured: CapturedModel,
         source: ModelSource,
         canonical: dict[int, str],
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None,
         dp_group: Any,
         tied_groups: list[tuple[Any, list[str]]],
         mesh: Any,
@@ -316,8 +316,9 @@ class Runner:
                 g.div_(dp)  # type: ignore[union-attr]
 
     def optimizer_step(self) -> None:
-        """Apply the optimizer to this rank's parameters (after :meth:`step`)."""
-        self.optimizer.step()
+        """Apply the optimizer to this rank's parameters (after :meth:`step`); nothing when it holds none."""
+        if self.optimizer is not None:
+            self.optimizer.step()
 
     def train_step(self, inputs: Any = None, targets: Any = None) -> float | None:
         """:meth:`step` then :meth:`optimizer_step`; returns the loss as :meth:`step` does."""
@@ -557,10 +558,12 @@ def lower(
     schedule = _make_schedule(plan, pstages, source.loss)
 
     params = list(dict.fromkeys(p for st in mine for p in st.module.parameters()))
-    if callable(optimizer):
-        opt = optimizer(params)
-    else:
-        opt = _make_optimizer(optimizer or plan.request.optimizer, params, lr)
+    name = None if callable(optimizer) else (optimizer or plan.request.optimizer)
+    if name is not None and name not in ("sgd", "adam", "adamw"):
+        raise LoweringError(f"unknown optimizer {name!r}; use sgd, adam or adamw, or pass a factory")
+    opt: torch.optim.Optimizer | None = None
+    if params:  # a stage of parameter-free ops (a cut between two reshapes) has nothing to update
+        opt = optimizer(params) if callable(optimizer) else _make_optimizer(str(name), params, lr)
     info = RankInfo(
         rank=rank,
         world_size=world,

@@ -74,6 +74,19 @@ def test_cut_inside_a_transformer_block_with_residual_crossing() -> None:
 
 
 @pytest.mark.slow
+def test_stage_without_parameters() -> None:
+    """A middle stage of parameter-free ops (it only reshapes and relays) has nothing to optimize."""
+    spec = "gpt-tiny"
+    g = graph_of(spec)
+    mid = len(g.nodes) // 2
+    a = next(i for i in range(mid, len(g.nodes)) if not g.nodes[i].params)
+    z = next(i for i in range(a, len(g.nodes)) if g.nodes[i].params)
+    plan = layout_plan(spec, f"gpipe m2x1 | 0:{a}@0 | {a}:{z}@1 | {z}:{{n}}@2", global_batch=2)
+    report = validate(plan, spec, tolerance=TOL)
+    _assert_passed(report, ranks=3)
+
+
+@pytest.mark.slow
 def test_host_major_ranks_and_cli_json_contract(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Stage 0 on the second host: rank 0 runs stage 1 (pipeline order != rank order)."""
     spec = "gpt-tiny"
