@@ -28,11 +28,11 @@ import datetime
 import os
 import sys
 
-import distplan.tracer
 import torch
 import torch.distributed as dist
 
 import distplan
+import distplan.tracer
 
 
 def local_cluster(world_size: int, memory_mib: float) -> dict[str, object]:

@@ -113,9 +113,8 @@ def run_demo(
     """
     from distplan.planner import plan as make_plan
     from distplan.planner import simulate
-    from distplan.tracer import trace
-
     from distplan.profiles import load_cluster
+    from distplan.tracer import trace
 
     if global_batch < 1:
         raise DistplanError(f"--global-batch must be >= 1, got {global_batch}")

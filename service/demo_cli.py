@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+
 from distplan.service.demo import (
     DEFAULT_CLUSTER,
     DEFAULT_GLOBAL_BATCH,
@@ -17,16 +18,18 @@ from distplan.service.demo import (
 )
 
 if TYPE_CHECKING:
-    from distplan.service.demo import DemoResult
     from rich.console import Console
+
+    from distplan.service.demo import DemoResult
 
 __all__ = ["demo_command", "print_plan_table", "register"]
 
 
 def print_plan_table(result: DemoResult, console: Console) -> None:
     """The plan as a table: one row per stage."""
-    from distplan.service.report import device_ranges, format_bytes, format_seconds, layer_summary
     from rich.table import Table
+
+    from distplan.service.report import device_ranges, format_bytes, format_seconds, layer_summary
 
     plan, graph = result.plan, result.graph
     cluster = plan.request.cluster
@@ -109,10 +112,10 @@ def demo_command(
     the plan table, the predicted iteration time, the speed-up over the equal split and over the best
     baseline, and the validation verdict. Exits 1 if the validation fails.
     """
-    from distplan.service.demo import run_demo, summary_dict, summary_lines
     from rich.console import Console
 
     from distplan.progress import ProgressLine
+    from distplan.service.demo import run_demo, summary_dict, summary_lines
 
     console = Console(width=None if sys.stdout.isatty() else 120, highlight=False)
     with ProgressLine("starting", json_out=json_out) as show:

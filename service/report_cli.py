@@ -65,11 +65,10 @@ def report_command(
     capacity, the model's layers coloured by stage, the simulated timeline (one row per device), the
     baselines and the solver report. It needs no network to view.
     """
-    from distplan.service.report import render_report, render_timeline_svg, write_timeline_png
-
     from distplan.errors import DistplanError
     from distplan.graph import OpGraph
     from distplan.plan import Plan
+    from distplan.service.report import render_report, render_timeline_svg, write_timeline_png
 
     plan = Plan.load(plan_file)
     graph = OpGraph.load(graph_file) if graph_file is not None else None

@@ -12,6 +12,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
 
+from ux_handmade import gpt_like_graph, handmade_plan, handmade_timeline
+
 from distplan.service.report import (
     baseline_rows,
     best_baseline,
@@ -24,7 +26,6 @@ from distplan.service.report import (
     render_report,
     render_timeline_svg,
 )
-from ux_handmade import gpt_like_graph, handmade_plan, handmade_timeline
 
 DISTPLAN = [sys.executable, "-m", "distplan.cli"]
 

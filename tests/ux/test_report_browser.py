@@ -10,11 +10,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from distplan.service.report import render_report
 from playwright.sync_api import ConsoleMessage, sync_playwright
 from ux_handmade import gpt_like_graph, handmade_plan, handmade_timeline
 
 from distplan.plan import Plan
+from distplan.service.report import render_report
 
 CHROMIUM_ARGS = [
     "--headless",
