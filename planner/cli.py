@@ -219,10 +219,9 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
     ) -> None:
         """Simulate one training iteration of a plan, event by event."""
-        from distplan.planner import simulate
-
         from distplan.graph import OpGraph
         from distplan.plan import Plan
+        from distplan.planner import simulate
 
         p = Plan.load(plan_file)
         graph = OpGraph.load(graph_file) if graph_file is not None else None

@@ -69,6 +69,8 @@ INFEASIBLE_BOUND = 2**62
 IMPROVE_TOP = 3
 #: At most this many integer programs per plan; the other candidates keep their greedy solution and bound.
 MAX_SOLVES = 4
+#: Stage slots x blocks up to which every candidate is solved (outside the MAX_SOLVES budget).
+TINY_MODEL = 64
 #: Stage slots x blocks above which the integer program is not attempted (see ``search``).
 LARGE_MODEL = 700
 
@@ -590,10 +592,12 @@ def search(
     cluster = cost.cluster
     blocks = coarsen(graph, max_blocks=max_blocks)
     _precheck(cost, cluster, blocks)
-    sched = schedule or "1f1b"
+    # The schedule is a decision too: 1F1B holds fewer activations, but its steady state carries each
+    # stage's round trip, which GPipe overlaps (see cost.py).
+    scheds = [schedule] if schedule else ["1f1b", "gpipe"]
     cands: list[tuple[Candidate, StageProblem, _Groups, int, tuple[int, tuple] | None]] = []
     memory_short = 0
-    for dp in candidate_dp(cluster, global_batch, microbatches):
+    for dp, sched in itertools.product(candidate_dp(cluster, global_batch, microbatches), scheds):
         groups = _groups(cluster, dp)
         total_groups = sum(t.count for t in groups.types)
         per = global_batch // dp
@@ -653,7 +657,10 @@ def search(
         for i in order
         if cands[i][1].max_stages * cands[i][1].num_blocks <= LARGE_MODEL and cands[i][3] < INFEASIBLE_BOUND
     ]
-    to_solve = [i for i in small if best is None or lb_s(i) < best[0]][:MAX_SOLVES]
+    promising = [i for i in small if best is None or lb_s(i) < best[0]]
+    # Tiny models (brute-force sizes) take milliseconds: solve them all; the rest share the time limit.
+    tiny = [i for i in promising if cands[i][1].max_stages * cands[i][1].num_blocks <= TINY_MODEL]
+    to_solve = tiny + [i for i in promising if i not in tiny][:MAX_SOLVES]
     share = time_limit_s / max(1, len(to_solve))
     deadline = t0 + time_limit_s
     bounds: list[float] = []
@@ -665,7 +672,7 @@ def search(
         if lb >= INFEASIBLE_BOUND:
             statuses["LP_INFEASIBLE"] = statuses.get("LP_INFEASIBLE", 0) + 1
             continue
-        if i not in to_solve:
+        if i not in to_solve or (best is not None and lb * unit >= best[0]):
             bounds.append(lb * unit)
             key = "PRUNED" if best is not None and lb * unit >= best[0] else "NOT_SOLVED"
             if key == "NOT_SOLVED" and i not in small:
@@ -720,7 +727,7 @@ def search(
     summary = ", ".join(f"{k.lower()} {v}" for k, v in sorted(statuses.items()))
     notes.insert(
         0,
-        f"{len(cands)} candidates (dp x microbatches): {summary}; best from {source}"
+        f"{len(cands)} candidates (dp x microbatches x schedule): {summary}; best from {source}"
         + (f"; {memory_short} more cannot hold the model's state" if memory_short else ""),
     )
     report = SolverReport(

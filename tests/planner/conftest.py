@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from distplan.planner.synthetic import synthetic_transformer
 
 

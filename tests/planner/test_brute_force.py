@@ -13,6 +13,8 @@ import itertools
 import math
 
 import pytest
+
+from distplan.errors import InfeasiblePlanError
 from distplan.planner import plan
 from distplan.planner.coarsen import coarsen
 from distplan.planner.cost import CostModel
@@ -27,8 +29,6 @@ from distplan.planner.search import (
     int_objective,
 )
 from distplan.planner.synthetic import random_chain_graph, random_cluster
-
-from distplan.errors import InfeasiblePlanError
 
 SEEDS = range(24)
 
@@ -114,11 +114,11 @@ def test_plan_is_as_fast_as_every_layout_in_scope(seed: int) -> None:
     cost = CostModel(graph, cluster)
     bounds = coarsen(graph, max_blocks=8).bounds
     best = math.inf
-    for dp in candidate_dp(cluster, global_batch):
+    for dp, sched in itertools.product(candidate_dp(cluster, global_batch), ("1f1b", "gpipe")):
         for m in candidate_microbatches(global_batch // dp, max_stages=4):
             for stages in _scope_layouts(cluster, bounds, dp):
                 costs, total, _ = layout_cost(
-                    cost, stages, schedule="1f1b", microbatches=m, microbatch_size=global_batch // (dp * m)
+                    cost, stages, schedule=sched, microbatches=m, microbatch_size=global_batch // (dp * m)
                 )
                 fits = all(
                     c.memory_bytes <= cluster.kinds[cluster.devices()[s.devices[0]].kind].usable_memory_bytes

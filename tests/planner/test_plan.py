@@ -7,12 +7,12 @@ import subprocess
 import sys
 
 import pytest
-from distplan.planner import BASELINES, baselines, coarsen, evaluate, plan, simulate
-from distplan.planner.coarsen import layer_starts
-from distplan.planner.synthetic import synthetic_transformer
 
 from distplan.errors import DistplanError, InfeasiblePlanError, PlanError, ProfileError
 from distplan.plan import Plan
+from distplan.planner import BASELINES, baselines, coarsen, evaluate, plan, simulate
+from distplan.planner.coarsen import layer_starts
+from distplan.planner.synthetic import synthetic_transformer
 
 
 def _stable(p: Plan) -> dict:
