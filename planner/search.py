@@ -795,7 +795,11 @@ def plan(
     progress: Callable[[SolverProgress], None] | None = None,
     baselines: bool = True,
 ) -> Plan:
-    """The fastest plan the integer program finds for ``graph`` on ``cluster`` (checked, deterministic).
+    """The fastest plan the search finds for ``graph`` on ``cluster`` (checked, deterministic).
+
+    Decides the stages (contiguous node ranges at block boundaries), each stage's group of ``dp``
+    same-kind devices on one host, the data-parallel degree, the microbatch count and, unless given, the
+    schedule (1F1B or GPipe), minimising the cost model's iteration time under every device's memory.
 
     The plan's ``solver`` report carries status, objective, bound, gap and seconds; ``baselines`` maps
     each baseline's name to its predicted iteration time (None where it does not fit).
