@@ -135,8 +135,10 @@ def register(app: typer.Typer) -> None:
             False, "--json", help="Print one JSON object (the report) instead of text."
         ),
     ) -> None:
-        """Run a plan on one CPU process per rank (gloo) and compare loss, gradients and updated parameters
-        with the single-device model. Exit code 0 when it passed, 1 when it failed."""
+        """Run a plan on CPU ranks (gloo) and compare it with the single-device model.
+
+        One process per rank runs the steps; loss, gradients and updated parameters are compared by original
+        parameter name. Exit code 0 when it passed, 1 when it failed."""
         from distplan.lowering.validation import validate
         from distplan.plan import Plan
         from distplan.progress import ProgressLine
