@@ -306,6 +306,11 @@ def validate(
         )
         run_plan = with_microbatch_size(run_plan, max_microbatch_size)
     mb = run_plan.microbatch_size
+    if optimizer != plan.request.optimizer:
+        notes.append(
+            f"optimizer {optimizer} (lr {lr:g}) instead of the plan's {plan.request.optimizer}: an update linear in "
+            "the gradient measures the split, not the optimizer's amplification of rounding noise"
+        )
 
     # ---- the model (before anything is spawned: bad specs and foreign plans fail here)
     spec = model if isinstance(model, str) else getattr(model, "spec", None)
