@@ -9,7 +9,9 @@ pipeline order: group rank ``p`` runs stage ``p`` (and, under interleaved 1F1B, 
 ``new_group`` sorts its ranks, and host-major rank order need not be pipeline order (a plan may put stage 0
 on the second host), so the pipeline groups are made unsorted (``_new_group_with_tag(sort_ranks=False)``).
 The data-parallel groups are the ``dp`` dimension of a ``DeviceMesh`` of shape ``(pipeline position,
-replica)`` built from the same map. Parameters shared by several stages (tied embeddings) get one more group
+replica)`` built from the same map; after the schedule's last backward, each rank averages its gradients
+over its data-parallel group in one coalesced all-reduce (what DDP does, but once per iteration instead of
+per microbatch, and without DDP's hooks, which pipelining's per-microbatch backward would fire each time). Parameters shared by several stages (tied embeddings) get one more group
 per replica: the ranks holding a copy, which sum their gradients (Megatron's embedding group).
 
 [Note: rank translation]
