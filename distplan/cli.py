@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"error: {e}", err=True)
         if e.__cause__ is not None and not isinstance(e.__cause__, DistplanError):
             cause = str(e.__cause__).strip().splitlines()
-            typer.echo(f"  caused by {type(e.__cause__).__name__}: {cause[0][:300] if cause else ''}", err=True)
+            typer.echo(
+                f"  caused by {type(e.__cause__).__name__}: {cause[0][:300] if cause else ''}", err=True
+            )
         typer.echo("  (run with --debug for the traceback)", err=True)
         sys.exit(2)
     except typer.Exit as e:

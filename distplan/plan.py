@@ -464,6 +464,11 @@ class Plan:
                     f"stage {i} needs {s.memory_bytes / 2**30:.2f} GiB per device but a {s.kind} has "
                     f"{cap / 2**30:.2f} GiB usable ({(s.memory_bytes - cap) / 2**30:.2f} GiB short)"
                 )
+        if self.schedule == "1f1b" and self.num_microbatches < len(self.stages):
+            raise _E(
+                f"1f1b needs at least as many microbatches as stages: {self.num_microbatches} microbatches, "
+                f"{len(self.stages)} stages (use more microbatches, fewer stages, or gpipe)"
+            )
         want = self.num_microbatches * self.microbatch_size * self.dp
         if want != self.request.global_batch:
             raise _E(

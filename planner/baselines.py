@@ -17,6 +17,7 @@ that fits in memory (so they are strong baselines), or is None when nothing fits
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -84,7 +85,11 @@ def _best_over_microbatches(
         costs, total, _ = layout_cost(
             cost, stages, schedule=schedule, microbatches=m, microbatch_size=per // m
         )
-        if _fits(cost, costs, stages) and (best is None or total < best.iteration_time_s):
+        if (
+            math.isfinite(total)
+            and _fits(cost, costs, stages)
+            and (best is None or total < best.iteration_time_s)
+        ):
             best = BaselineLayout(stages, cand, total)
     return best
 
@@ -229,7 +234,7 @@ def _homogeneous(
                     costs, total, _ = layout_cost(
                         cost, stages, schedule=schedule, microbatches=m, microbatch_size=b
                     )
-                    if _fits(cost, costs, stages):
+                    if math.isfinite(total) and _fits(cost, costs, stages):
                         options.append(
                             (assumed, BaselineLayout(stages, Candidate(dp, m, b, schedule), total))
                         )

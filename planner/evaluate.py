@@ -6,6 +6,7 @@ predicted by the same model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -96,6 +97,9 @@ def layout_cost(
     devs = cluster.devices()
     out: list[StageCost] = []
     num = len(stages)
+    if schedule == "1f1b" and num > microbatches:
+        # Not runnable (Schedule1F1B needs microbatches >= stages): price it out of every comparison.
+        return [], math.inf, 1.0
     for i, st in enumerate(stages):
         kind = devs[st.devices[0]].kind
         send_link: Link | None = None
@@ -205,6 +209,11 @@ def build_plan(
         raise PlanError(
             f"{microbatches} microbatches x {microbatch_size} samples x dp {dp} = "
             f"{microbatches * microbatch_size * dp}, but global_batch is {request.global_batch}"
+        )
+    if schedule == "1f1b" and len(stages) > microbatches:
+        raise PlanError(
+            f"1f1b needs at least as many microbatches as stages: {microbatches} microbatches, "
+            f"{len(stages)} stages (use more microbatches, fewer stages, or gpipe)"
         )
     costs, total, bubble = layout_cost(
         cost, stages, schedule=schedule, microbatches=microbatches, microbatch_size=microbatch_size

@@ -207,7 +207,16 @@ def build_problem(
     total_groups = sum(t.count for t in types)
     prob = StageProblem(
         num_blocks=blocks.num_blocks,
-        max_stages=max(1, min(blocks.num_blocks, total_groups)),
+        # torch.distributed.pipelining's Schedule1F1B needs at least as many microbatches as stages, and a
+        # plan the lowering cannot run is no plan (GPipe has no such limit).
+        max_stages=max(
+            1,
+            min(
+                blocks.num_blocks,
+                total_groups,
+                cand.microbatches if cand.schedule == "1f1b" else total_groups,
+            ),
+        ),
         microbatches=cand.microbatches,
         schedule=cand.schedule,
         groups=tuple(types),
