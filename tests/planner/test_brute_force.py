@@ -117,6 +117,8 @@ def test_plan_is_as_fast_as_every_layout_in_scope(seed: int) -> None:
     for dp, sched in itertools.product(candidate_dp(cluster, global_batch), ("1f1b", "gpipe")):
         for m in candidate_microbatches(global_batch // dp, max_stages=4):
             for stages in _scope_layouts(cluster, bounds, dp):
+                if sched == "1f1b" and len(stages) > m:
+                    continue  # not runnable: Schedule1F1B needs microbatches >= stages
                 costs, total, _ = layout_cost(
                     cost, stages, schedule=sched, microbatches=m, microbatch_size=global_batch // (dp * m)
                 )
@@ -137,3 +139,17 @@ def test_plan_is_as_fast_as_every_layout_in_scope(seed: int) -> None:
     assert got >= best * (1 - 1e-9)
     assert p.solver.status == "OPTIMAL"
     assert p.solver.gap <= 1e-4
+
+
+def test_1f1b_plans_never_have_more_stages_than_microbatches() -> None:
+    # The lowering runs torch's Schedule1F1B, which needs microbatches >= stages: a plan must respect it.
+    # Graph 301 on cluster 301 needs three stages, and a global batch of 2 allows at most 2 microbatches.
+    graph = random_chain_graph(301, nodes=8, scale=2.0)
+    cluster = random_cluster(301)
+    with pytest.raises(InfeasiblePlanError):
+        plan(graph, cluster=cluster, global_batch=2, schedule="1f1b", baselines=False, time_limit_s=5)
+    p = plan(graph, cluster=cluster, global_batch=2, baselines=False, time_limit_s=5)
+    assert p.num_stages == 3 and p.schedule == "gpipe", p.layout
+    p.check(graph)
+    p4 = plan(graph, cluster=cluster, global_batch=4, schedule="1f1b", baselines=False, time_limit_s=5)
+    assert p4.num_microbatches >= p4.num_stages >= 3, p4.layout
