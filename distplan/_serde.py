@@ -12,7 +12,17 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["canonical_hash", "get_bool", "get_float", "get_int", "get_list", "get_map", "get_str"]
+__all__ = [
+    "canonical_hash",
+    "get_bool",
+    "get_float",
+    "get_int",
+    "get_list",
+    "get_map",
+    "get_str",
+    "load_json",
+    "read_json_file",
+]
 
 
 def _fail(exc: type[Exception], path: str, what: str, value: Any) -> Exception:
@@ -105,3 +115,26 @@ def canonical_hash(obj: Any) -> str:
     """SHA-256 (hex, first 16 bytes) of the canonical JSON form of ``obj``."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def load_json(text: str, exc: type[Exception], what: str) -> Any:
+    """Parse JSON text, raising ``exc`` that names ``what`` (e.g. ``plan``) and where the syntax broke."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise exc(f"{what} JSON is not valid JSON: {e}") from e
+
+
+def read_json_file(path: Any, exc: type[Exception], what: str) -> Any:
+    """Read and parse a JSON file; errors name the file."""
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise exc(f"cannot read {what} file {str(p)!r}: {e.strerror}") from e
+    try:
+        return load_json(text, exc, what)
+    except exc as e:
+        raise exc(f"{p}: {e}") from e

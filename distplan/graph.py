@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distplan._serde import canonical_hash, get_int, get_list, get_map, get_str
+from distplan._serde import canonical_hash, get_int, get_list, get_map, get_str, load_json, read_json_file
 from distplan.errors import GraphError
 
 __all__ = ["GRAPH_SCHEMA_VERSION", "OpGraph", "OpNode", "TensorMeta"]
@@ -330,11 +330,7 @@ class OpGraph:
 
     @classmethod
     def from_json(cls, text: str) -> OpGraph:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise GraphError(f"graph JSON is not valid JSON: {e}") from e
-        return cls.from_dict(data)
+        return cls.from_dict(load_json(text, GraphError, "graph"))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
@@ -342,12 +338,9 @@ class OpGraph:
     @classmethod
     def load(cls, path: str | Path) -> OpGraph:
         p = Path(path)
+        data = read_json_file(p, GraphError, "graph")
         try:
-            text = p.read_text()
-        except OSError as e:
-            raise GraphError(f"cannot read graph file {str(p)!r}: {e.strerror}") from e
-        try:
-            return cls.from_json(text)
+            return cls.from_dict(data)
         except GraphError as e:
             raise GraphError(f"{p}: {e}") from e
 

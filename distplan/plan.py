@@ -26,7 +26,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from distplan._serde import canonical_hash, get_bool, get_float, get_int, get_list, get_map, get_str
+from distplan._serde import (
+    canonical_hash,
+    get_bool,
+    get_float,
+    get_int,
+    get_list,
+    get_map,
+    get_str,
+    load_json,
+    read_json_file,
+)
 from distplan.cluster import Cluster
 from distplan.errors import PlanError
 
@@ -534,11 +544,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise _E(f"plan JSON is not valid JSON: {e}") from e
-        return cls.from_dict(data)
+        return cls.from_dict(load_json(text, PlanError, "plan"))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
@@ -546,14 +552,11 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         p = Path(path)
+        data = read_json_file(p, PlanError, "plan")
         try:
-            text = p.read_text()
-        except OSError as e:
-            raise _E(f"cannot read plan file {str(p)!r}: {e.strerror}") from e
-        try:
-            return cls.from_json(text)
+            return cls.from_dict(data)
         except PlanError as e:
-            raise _E(f"{p}: {e}") from e
+            raise PlanError(f"{p}: {e}") from e
 
     def with_baselines(self, baselines: Mapping[str, float | None]) -> Plan:
         return replace(self, baselines=dict(baselines))
