@@ -432,6 +432,8 @@ def _lower_bound(p: StageProblem, upper: int | None = None) -> int:
     model on kind ``k``). The fill term is at least the cheapest fractional cover (fastest kinds first), and
     ``T`` at least the largest block on its fastest kind. Minimised over ``T`` on a grid, taking for each
     grid cell the cover at its right end and the steady state at its left end, so the bound stays valid.
+    Both start ``T`` at :func:`_min_bottleneck` (memory-forced stage counts, 1F1B's early stages holding
+    more activations), which also proves a candidate infeasible (``INFEASIBLE_BOUND``).
     """
     tfb = [
         np.array(f, dtype=np.float64) + np.array(b) for f, b in zip(p.fwd_prefix, p.bwd_prefix, strict=True)
@@ -453,7 +455,21 @@ def _lower_bound(p: StageProblem, upper: int | None = None) -> int:
             per_host[g.host] = per_host.get(g.host, 0) + g.count
         links = {g.link for g in p.groups if per_host[g.host] >= 2} | {p.net_link}
         c_min = float(min(min(p.comm_prefix[lk][1 : p.num_blocks]) for lk in links))
-    lp = _lp_bound(p, c_min)
+    # The fill's round trips: every cut between two stages sends at least the cheapest cut on a usable link
+    # (both schedules put 2 x the send on the fill; only 1F1B puts it on the bottleneck too).
+    c_fill = c_min
+    if p.num_blocks > 1 and sum(counts.values()) > 1 and p.schedule != "1f1b":
+        per_host = {}
+        for g in p.groups:
+            per_host[g.host] = per_host.get(g.host, 0) + g.count
+        links = {g.link for g in p.groups if per_host[g.host] >= 2} | {p.net_link}
+        c_fill = float(min(min(p.comm_prefix[lk][1 : p.num_blocks]) for lk in links))
+    upper_t = None if upper is None else upper // max(1, m) + 1
+    t_star = _min_bottleneck(p, upper_t)
+    if t_star is None:
+        return INFEASIBLE_BOUND
+    block = max(block, float(t_star))
+    lp = _lp_bound(p, c_min, c_fill, t_star)
     if lp is not None and not math.isfinite(lp):
         return INFEASIBLE_BOUND
     lp_floor = math.floor(lp) if lp is not None else 0
@@ -484,7 +500,96 @@ def _lower_bound(p: StageProblem, upper: int | None = None) -> int:
     return max(lp_floor, fluid)
 
 
-def _lp_bound(p: StageProblem, c_min: float) -> float | None:
+def _min_bottleneck(p: StageProblem, upper: int | None = None) -> int | None:
+    """A lower bound on the bottleneck of every layout (1F1B: ``max_s T_s + 2 c_s``; GPipe: ``Fmax + Bmax``
+    >= ``max_s T_s``), or None if no layout fits memory.
+
+    Exact feasibility test of a relaxation for a bottleneck ``T``, binary-searched: stages are built from the
+    last one backwards; the ``r``-th stage from the end holds ``min(r, M)`` microbatches of activations
+    under 1F1B (``M`` under GPipe) whatever the stage count, so memory is checked exactly; each kind's groups
+    are pooled (kind-``k`` stages at most ``n_k``, the round trip priced on the cheapest usable link). A
+    state is the number of stages of each kind; its value the smallest boundary the suffix can start at
+    (stages can only grow leftwards while time and memory allow, so the smallest start dominates). ``T`` is
+    feasible if some state reaches boundary 0. ``upper``: a bottleneck known to be feasible (saves steps).
+    """
+    nb, m = p.num_blocks, p.microbatches
+    counts: dict[int, int] = {}
+    caps: dict[int, int] = {}
+    for g in p.groups:
+        counts[g.kind] = counts.get(g.kind, 0) + g.count
+        caps[g.kind] = g.cap_kib
+    kinds = sorted(counts)
+    nk = np.array([counts[k] for k in kinds], dtype=np.int64)
+    tfb = [
+        np.array(p.fwd_prefix[k], dtype=np.int64) + np.array(p.bwd_prefix[k], dtype=np.int64) for k in kinds
+    ]
+    mem = np.array(p.mem_prefix, dtype=np.int64)
+    act = np.array(p.act_prefix, dtype=np.int64)
+    gpipe = p.schedule == "gpipe"
+    if gpipe or nb == 1 or sum(counts.values()) == 1:
+        rt = np.zeros(nb + 1, dtype=np.int64)
+    else:
+        per_host: dict[int, int] = {}
+        for g in p.groups:
+            per_host[g.host] = per_host.get(g.host, 0) + g.count
+        links = sorted({g.link for g in p.groups if per_host[g.host] >= 2} | {p.net_link})
+        rt = 2 * np.min(np.array([p.comm_prefix[lk] for lk in links], dtype=np.int64), axis=0)
+    radix = np.cumprod(np.concatenate(([1], nk[:-1] + 1)))
+
+    def feasible(limit: int) -> bool:
+        cnt = np.zeros((1, len(kinds)), dtype=np.int64)
+        start = np.array([nb], dtype=np.int64)
+        for r in range(p.max_stages):
+            v = m if gpipe else min(r + 1, m)
+            room = mem + v * act
+            new_cnt, new_start = [], []
+            for i, k in enumerate(kinds):
+                ok = cnt[:, i] < nk[i]
+                if not ok.any():
+                    continue
+                f = start[ok]
+                extra = rt[f] if r else np.zeros_like(f)
+                a_mem = np.searchsorted(room, room[f] - caps[k], side="left")
+                a_time = np.searchsorted(tfb[i], tfb[i][f] + extra - limit, side="left")
+                a = np.maximum(a_mem, a_time)
+                grow = a < f
+                if not grow.any():
+                    continue
+                if (a[grow] == 0).any():
+                    return True
+                c2 = cnt[ok][grow].copy()
+                c2[:, i] += 1
+                new_cnt.append(c2)
+                new_start.append(a[grow])
+            if not new_cnt:
+                return False
+            cnt_all = np.concatenate(new_cnt)
+            st_all = np.concatenate(new_start)
+            keys = cnt_all @ radix
+            uniq, inv = np.unique(keys, return_inverse=True)
+            best = np.full(len(uniq), nb, dtype=np.int64)
+            np.minimum.at(best, inv, st_all)
+            first = np.zeros(len(uniq), dtype=np.int64)
+            first[inv[::-1]] = np.arange(len(inv))[::-1]
+            cnt, start = cnt_all[first], best
+        return False
+
+    hi = int(max(int(t[-1]) for t in tfb) + int(rt.max(initial=0)) + 1)
+    if upper is not None and upper < hi and feasible(upper):
+        hi = upper
+    elif not feasible(hi):
+        return None
+    lo = 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if feasible(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _lp_bound(p: StageProblem, c_min: float, c_fill: float = 0.0, t_min: int = 0) -> float | None:
     """The LP relaxation of the stage problem with stages of one kind pooled (GLOP), or None if GLOP fails.
 
     Variables ``x[j, k]`` (share of block ``j`` run on kind ``k``) and the bottleneck ``T``:
@@ -492,11 +597,14 @@ def _lp_bound(p: StageProblem, c_min: float) -> float | None:
     - cover:    ``sum_k x[j, k] = 1``
     - time:     ``sum_j t[j, k] x[j, k] <= n_k (T - 2 c_min) + 2 c_min`` (kind ``k``'s ``n_k`` groups each
       carry at most ``T`` minus its round trip; the last stage has none)
-    - memory:   ``sum_j (state[j] + act[j]) x[j, k] <= n_k cap_k`` (each stage's devices hold its state and
-      at least one microbatch of activations)
-    - ``T >=`` the largest block on its fastest kind
-    - minimise ``sum_jk t[j, k] x[j, k] + (M - 1) T`` (fill + steady state; communication, all-reduce and
-      the optimizer step relaxed to 0 beyond ``c_min``)
+    - memory:   ``sum_j (state[j] + v act[j]) x[j, k] <= N_k cap_k``, ``N_k <= n_k`` (``N_k``: the number of
+      kind-``k`` stages, relaxed; each stage's devices hold its state and ``v`` microbatches of
+      activations: ``M`` under GPipe, at least one under 1F1B)
+    - cuts:     ``S >= sum_k N_k`` stages have ``S - 1`` cuts, each sending at least ``c_fill`` both ways
+    - all-reduce: ``Z >= sum_j ar_k[j] x[j, k] / n_k + lat_min`` (the slowest stage's all-reduce + optimizer
+      step is at least the average over kind ``k``'s stages; ``ar_k``: the cheapest class of kind ``k``)
+    - ``T >=`` the largest block on its fastest kind and ``t_min`` (:func:`_min_bottleneck`)
+    - minimise ``sum_jk t[j, k] x[j, k] + (M - 1) T + 2 c_fill (sum_k N_k - 1) + Z``
     """
     from ortools.linear_solver import pywraplp
 
@@ -517,18 +625,41 @@ def _lp_bound(p: StageProblem, c_min: float) -> float | None:
         ]
         for k in kinds
     }
-    mem = [p.mem_prefix[j + 1] - p.mem_prefix[j] + p.act_prefix[j + 1] - p.act_prefix[j] for j in range(nb)]
+    inflight = m if p.schedule == "gpipe" else 1
+    mem = [
+        p.mem_prefix[j + 1] - p.mem_prefix[j] + inflight * (p.act_prefix[j + 1] - p.act_prefix[j])
+        for j in range(nb)
+    ]
+    # Per kind, the cheapest all-reduce class block by block (a stage's span on any class is at least the
+    # sum of these minima).
+    ar = {
+        k: [
+            min(p.ar_prefix[g.ar_class][j + 1] - p.ar_prefix[g.ar_class][j] for g in p.groups if g.kind == k)
+            for j in range(nb)
+        ]
+        for k in kinds
+    }
+    lat_min = float(min(g.ar_latency for g in p.groups))
     x = {(j, k): solver.NumVar(0.0, 1.0, f"x[{j},{k}]") for j in range(nb) for k in kinds}
+    n = {k: solver.NumVar(0.0, float(counts[k]), f"N[{k}]") for k in kinds}
     big = float(max(sum(v) for v in t.values())) * (m + 2)
-    bottleneck = solver.NumVar(float(max(min(t[k][j] for k in kinds) for j in range(nb))), big, "T")
+    t_lo = float(max(t_min, max(min(t[k][j] for k in kinds) for j in range(nb))))
+    bottleneck = solver.NumVar(t_lo, max(big, t_lo), "T")
+    z = solver.NumVar(lat_min, solver.infinity(), "Z")
     for j in range(nb):
         solver.Add(sum(x[j, k] for k in kinds) == 1)
     for k in kinds:
         solver.Add(
             sum(t[k][j] * x[j, k] for j in range(nb)) <= counts[k] * (bottleneck - 2 * c_min) + 2 * c_min
         )
-        solver.Add(sum(mem[j] * x[j, k] for j in range(nb)) <= caps[k])
-    solver.Minimize(sum(t[k][j] * x[j, k] for j in range(nb) for k in kinds) + (m - 1) * bottleneck)
+        solver.Add(sum(mem[j] * x[j, k] for j in range(nb)) <= n[k] * (caps[k] / counts[k]))
+        solver.Add(counts[k] * (z - lat_min) >= sum(ar[k][j] * x[j, k] for j in range(nb)))
+    solver.Minimize(
+        sum(t[k][j] * x[j, k] for j in range(nb) for k in kinds)
+        + (m - 1) * bottleneck
+        + 2 * c_fill * (sum(n.values()) - 1)
+        + z
+    )
     status = solver.Solve()
     if status == pywraplp.Solver.INFEASIBLE:
         return math.inf
@@ -731,7 +862,7 @@ def search(
     bound = min(bounds) if bounds else total
     bound = min(bound, total)
     gap = max(0.0, (total - bound) / total) if total > 0 else 0.0
-    exact = all(k in ("OPTIMAL", "INFEASIBLE", "PRUNED") for k in statuses)
+    exact = all(k in ("OPTIMAL", "INFEASIBLE", "LP_INFEASIBLE", "PRUNED") for k in statuses)
     status = "OPTIMAL" if exact else "FEASIBLE"
     summary = ", ".join(f"{k.lower()} {v}" for k, v in sorted(statuses.items()))
     notes.insert(

@@ -23,6 +23,7 @@ from distplan.planner.ilp import solve_stage_problem
 from distplan.planner.search import (
     Candidate,
     _lower_bound,
+    _min_bottleneck,
     build_problem,
     candidate_dp,
     candidate_microbatches,
@@ -50,6 +51,28 @@ def _brute_int(prob) -> int | None:
     return best
 
 
+def _brute_bottleneck(prob) -> int | None:
+    """The smallest bottleneck over every feasible layout (1F1B: max T_s + 2 c_s; GPipe: max T_s)."""
+    best = None
+    for parts in range(1, min(prob.num_blocks, prob.max_stages) + 1):
+        for ranges in _compositions(prob.num_blocks, parts):
+            for types in itertools.product(range(len(prob.groups)), repeat=parts):
+                stages = [(a, e, g) for (a, e), g in zip(ranges, types, strict=True)]
+                if int_objective(prob, stages) is None:
+                    continue
+                worst = 0
+                for s, (a, e, gi) in enumerate(stages):
+                    g = prob.groups[gi]
+                    t = sum(pre[g.kind][e] - pre[g.kind][a] for pre in (prob.fwd_prefix, prob.bwd_prefix))
+                    if prob.schedule == "1f1b" and s + 1 < len(stages):
+                        lk = g.link if prob.groups[stages[s + 1][2]].host == g.host else prob.net_link
+                        t += 2 * prob.comm_prefix[lk][e]
+                    worst = max(worst, t)
+                if best is None or worst < best:
+                    best = worst
+    return best
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_integer_program_matches_exhaustive_search(seed: int) -> None:
     graph = random_chain_graph(seed, nodes=7 + seed % 2, scale=0.4)
@@ -66,9 +89,12 @@ def test_integer_program_matches_exhaustive_search(seed: int) -> None:
             prob, _ = build_problem(cost, blocks, cand)
             expected = _brute_int(prob)
             sol = solve_stage_problem(prob, workers=1, deterministic_time=20.0, time_limit_s=60.0)
+            t_star = _min_bottleneck(prob)
             if expected is None:
                 assert sol.status == "INFEASIBLE", (dp, m)
                 continue
+            # the bottleneck bound is a bound, and proves infeasibility only where nothing fits
+            assert t_star is not None and t_star <= _brute_bottleneck(prob), (dp, m, t_star)
             # the bounds the search reports must be bounds: LP/fluid relaxation <= the true optimum
             assert _lower_bound(prob) <= expected, (dp, m)
             assert sol.status == "OPTIMAL", (dp, m, sol.status)
