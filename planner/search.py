@@ -506,18 +506,22 @@ def _min_bottleneck(p: StageProblem, upper: int | None = None) -> int | None:
 
     Exact feasibility test of a relaxation for a bottleneck ``T``, binary-searched: stages are built from the
     last one backwards; the ``r``-th stage from the end holds ``min(r, M)`` microbatches of activations
-    under 1F1B (``M`` under GPipe) whatever the stage count, so memory is checked exactly; each kind's groups
-    are pooled (kind-``k`` stages at most ``n_k``, the round trip priced on the cheapest usable link). A
-    state is the number of stages of each kind; its value the smallest boundary the suffix can start at
-    (stages can only grow leftwards while time and memory allow, so the smallest start dominates). ``T`` is
-    feasible if some state reaches boundary 0. ``upper``: a bottleneck known to be feasible (saves steps).
+    under 1F1B (``M`` under GPipe) whatever the stage count, so memory is checked exactly. Each kind's groups
+    are pooled (kind-``k`` stages at most ``n_k``); under 1F1B a cut between two stages of one host (a
+    *run*, at most as long as a host offering both kinds has groups) pays the cheapest such host's link,
+    any other cut the network. A state is (stages per kind, kind and length of the current run); its value
+    the smallest boundary the suffix can start at (a stage can only grow leftwards while time and memory
+    allow, so the smallest start dominates). ``T`` is feasible if some state reaches boundary 0.
+    ``upper``: a bottleneck known to be feasible (saves steps).
     """
     nb, m = p.num_blocks, p.microbatches
     counts: dict[int, int] = {}
     caps: dict[int, int] = {}
+    per_host: dict[tuple[int, int], int] = {}
     for g in p.groups:
         counts[g.kind] = counts.get(g.kind, 0) + g.count
         caps[g.kind] = g.cap_kib
+        per_host[g.host, g.kind] = per_host.get((g.host, g.kind), 0) + g.count
     kinds = sorted(counts)
     nk = np.array([counts[k] for k in kinds], dtype=np.int64)
     tfb = [
@@ -526,55 +530,89 @@ def _min_bottleneck(p: StageProblem, upper: int | None = None) -> int | None:
     mem = np.array(p.mem_prefix, dtype=np.int64)
     act = np.array(p.act_prefix, dtype=np.int64)
     gpipe = p.schedule == "gpipe"
-    if gpipe or nb == 1 or sum(counts.values()) == 1:
-        rt = np.zeros(nb + 1, dtype=np.int64)
-    else:
-        per_host: dict[int, int] = {}
-        for g in p.groups:
-            per_host[g.host] = per_host.get(g.host, 0) + g.count
-        links = sorted({g.link for g in p.groups if per_host[g.host] >= 2} | {p.net_link})
-        rt = 2 * np.min(np.array([p.comm_prefix[lk] for lk in links], dtype=np.int64), axis=0)
+    zero = np.zeros(nb + 1, dtype=np.int64)
+    # (kind of the left stage, kind of the right stage) -> (longest run, cut price) where a host offers both.
+    pair: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
+    rt_net = zero
+    if not gpipe and nb > 1 and sum(counts.values()) > 1:
+        rt_net = 2 * np.array(p.comm_prefix[p.net_link], dtype=np.int64)
+        hosts = sorted({g.host for g in p.groups})
+        for h in hosts:
+            on_h = {g.kind: 0 for g in p.groups if g.host == h}
+            for g in p.groups:
+                if g.host == h:
+                    on_h[g.kind] += g.count
+            size = sum(on_h.values())
+            for ki, kj in itertools.product(on_h, on_h):
+                if ki == kj and on_h[ki] < 2:
+                    continue
+                i, j = kinds.index(ki), kinds.index(kj)
+                price = 2 * np.array(
+                    p.comm_prefix[next(g.link for g in p.groups if g.host == h)], dtype=np.int64
+                )
+                if (i, j) in pair:
+                    old_run, old_price = pair[i, j]
+                    pair[i, j] = (max(old_run, size), np.minimum(old_price, price))
+                else:
+                    pair[i, j] = (size, price)
+    rmax = max([run for run, _ in pair.values()], default=1) + 1
     radix = np.cumprod(np.concatenate(([1], nk[:-1] + 1)))
+    span = int(np.prod(nk + 1))
 
     def feasible(limit: int) -> bool:
         cnt = np.zeros((1, len(kinds)), dtype=np.int64)
         start = np.array([nb], dtype=np.int64)
+        cur = np.array([-1], dtype=np.int64)
+        run = np.array([0], dtype=np.int64)
         for r in range(p.max_stages):
             v = m if gpipe else min(r + 1, m)
             room = mem + v * act
-            new_cnt, new_start = [], []
+            parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
             for i, k in enumerate(kinds):
                 ok = cnt[:, i] < nk[i]
                 if not ok.any():
                     continue
                 f = start[ok]
-                extra = rt[f] if r else np.zeros_like(f)
                 a_mem = np.searchsorted(room, room[f] - caps[k], side="left")
-                a_time = np.searchsorted(tfb[i], tfb[i][f] + extra - limit, side="left")
-                a = np.maximum(a_mem, a_time)
-                grow = a < f
-                if not grow.any():
-                    continue
-                if (a[grow] == 0).any():
-                    return True
-                c2 = cnt[ok][grow].copy()
-                c2[:, i] += 1
-                new_cnt.append(c2)
-                new_start.append(a[grow])
-            if not new_cnt:
+                # (right stage's kind to continue a run with, or -1 for a new run; cut price): the last
+                # stage has no cut.
+                options = [(-1, zero)] if r == 0 else [(-1, rt_net)]
+                if r > 0:
+                    options += [(j, pair[i, j][1]) for j in range(len(kinds)) if (i, j) in pair]
+                for j, rt in options:
+                    sel = (
+                        (cur[ok] == j) & (run[ok] < pair[i, j][0]) if j >= 0 else np.ones(len(f), dtype=bool)
+                    )
+                    if not sel.any():
+                        continue
+                    fs = f[sel]
+                    a_time = np.searchsorted(tfb[i], tfb[i][fs] + rt[fs] - limit, side="left")
+                    a = np.maximum(a_mem[sel], a_time)
+                    grow = a < fs
+                    if not grow.any():
+                        continue
+                    if (a[grow] == 0).any():
+                        return True
+                    c2 = cnt[ok][sel][grow].copy()
+                    c2[:, i] += 1
+                    r2 = run[ok][sel][grow] + 1 if j >= 0 else np.ones(int(grow.sum()), dtype=np.int64)
+                    parts.append((c2, a[grow], np.full(len(r2), i, dtype=np.int64), r2))
+            if not parts:
                 return False
-            cnt_all = np.concatenate(new_cnt)
-            st_all = np.concatenate(new_start)
-            keys = cnt_all @ radix
+            cnt_all = np.concatenate([x[0] for x in parts])
+            st_all = np.concatenate([x[1] for x in parts])
+            cur_all = np.concatenate([x[2] for x in parts])
+            run_all = np.concatenate([x[3] for x in parts])
+            keys = cnt_all @ radix + span * (cur_all * rmax + run_all)
             uniq, inv = np.unique(keys, return_inverse=True)
             best = np.full(len(uniq), nb, dtype=np.int64)
             np.minimum.at(best, inv, st_all)
             first = np.zeros(len(uniq), dtype=np.int64)
             first[inv[::-1]] = np.arange(len(inv))[::-1]
-            cnt, start = cnt_all[first], best
+            cnt, start, cur, run = cnt_all[first], best, cur_all[first], run_all[first]
         return False
 
-    hi = int(max(int(t[-1]) for t in tfb) + int(rt.max(initial=0)) + 1)
+    hi = int(max(int(t[-1]) for t in tfb) + 2 * int(max(max(c) for c in p.comm_prefix)) + 1)
     if upper is not None and upper < hi and feasible(upper):
         hi = upper
     elif not feasible(hi):
