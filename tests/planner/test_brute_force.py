@@ -22,6 +22,7 @@ from distplan.planner.evaluate import StageSpec, layout_cost
 from distplan.planner.ilp import solve_stage_problem
 from distplan.planner.search import (
     Candidate,
+    _fill_bound,
     _lower_bound,
     _min_bottleneck,
     build_problem,
@@ -95,6 +96,9 @@ def test_integer_program_matches_exhaustive_search(seed: int) -> None:
                 continue
             # the bottleneck bound is a bound, and proves infeasibility only where nothing fits
             assert t_star is not None and t_star <= _brute_bottleneck(prob), (dp, m, t_star)
+            # the fill relaxation's bound too, whatever incumbent it is given
+            for upper in (expected, expected + 1, 2 * expected, 10 * expected):
+                assert _fill_bound(prob, t_star, upper) <= expected, (dp, m, upper)
             # the bounds the search reports must be bounds: LP/fluid relaxation <= the true optimum
             assert _lower_bound(prob) <= expected, (dp, m)
             assert sol.status == "OPTIMAL", (dp, m, sol.status)
