@@ -440,13 +440,22 @@ def _lower_bound(p: StageProblem, upper: int | None = None) -> int:
     tfb = [
         np.array(f, dtype=np.float64) + np.array(b) for f, b in zip(p.fwd_prefix, p.bwd_prefix, strict=True)
     ]
-    work = {k: float(t[-1]) for k, t in enumerate(tfb)}
     counts: dict[int, int] = {}
     for g in p.groups:
         counts[g.kind] = counts.get(g.kind, 0) + g.count
+    # Work in units of the per-block fastest time ``w`` (``W`` the whole model): kind ``k`` runs any set of
+    # blocks at least ``r_k`` times slower, ``r_k`` its smallest ratio to ``w``. Kinds are not exactly
+    # proportional (memory-bound ops favour bandwidth), so pricing kind ``k`` at its whole-model time would
+    # not be a bound.
+    per_block = np.diff(np.array([tfb[k] for k in sorted(counts)]), axis=1)
+    w = per_block.min(axis=0)
+    whole = float(w.sum())
+    pos = w > 0
+    work = {
+        k: whole * (float(np.min(row[pos] / w[pos])) if pos.any() else 1.0)
+        for k, row in zip(sorted(counts), per_block, strict=True)
+    }
     kinds = sorted(counts, key=lambda k: (work[k], k))
-    fastest = kinds[0]
-    whole = work[fastest]
     block = max(float(min(tfb[k][j + 1] - tfb[k][j] for k in kinds)) for j in range(p.num_blocks))
     m = p.microbatches
     c_min = 0.0
@@ -514,7 +523,7 @@ class _Relaxation:
         per_host: dict[tuple[int, int], int] = {}
         for g in p.groups:
             counts[g.kind] = counts.get(g.kind, 0) + g.count
-            caps[g.kind] = g.cap_kib
+            caps[g.kind] = max(caps.get(g.kind, 0), g.cap_kib)  # one per kind in practice
             per_host[g.host, g.kind] = per_host.get((g.host, g.kind), 0) + g.count
         kinds = sorted(counts)
         nk = np.array([counts[k] for k in kinds], dtype=np.int64)
@@ -572,6 +581,17 @@ class _Relaxation:
         self.caps = caps
         self.max_stages = max_stages
 
+        # feasible() keeps only the smallest start per state, which dominates only if a cut's price never
+        # falls as the cut moves left: it uses the suffix minimum of each price (a relaxation of it).
+        def env(x: np.ndarray) -> np.ndarray:
+            if nb < 2:
+                return x
+            e = np.minimum.accumulate(x[:nb][::-1])[::-1]
+            return np.append(e, e[-1])
+
+        self.rt_net_env = env(rt_net)
+        self.pair_env = {key: (run, env(price)) for key, (run, price) in pair.items()}
+
     def feasible(self, limit: int) -> bool:
         """Whether some relaxed layout has bottleneck <= ``limit``."""
         nb = self.nb
@@ -583,8 +603,8 @@ class _Relaxation:
         act = self.act
         gpipe = self.gpipe
         zero = self.zero
-        pair = self.pair
-        rt_net = self.rt_net
+        pair = self.pair_env
+        rt_net = self.rt_net_env
         rmax = self.rmax
         radix = self.radix
         span = self.span
@@ -748,7 +768,7 @@ def _min_bottleneck(p: StageProblem, upper: int | None = None) -> int | None:
     *run*, at most as long as a host offering both kinds has groups) pays the cheapest such host's link,
     any other cut the network. A state is (stages per kind, kind and length of the current run); its value
     the smallest boundary the suffix can start at (a stage can only grow leftwards while time and memory
-    allow, so the smallest start dominates). ``T`` is feasible if some state reaches boundary 0.
+    allow, so the smallest start dominates once each cut price is replaced by its suffix minimum). ``T`` is feasible if some state reaches boundary 0.
     ``upper``: a bottleneck known to be feasible (saves steps).
     """
     rel = _Relaxation(p)
@@ -793,9 +813,11 @@ def _lp_bound(p: StageProblem, c_min: float, c_fill: float = 0.0, t_min: int = 0
     nb, m = p.num_blocks, p.microbatches
     counts: dict[int, int] = {}
     caps: dict[int, int] = {}
+    cap_max: dict[int, int] = {}
     for g in p.groups:
         counts[g.kind] = counts.get(g.kind, 0) + g.count
         caps[g.kind] = caps.get(g.kind, 0) + g.count * g.cap_kib
+        cap_max[g.kind] = max(cap_max.get(g.kind, 0), g.cap_kib)
     kinds = sorted(counts)
     t = {
         k: [
@@ -831,7 +853,8 @@ def _lp_bound(p: StageProblem, c_min: float, c_fill: float = 0.0, t_min: int = 0
         solver.Add(
             sum(t[k][j] * x[j, k] for j in range(nb)) <= counts[k] * (bottleneck - 2 * c_min) + 2 * c_min
         )
-        solver.Add(sum(mem[j] * x[j, k] for j in range(nb)) <= n[k] * (caps[k] / counts[k]))
+        solver.Add(sum(mem[j] * x[j, k] for j in range(nb)) <= caps[k])
+        solver.Add(sum(mem[j] * x[j, k] for j in range(nb)) <= n[k] * cap_max[k])
         solver.Add(counts[k] * (z - lat_min) >= sum(ar[k][j] * x[j, k] for j in range(nb)))
     solver.Minimize(
         sum(t[k][j] * x[j, k] for j in range(nb) for k in kinds)

@@ -183,3 +183,64 @@ def test_1f1b_plans_never_have_more_stages_than_microbatches() -> None:
     p.check(graph)
     p4 = plan(graph, cluster=cluster, global_batch=4, schedule="1f1b", baselines=False, time_limit_s=5)
     assert p4.num_microbatches >= p4.num_stages >= 3, p4.layout
+
+
+def _random_problem(seed: int):
+    """Raw integer data with rough edges the traced graphs rarely show: cut prices that jump up and down
+    along the model, hosts mixing kinds, tight memory."""
+    import random
+
+    from distplan.planner.ilp import GroupType, StageProblem
+
+    rng = random.Random(seed)
+    nb = rng.randint(3, 6)
+    kinds = rng.randint(1, 3)
+
+    def prefix(lo: int, hi: int) -> tuple[int, ...]:
+        out = [0]
+        for _ in range(nb):
+            out.append(out[-1] + rng.randint(lo, hi))
+        return tuple(out)
+
+    fwd = tuple(prefix(1, 40) for _ in range(kinds))
+    bwd = tuple(tuple(2 * v for v in f) for f in fwd)
+    hosts = rng.randint(1, 3)
+    groups = []
+    for h in range(hosts):
+        for k in rng.sample(range(kinds), rng.randint(1, kinds)):
+            groups.append(
+                GroupType(h, k, rng.randint(1, 2), rng.randint(60, 200), len(groups), rng.randint(0, 3), h)
+            )
+    comm = tuple(tuple(rng.choice((0, 1, 2, 30, 60)) for _ in range(nb + 1)) for _ in range(hosts + 1))
+    m = rng.choice((1, 2, 3, 4))
+    schedule = rng.choice(("1f1b", "gpipe"))
+    total = sum(g.count for g in groups)
+    return StageProblem(
+        num_blocks=nb,
+        max_stages=max(1, min(nb, total, m if schedule == "1f1b" else total)),
+        microbatches=m,
+        schedule=schedule,
+        groups=tuple(groups),
+        fwd_prefix=fwd,
+        bwd_prefix=bwd,
+        ar_prefix=tuple(prefix(0, 5) for _ in groups),
+        comm_prefix=comm,
+        net_link=hosts,
+        mem_prefix=prefix(5, 40),
+        act_prefix=prefix(1, 20),
+    )
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_bounds_hold_on_raw_integer_data(seed: int) -> None:
+    prob = _random_problem(seed)
+    expected = _brute_int(prob)
+    t_star = _min_bottleneck(prob)
+    if expected is None:
+        assert _lower_bound(prob) >= 0
+        return
+    assert t_star is not None and t_star <= _brute_bottleneck(prob), (t_star, _brute_bottleneck(prob))
+    assert _lower_bound(prob) <= expected
+    assert _lower_bound(prob, expected) <= expected
+    for upper in (expected, expected + 1, 3 * expected):
+        assert _fill_bound(prob, t_star, upper) <= expected, upper
