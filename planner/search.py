@@ -51,6 +51,7 @@ __all__ = [
     "build_problem",
     "candidate_dp",
     "candidate_microbatches",
+    "check_cluster_figures",
     "int_objective",
     "plan",
     "search",
@@ -61,6 +62,8 @@ KIB = 1024
 #: Resolution of the integer program: the whole model's forward + backward of one microbatch on the
 #: slowest kind is this many time units.
 TIME_RESOLUTION = 1_000_000
+#: Largest time coefficient given to CP-SAT (sums over stages and microbatches stay far below 2**63).
+MAX_COEFFICIENT = 2**40
 #: At most this many microbatch counts per data-parallel degree (spread geometrically).
 MAX_MICROBATCH_CANDIDATES = 6
 #: Bound of a candidate the LP relaxation proves infeasible (memory).
@@ -175,24 +178,41 @@ def build_problem(
         return tuple(int(v) for v in np.rint(np.asarray(x, dtype=np.float64) / unit))
 
     params = cost.param_prefix[bounds].astype(np.float64)
-    comm = []
+    comm_s = []
     for li, lk in enumerate(g.links):
         streams = cand.dp if li == g.net_link else 1
-        comm.append(q([cost.send_time(int(p), b, link=lk, streams=streams) for p in bounds]))
+        comm_s.append([cost.send_time(int(p), b, link=lk, streams=streams) for p in bounds])
     # all-reduce + optimizer per (kind, link) class: linear in the parameter bytes, latency kept apart.
-    ar: dict[int, tuple[int, ...]] = {}
+    ar_s: dict[int, list[float]] = {}
+    for t in g.types:
+        lk = g.links[t.link]
+        if t.ar_class not in ar_s:
+            ar_s[t.ar_class] = [
+                cost.allreduce_time(p, dp=cand.dp, link=lk)
+                - (2 * (cand.dp - 1) * lk.latency_s if cand.dp > 1 else 0.0)
+                + cost.optimizer_time(p, g.kinds[t.kind])
+                for p in params
+            ]
+    lat_s = [2 * (cand.dp - 1) * lk.latency_s for lk in g.links]
+    # CP-SAT needs bounded integers: where communication dwarfs compute (slow links, tiny models) the unit
+    # grows so that no coefficient passes MAX_COEFFICIENT (compute then has fewer than TIME_RESOLUTION
+    # steps). Non-finite figures are rejected by name (check_cluster_figures catches the usual causes).
+    biggest = max(
+        [float(np.max(np.abs(x))) for x in (*fwd, *bwd, *comm_s, *ar_s.values(), lat_s) if len(x)],
+        default=0.0,
+    )
+    if not math.isfinite(biggest):
+        raise PlanError(
+            f"the cost model gives a non-finite time on cluster {cluster.name!r} (check its bandwidths, "
+            "FLOP/s and latencies)"
+        )
+    unit = max(unit, biggest / MAX_COEFFICIENT)
+    comm = [q(x) for x in comm_s]
+    ar = {c: q(x) for c, x in ar_s.items()}
     types = []
     for t in g.types:
         kind = g.kinds[t.kind]
         lk = g.links[t.link]
-        if t.ar_class not in ar:
-            vals = [
-                cost.allreduce_time(p, dp=cand.dp, link=lk)
-                - (2 * (cand.dp - 1) * lk.latency_s if cand.dp > 1 else 0.0)
-                + cost.optimizer_time(p, kind)
-                for p in params
-            ]
-            ar[t.ar_class] = q(vals)
         cap = cluster.kinds[kind].usable_memory_bytes // KIB
         lat = round(2 * (cand.dp - 1) * lk.latency_s / unit) if cand.dp > 1 else 0
         types.append(GroupType(t.host, t.kind, t.count, cap, t.ar_class, lat, t.link))
@@ -932,6 +952,7 @@ def search(
     baselines) compete too, so the result is never worse than any of them."""
     t0 = time.perf_counter()
     cluster = cost.cluster
+    check_cluster_figures(cluster, dtype=cost.dtype)
     blocks = coarsen(graph, max_blocks=max_blocks)
     _precheck(cost, cluster, blocks)
     # The schedule is a decision too: 1F1B holds fewer activations, but its steady state carries each
@@ -1121,6 +1142,42 @@ def _why_infeasible(cost: CostModel, cluster: Cluster, blocks: Blocks, global_ba
     )
 
 
+#: Figures the planner accepts (per device / link); outside them the integer program's units degenerate.
+#: Generous: about 1000x beyond any accelerator or interconnect made so far, either way.
+FIGURE_RANGES = {
+    "peak FLOP/s": (1e6, 1e19),
+    "memory bandwidth (B/s)": (1e6, 1e16),
+    "memory (bytes)": (1, 2**50),
+    "link bandwidth (B/s)": (1e3, 1e15),
+    "link latency (s)": (0.0, 60.0),
+}
+
+
+def check_cluster_figures(cluster: Cluster, *, dtype: str = "fp32") -> None:
+    """Raise :class:`PlanError` naming the first figure of ``cluster`` outside :data:`FIGURE_RANGES` (the
+    cost model would give infinite or degenerate times, and the integer program unbounded coefficients)."""
+
+    def check(what: str, where: str, value: float) -> None:
+        lo, hi = FIGURE_RANGES[what]
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise PlanError(
+                f"{where}: {what} {value:g} is outside the range the planner supports ({lo:g} .. {hi:g})"
+            )
+
+    for name, k in sorted(cluster.kinds.items()):
+        where = f"cluster {cluster.name!r}, device kind {name!r}"
+        check("peak FLOP/s", where, k.flops(dtype))
+        check("memory bandwidth (B/s)", where, k.memory_bandwidth_bytes_s)
+        check("memory (bytes)", where, k.memory_bytes)
+    for h in cluster.hosts:
+        where = f"cluster {cluster.name!r}, host {h.name!r}"
+        check("link bandwidth (B/s)", where, h.link.bandwidth_bytes_s)
+        check("link latency (s)", where, h.link.latency_s)
+    where = f"cluster {cluster.name!r}, network"
+    check("link bandwidth (B/s)", where, cluster.network.bandwidth_bytes_s)
+    check("link latency (s)", where, cluster.network.latency_s)
+
+
 def _validate(
     global_batch: int, microbatches: int | None, schedule: str | None, time_limit_s: float, workers: int
 ) -> None:
@@ -1176,6 +1233,7 @@ def plan(
     if not graph.nodes:
         raise PlanError(f"graph {graph.name!r} has no nodes")
     c = load_cluster(cluster)
+    check_cluster_figures(c, dtype=dtype)
     request = make_request(
         graph,
         c,
