@@ -27,6 +27,7 @@ fixed order, ties go to the earlier one, devices are handed out in index order.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import math
 import time
@@ -977,7 +978,10 @@ def search(
             gr = _greedy(prob)
             cands.append((cand, prob, groups, _lower_bound(prob, gr[0] if gr else None), gr))
     if not cands and memory_short:
-        raise InfeasiblePlanError(_why_infeasible(cost, cluster, blocks, global_batch))
+        raise InfeasiblePlanError(
+            (schedule == "1f1b" and _why_1f1b(cost, blocks, global_batch, microbatches))
+            or _why_infeasible(cost, cluster, blocks, global_batch)
+        )
     if not cands:
         raise PlanError(
             f"no data-parallel degree and microbatch count divide global_batch {global_batch}"
@@ -1099,7 +1103,10 @@ def search(
             best = (it.iteration_time_s, list(specs_x), cand_x, it, name, 0, 0.0)
     elapsed = time.perf_counter() - t0
     if best is None:
-        raise InfeasiblePlanError(_why_infeasible(cost, cluster, blocks, global_batch))
+        raise InfeasiblePlanError(
+            (schedule == "1f1b" and _why_1f1b(cost, blocks, global_batch, microbatches))
+            or _why_infeasible(cost, cluster, blocks, global_batch)
+        )
     total, specs, cand, it, source, _, _ = best
     bound = min(bounds) if bounds else total
     bound = min(bound, total)
@@ -1122,6 +1129,37 @@ def search(
         notes=tuple(notes),
     )
     return SearchResult(tuple(specs), cand, it, report)
+
+
+def _why_1f1b(cost: CostModel, blocks: Blocks, global_batch: int, microbatches: int | None) -> str | None:
+    """Why a forced 1F1B schedule fails, if memory needs more stages than it allows microbatches
+    (torch's Schedule1F1B runs at most as many stages as microbatches); None otherwise.
+
+    The stage count is a proven minimum: the smallest count whose relaxation (:class:`_Relaxation`, one
+    device per stage, one sample per microbatch; with at most as many stages as microbatches, the ``r``-th
+    stage from the end holds ``r`` microbatches whatever the count) fits memory."""
+    most = microbatches or global_batch
+    # One sample per microbatch and one device per stage: no candidate needs less memory per stage.
+    cand = Candidate(1, most, 1, "1f1b")
+    prob, _ = build_problem(cost, blocks, cand)
+    room = min(blocks.num_blocks, sum(g.count for g in prob.groups))
+    if room <= most:
+        return None
+    for k in range(1, room + 1):
+        if _Relaxation(dataclasses.replace(prob, max_stages=k)).feasible(INFEASIBLE_BOUND):
+            if k <= most:
+                return None
+            batch, fix = (
+                (f"microbatches={microbatches}", "more microbatches")
+                if microbatches
+                else (f"global batch {global_batch}", "a larger global batch")
+            )
+            return (
+                f"{cost.graph.name!r} needs at least {k} stages to fit the memory of cluster "
+                f"{cost.cluster.name!r}, but 1f1b with {batch} allows at most {most} microbatches (torch's "
+                f"Schedule1F1B runs at most as many stages as microbatches); use gpipe or {fix}"
+            )
+    return None
 
 
 def _why_infeasible(cost: CostModel, cluster: Cluster, blocks: Blocks, global_batch: int) -> str:

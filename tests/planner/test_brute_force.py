@@ -176,8 +176,12 @@ def test_1f1b_plans_never_have_more_stages_than_microbatches() -> None:
     # Graph 301 on cluster 301 needs three stages, and a global batch of 2 allows at most 2 microbatches.
     graph = random_chain_graph(301, nodes=8, scale=2.0)
     cluster = random_cluster(301)
-    with pytest.raises(InfeasiblePlanError):
+    with pytest.raises(InfeasiblePlanError, match="needs at least 3 stages") as e:
         plan(graph, cluster=cluster, global_batch=2, schedule="1f1b", baselines=False, time_limit_s=5)
+    assert "1f1b with global batch 2 allows at most 2 microbatches" in str(e.value)
+    assert "use gpipe or a larger global batch" in str(e.value)
+    with pytest.raises(InfeasiblePlanError, match="microbatches=2 allows at most 2 microbatches"):
+        plan(graph, cluster=cluster, global_batch=4, microbatches=2, schedule="1f1b", baselines=False)
     p = plan(graph, cluster=cluster, global_batch=2, baselines=False, time_limit_s=5)
     assert p.num_stages == 3 and p.schedule == "gpipe", p.layout
     p.check(graph)
