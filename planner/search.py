@@ -19,7 +19,8 @@ therefore left to the warm start + local search, and their gap comes from the fl
 [Note: determinism]
 A plan depends only on its inputs. CP-SAT runs with a fixed seed, ``interleave_search`` (a deterministic
 portfolio whatever the number of workers) and a *deterministic* work limit derived from ``time_limit_s``;
-the wall-clock limit is only a safety net (if it fires, the report's notes say so and the run may differ).
+the wall-clock limit is only a generous safety net (``SAFETY_FACTOR`` x the solve's share of the time limit;
+if it fires, the report's notes say so and the run may differ). No step is skipped for lack of wall time.
 The greedy, the local search and the bounds are pure functions of the inputs; candidates are visited in a
 fixed order, ties go to the earlier one, devices are handed out in index order.
 """
@@ -77,6 +78,11 @@ MAX_SOLVES = 4
 TINY_MODEL = 64
 #: Stage slots x blocks above which the integer program is not attempted (see ``search``).
 LARGE_MODEL = 700
+#: CP-SAT's deterministic work limit per solve, as a fraction of its share of ``time_limit_s`` (measured
+#: here: one deterministic second took 1-5 wall seconds on this shared 2-core machine).
+DETERMINISTIC_SHARE = 0.1
+#: Wall-clock safety net per solve, as a multiple of its share of ``time_limit_s`` (plus one second).
+SAFETY_FACTOR = 4.0
 #: Candidates whose bound the fill relaxation tightens (weakest first; ~0.1-1 s each on 64 GPUs).
 FILL_ROUNDS = 8
 
@@ -1048,7 +1054,6 @@ def search(
     tiny = [i for i in promising if cands[i][1].max_stages * cands[i][1].num_blocks <= TINY_MODEL]
     to_solve = tiny + [i for i in promising if i not in tiny][:MAX_SOLVES]
     share = time_limit_s / max(1, len(to_solve))
-    deadline = t0 + time_limit_s
     bounds: list[float] = []
     statuses: dict[str, int] = {}
     notes: list[str] = []
@@ -1067,16 +1072,14 @@ def search(
                 key = "TOO_LARGE"
             statuses[key] = statuses.get(key, 0) + 1
             continue
-        left = min(1.25 * share, deadline - time.perf_counter())
-        if left <= 0.05:
-            bounds.append(lb * unit)
-            statuses["SKIPPED_TIME"] = statuses.get("SKIPPED_TIME", 0) + 1
-            continue
+        # Only the deterministic work limit decides (same plan on any load); the wall-clock limit is a
+        # generous safety net against a runaway solve, and the notes say when it fired.
+        left = SAFETY_FACTOR * share + 1.0
         sol: StageSolution = solve_stage_problem(
             prob,
             hint=gr[1] if gr else None,
             workers=workers,
-            deterministic_time=max(0.1, 0.2 * share),
+            deterministic_time=max(0.05, DETERMINISTIC_SHARE * share),
             time_limit_s=left,
             progress=progress,
             label=f"dp={cand.dp} m={cand.microbatches}",

@@ -272,3 +272,31 @@ def test_cli_plan_and_simulate(tmp_path, small_transformer) -> None:
         and "not divisible into 3 microbatches" in bad.stderr
         and "Traceback" not in bad.stderr
     )
+
+
+def _burn(seconds: float) -> None:
+    import time as _t
+
+    end = _t.perf_counter() + seconds
+    while _t.perf_counter() < end:
+        pass
+
+
+def test_plan_is_deterministic_on_a_loaded_machine(small_transformer) -> None:
+    # A short limit, and the second run competes with two busy processes: only CP-SAT's deterministic work
+    # limit may decide, never the wall clock.
+    import multiprocessing as mp
+
+    a = plan(small_transformer, cluster="mixed-4host", global_batch=16, time_limit_s=2, workers=2)
+    ctx = mp.get_context("spawn")
+    hogs = [ctx.Process(target=_burn, args=(20.0,)) for _ in range(2)]
+    for h in hogs:
+        h.start()
+    try:
+        b = plan(small_transformer, cluster="mixed-4host", global_batch=16, time_limit_s=2, workers=2)
+    finally:
+        for h in hogs:
+            h.terminate()
+            h.join()
+    assert _stable(a) == _stable(b)
+    assert not any("safety" in n for n in a.solver.notes + b.solver.notes)
