@@ -152,15 +152,21 @@ def register(app: typer.Typer) -> None:
             _DEFAULT_CLUSTER, "--cluster", help="Cluster preset name or YAML/JSON file."
         ),
         global_batch: int = typer.Option(64, "--global-batch", help="Samples per training iteration."),
-        microbatches: int | None = typer.Option(None, "--microbatches", help="Fix the microbatch count."),
+        microbatches: int | None = typer.Option(
+            None, "--microbatches", help="Fix the microbatch count (default: the planner chooses)."
+        ),
         schedule: str | None = typer.Option(None, "--schedule", help="1f1b or gpipe (default: 1f1b)."),
         dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (mixed precision)."),
         optimizer: str = typer.Option("adam", "--optimizer", help="adam, adamw or sgd."),
         time_limit: float = typer.Option(10.0, "--time-limit", help="Solver time limit in seconds."),
         workers: int = typer.Option(2, "--workers", help="CP-SAT worker threads."),
-        seq: int | None = typer.Option(None, "--seq", help="Sequence length when tracing MODEL."),
+        seq: int | None = typer.Option(
+            None, "--seq", help="Sequence length when tracing MODEL (default: 512; ignored for a graph JSON)."
+        ),
         batch: int = typer.Option(1, "--batch", help="Batch size when tracing MODEL."),
-        out: Path | None = typer.Option(None, "--out", help="Write the plan JSON here."),
+        out: Path | None = typer.Option(
+            None, "--out", help="Write the plan JSON here (default: not written)."
+        ),
         json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
         no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the baselines."),
     ) -> None:
@@ -213,9 +219,13 @@ def register(app: typer.Typer) -> None:
     def simulate_command(
         plan_file: Path = typer.Argument(..., help="A plan JSON written by `distplan plan --out`."),
         timeline: Path | None = typer.Option(
-            None, "--timeline", help="Write a Chrome-trace/Perfetto JSON here."
+            None, "--timeline", help="Write a Chrome-trace/Perfetto JSON here (default: not written)."
         ),
-        graph_file: Path | None = typer.Option(None, "--graph", help="The plan's graph JSON (optional)."),
+        graph_file: Path | None = typer.Option(
+            None,
+            "--graph",
+            help="The plan's graph JSON, checked against the plan and passed to the simulator (default: none).",
+        ),
         json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
     ) -> None:
         """Simulate one training iteration of a plan, event by event."""

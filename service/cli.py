@@ -16,13 +16,15 @@ def register(app: typer.Typer) -> None:
     def serve(
         host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0 for all)."),
         port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
-        db: Path | None = typer.Option(None, "--db", help="SQLite database file [env DISTPLAN_DB]."),
+        db: Path | None = typer.Option(
+            None, "--db", help="SQLite database file; env DISTPLAN_DB (default: .distplan/service.db)."
+        ),
         workers: int | None = typer.Option(
             None,
             "--workers",
             min=1,
             max=64,
-            help="Worker processes for solves and validations [env DISTPLAN_WORKERS].",
+            help="Worker processes for solves and validations; env DISTPLAN_WORKERS (default: 2).",
         ),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
     ) -> None:
