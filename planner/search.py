@@ -567,7 +567,8 @@ class _Relaxation:
         # (kind of the left stage, kind of the right stage) -> (longest run, cut price) where a host offers both.
         pair: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
         rt_net = zero
-        if not gpipe and nb > 1 and sum(counts.values()) > 1:
+        # Cut prices: on the bottleneck under 1F1B only, on the fill under both schedules.
+        if nb > 1 and sum(counts.values()) > 1:
             rt_net = 2 * np.array(p.comm_prefix[p.net_link], dtype=np.int64)
             hosts = sorted({g.host for g in p.groups})
             for h in hosts:
@@ -665,7 +666,8 @@ class _Relaxation:
                     if not sel.any():
                         continue
                     fs = f[sel]
-                    a_time = np.searchsorted(tfb[i], tfb[i][fs] + rt[fs] - limit, side="left")
+                    on_t = zero if gpipe else rt
+                    a_time = np.searchsorted(tfb[i], tfb[i][fs] + on_t[fs] - limit, side="left")
                     a = np.maximum(a_mem[sel], a_time)
                     grow = a < fs
                     if not grow.any():
@@ -721,8 +723,9 @@ class _Relaxation:
                     sel = ok & ((cur == j) & (run < self.pair[i, j][0]) if j >= 0 else True)
                     if not sel.any():
                         continue
+                    on_t = self.zero if self.gpipe else rt
                     a_min = np.maximum(
-                        a_mem, np.searchsorted(self.tfb[i], self.tfb[i] + rt - limit, side="left")
+                        a_mem, np.searchsorted(self.tfb[i], self.tfb[i] + on_t - limit, side="left")
                     )
                     w = fill[sel] + (tk + rt)[None, :]
                     new = np.full_like(w, inf)
