@@ -1072,7 +1072,13 @@ def search(
         if lb >= INFEASIBLE_BOUND:
             statuses["LP_INFEASIBLE"] = statuses.get("LP_INFEASIBLE", 0) + 1
             continue
-        if i in to_solve and close_enough and not (best is not None and lb * unit >= best[0]):
+        # (Tiny models still go to CP-SAT: milliseconds, and it proves them optimal.)
+        if (
+            i in to_solve
+            and i not in tiny
+            and close_enough
+            and not (best is not None and lb * unit >= best[0])
+        ):
             bounds.append(lb * unit)
             statuses["WITHIN_GAP"] = statuses.get("WITHIN_GAP", 0) + 1
             continue
