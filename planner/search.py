@@ -2,10 +2,12 @@
 
 For every candidate: build the integer data (``build_problem``), skip it if its groups cannot hold one
 copy of the model state, compute a greedy warm start (``_greedy``: every order of the device kinds, hosts
-kept together, binary search on the bottleneck) and a fluid lower bound (``_lower_bound``). The three
-best warm starts get a local search (``_improve``). Then, most promising first, up to ``MAX_SOLVES``
+kept together, binary search on the bottleneck) and a lower bound (``_lower_bound``: the smallest
+bottleneck any layout can have, ``_min_bottleneck``, under an LP and a fluid relaxation). The three best
+warm starts get a local search (``_improve``); the weakest bounds are then tightened by the fill
+relaxation (``_fill_bound``, ``FILL_ROUNDS`` of them). Then, most promising first, up to ``MAX_SOLVES``
 candidates whose bound can still beat the incumbent go to CP-SAT (``ilp.solve_stage_problem``) with the
-warm start as hint, sharing the time limit. The best layout under the cost model wins (the baselines'
+warm start as hint, sharing the time limit, unless the incumbent is already within ``GAP_TOLERANCE``. The best layout under the cost model wins (the baselines'
 layouts compete too); the reported bound is the smallest bound over all candidates, so the gap is honest
 even where a candidate was not solved.
 
@@ -14,7 +16,14 @@ Measured on this 2-core machine: the integer program proves optimality in well u
 hundred (stage slots x blocks), e.g. every brute-force test and 2-4 stage plans on 16-GPU clusters; at
 Llama-7B x 64 GPUs (64 slots x 160 blocks) it finds nothing better than the warm start within 10 s and
 its own LP bound is far below the fluid bound. Models larger than ``LARGE_MODEL`` slots x blocks are
-therefore left to the warm start + local search, and their gap comes from the fluid bound.
+therefore left to the warm start + local search, and their gap comes from the relaxations.
+
+[Note: the relaxations]
+Each bound pools the groups of one device kind. ``_Relaxation`` walks stages from the last one backwards:
+the ``r``-th stage from the end holds ``min(r, M)`` microbatches under 1F1B whatever the stage count, so
+1F1B's memory (early stages hold more activations) and memory-forced stage counts are exact; cuts inside a
+host run pay the host link, others the network. All bounds are checked against exhaustive search
+(``tests/planner/test_brute_force.py``), including on raw random integer data.
 
 [Note: determinism]
 A plan depends only on its inputs. CP-SAT runs with a fixed seed, ``interleave_search`` (a deterministic
