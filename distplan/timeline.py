@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from distplan._serde import get_float, get_int, get_list, get_map, get_str
+from distplan._serde import get_float, get_int, get_list, get_map, get_str, read_json_file
 from distplan.errors import PlanError
 
 __all__ = ["EVENT_KINDS", "Timeline", "TimelineEvent"]
@@ -119,7 +119,53 @@ class Timeline:
                     "args": {"stage": e.stage, "microbatch": e.microbatch},
                 }
             )
-        return {"traceEvents": trace, "displayTimeUnit": "ms"}
+        other = {
+            "devices": list(self.devices),
+            "labels": list(self.labels),
+            "iteration_time_s": self.iteration_time_s,
+            "bubble_fraction": self.bubble_fraction,
+        }
+        return {"traceEvents": trace, "displayTimeUnit": "ms", "otherData": other}
+
+    @classmethod
+    def from_chrome_trace(cls, d: Any) -> Timeline:
+        """Read back what :meth:`to_chrome_trace` wrote (its ``otherData`` keeps the rows and totals)."""
+        m = get_map(d, "timeline", PlanError)
+        other = get_map(m.get("otherData"), "timeline.otherData", PlanError)
+        devices = [int(x) for x in get_list(other, "devices", "timeline.otherData", PlanError)]
+        events = []
+        for i, e in enumerate(get_list(m, "traceEvents", "timeline", PlanError)):
+            p = f"timeline.traceEvents[{i}]"
+            em = get_map(e, p, PlanError)
+            if em.get("ph") != "X":
+                continue
+            row = get_int(em, "tid", p, PlanError)
+            if row >= len(devices):
+                raise PlanError(f"{p}.tid: row {row} is out of range of {len(devices)} devices")
+            args = get_map(em.get("args", {}), f"{p}.args", PlanError)
+            start = get_float(em, "ts", p, PlanError) / 1e6
+            events.append(
+                TimelineEvent(
+                    device=devices[row],
+                    stage=get_int(args, "stage", f"{p}.args", PlanError),
+                    kind=get_str(em, "cat", p, PlanError),
+                    microbatch=get_int(args, "microbatch", f"{p}.args", PlanError, minimum=-1),
+                    start_s=start,
+                    end_s=start + get_float(em, "dur", p, PlanError) / 1e6,
+                )
+            )
+        return cls.from_dict({**other, "events": [e.to_dict() for e in events]})
+
+    @classmethod
+    def load(cls, path: Any) -> Timeline:
+        """A timeline file in either form: :meth:`to_dict` or the Chrome trace of ``distplan simulate``."""
+        data = read_json_file(path, PlanError, "timeline")
+        try:
+            if isinstance(data, dict) and "traceEvents" in data:
+                return cls.from_chrome_trace(data)
+            return cls.from_dict(data)
+        except PlanError as e:
+            raise PlanError(f"{path}: {e}") from e
 
     def to_chrome_trace_json(self) -> str:
         return json.dumps(self.to_chrome_trace())

@@ -94,21 +94,9 @@ def report_command(
 
 
 def _load_timeline(path: Path) -> Timeline:
-    import json
-
-    from distplan.errors import DistplanError
     from distplan.timeline import Timeline
 
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise DistplanError(f"cannot read timeline file {str(path)!r}: {e.strerror}") from e
-    except json.JSONDecodeError as e:
-        raise DistplanError(f"timeline file {str(path)!r} is not valid JSON: {e}") from e
-    try:
-        return Timeline.from_dict(data)
-    except DistplanError as e:
-        raise DistplanError(f"{path}: {e}") from e
+    return Timeline.load(path)
 
 
 def _write(path: Path, text: str) -> None:

@@ -48,3 +48,27 @@ def test_check_rejects_bad_plans() -> None:
     d["schema_version"] = 7
     with pytest.raises(PlanError, match="schema_version: 7 is not supported"):
         Plan.from_dict(d)
+
+
+def test_timeline_reads_back_from_its_chrome_trace(tmp_path) -> None:
+    from distplan.timeline import Timeline, TimelineEvent
+
+    tl = Timeline(
+        events=(
+            TimelineEvent(8, 0, "fwd", 0, 0.0, 0.5),
+            TimelineEvent(8, 0, "send", 0, 0.5, 0.625),
+            TimelineEvent(0, 1, "fwd", 0, 0.625, 1.0),
+            TimelineEvent(0, 1, "allreduce", -1, 1.0, 1.25),
+        ),
+        devices=(8, 0),
+        labels=("v100-node:0 stage 0", "a100-node:0 stage 1"),
+        iteration_time_s=1.25,
+        bubble_fraction=0.3,
+    )
+    assert Timeline.from_chrome_trace(tl.to_chrome_trace()) == tl
+    f = tmp_path / "tl.json"
+    f.write_text(tl.to_chrome_trace_json())
+    assert Timeline.load(f) == tl
+    f.write_text('{"traceEvents": [], "otherData": {}}')
+    with pytest.raises(PlanError, match="tl.json: timeline.otherData.devices: missing required field"):
+        Timeline.load(f)

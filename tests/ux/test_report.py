@@ -122,6 +122,11 @@ def test_report_command_writes_page_svg_and_png(tmp_path: Path) -> None:
     ET.fromstring((tmp_path / "out/t.svg").read_text())
     png = (tmp_path / "out/t.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+    # The Chrome trace `distplan simulate --timeline` writes is read back too (the help says so).
+    assert _run("simulate", "plan.json", "--timeline", "trace.json", cwd=tmp_path).returncode == 0
+    r = _run("report", "plan.json", "--timeline", "trace.json", "--out", "from_trace.html", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "from_trace.html").read_text().count('class="tl-row"') == len(plan.devices_used)
     # Without --timeline the command simulates the plan itself (the planner's simulator).
     r = _run("report", "plan.json", "--out", "sim.html", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
