@@ -70,5 +70,5 @@ def test_timeline_reads_back_from_its_chrome_trace(tmp_path) -> None:
     f.write_text(tl.to_chrome_trace_json())
     assert Timeline.load(f) == tl
     f.write_text('{"traceEvents": [], "otherData": {}}')
-    with pytest.raises(PlanError, match="tl.json: timeline.otherData.devices: missing required field"):
+    with pytest.raises(PlanError, match=r"tl\.json: timeline\.otherData\.devices: missing required field"):
         Timeline.load(f)
