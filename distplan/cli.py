@@ -13,13 +13,14 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
 
 from distplan.errors import DistplanError
 
-__all__ = ["app", "fail", "main"]
+__all__ = ["app", "fail", "main", "write_output"]
 
 app = typer.Typer(
     name="distplan",
@@ -132,6 +133,15 @@ def fail(message: str, code: int = 2) -> NoReturn:
     """Print an error paragraph to stderr and exit (for commands' own argument checks)."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def write_output(path: Path, text: str) -> None:
+    """Write a command's output file (making its folder); an OS error becomes a one-line DistplanError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise DistplanError(f"cannot write {str(path)!r}: {e.strerror}") from e
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from distplan.cli import write_output
 from distplan.service.demo import (
     DEFAULT_CLUSTER,
     DEFAULT_GLOBAL_BATCH,
@@ -131,11 +132,11 @@ def demo_command(
             inject_fault=inject_fault,
         )
     if plan_out is not None:
-        _write(plan_out, result.plan.to_json())
+        write_output(plan_out, result.plan.to_json())
     if report is not None:
         from distplan.service.report import render_report
 
-        _write(report, render_report(result.plan, graph=result.graph, timeline=result.timeline))
+        write_output(report, render_report(result.plan, graph=result.graph, timeline=result.timeline))
     if json_out:
         typer.echo(json.dumps(summary_dict(result), indent=1))
     else:
@@ -172,16 +173,6 @@ def _count(n: int) -> str:
             v = n / scale
             return f"{v:.3g}{unit}" if v < 100 else f"{v:.0f}{unit}"
     return str(n)
-
-
-def _write(path: Path, text: str) -> None:
-    from distplan.errors import DistplanError
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    except OSError as e:
-        raise DistplanError(f"cannot write {str(path)!r}: {e.strerror}") from e
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from distplan.cli import write_output
+
 if TYPE_CHECKING:
     from distplan.graph import OpGraph
     from distplan.plan import Plan
@@ -76,12 +78,12 @@ def report_command(
         plan.check(graph)
     timeline = _load_timeline(timeline_file) if timeline_file is not None else _simulate(plan, graph)
     page = render_report(plan, graph=graph, timeline=timeline)
-    _write(out, page)
+    write_output(out, page)
     typer.echo(f"wrote {out} ({len(page) / 1024:.0f} KiB): open it in a browser")
     if timeline is None and (timeline_svg is not None or timeline_png is not None):
         raise DistplanError("--timeline-svg/--timeline-png need a timeline: pass --timeline timeline.json")
     if timeline is not None and timeline_svg is not None:
-        _write(
+        write_output(
             timeline_svg,
             render_timeline_svg(timeline, title=f"{plan.request.graph_name} on {plan.request.cluster.name}"),
         )
@@ -97,16 +99,6 @@ def _load_timeline(path: Path) -> Timeline:
     from distplan.timeline import Timeline
 
     return Timeline.load(path)
-
-
-def _write(path: Path, text: str) -> None:
-    from distplan.errors import DistplanError
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    except OSError as e:
-        raise DistplanError(f"cannot write {str(path)!r}: {e.strerror}") from e
 
 
 def register(app: typer.Typer) -> None:

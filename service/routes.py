@@ -341,12 +341,7 @@ async def get_plan(store: StoreDep, cache: CacheDep, plan_id: str = _id()) -> Re
     responses={404: _ERRORS[404], 409: _ERRORS[409], 422: _ERRORS[422]},
 )
 async def get_launcher(store: StoreDep, plan_id: str = _id()) -> Response:
-    rec = _require_plan(store, plan_id)
-    _require_done(rec, "launcher")
-    text = store.artifact(plan_id, "launcher")
-    if text is None:
-        raise NotFoundError(f"plan {plan_id} has no launcher stored")
-    data = json.loads(text)
+    data = json.loads(_done_artifact(store, plan_id, "launcher"))
     if "error" in data:
         err = data["error"]
         raise JobFailure(err["type"], f"plan {plan_id} has no launcher: {err['message']}", status_code=422)
@@ -364,12 +359,7 @@ async def get_launcher(store: StoreDep, plan_id: str = _id()) -> Response:
     },
 )
 async def get_timeline(store: StoreDep, cache: CacheDep, plan_id: str = _id()) -> Response:
-    rec = _require_plan(store, plan_id)
-    _require_done(rec, "timeline")
-    text = store.artifact(plan_id, "timeline")
-    if text is None:
-        raise NotFoundError(f"plan {plan_id} has no timeline stored")
-    body = text.encode()
+    body = _done_artifact(store, plan_id, "timeline").encode()
     cache.put(f"/v1/plans/{plan_id}/timeline", body)
     return Response(body, media_type="application/json")
 
@@ -389,6 +379,15 @@ async def get_report(store: StoreDep, cache: CacheDep, plan_id: str = _id()) -> 
     return HTMLResponse(body)
 
 
+def _done_artifact(store: Any, plan_id: str, name: str) -> str:
+    """A finished plan's stored artifact (404 for an unknown plan or a missing artifact, 409 if not done)."""
+    _require_done(_require_plan(store, plan_id), name)
+    text = store.artifact(plan_id, name)
+    if text is None:
+        raise NotFoundError(f"plan {plan_id} has no {name} stored")
+    return str(text)
+
+
 def _render_report(store: Any, plan_id: str) -> str:
     from distplan.graph import OpGraph
     from distplan.plan import Plan
@@ -397,9 +396,9 @@ def _render_report(store: Any, plan_id: str) -> str:
 
     plan = Plan.from_json(store.artifact(plan_id, "plan"))
     graph_text = store.artifact(plan_id, "graph")
-    timeline_text = store.artifact(plan_id, "timeline_data")
+    timeline_text = store.artifact(plan_id, "timeline")
     graph = OpGraph.from_json(graph_text) if graph_text else None
-    timeline = Timeline.from_dict(json.loads(timeline_text)) if timeline_text else None
+    timeline = Timeline.from_chrome_trace(json.loads(timeline_text)) if timeline_text else None
     return render_report(plan, graph=graph, timeline=timeline)
 
 

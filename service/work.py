@@ -130,8 +130,8 @@ def run_plan(payload: dict[str, Any]) -> dict[str, str]:
     artifacts = {
         "plan": plan.to_json(indent=None),
         "graph": graph.to_json(),
+        # One stored form: the Chrome trace reads back into a Timeline (Timeline.from_chrome_trace).
         "timeline": json.dumps(timeline.to_chrome_trace()),
-        "timeline_data": json.dumps(timeline.to_dict()),
     }
     artifacts["launcher"] = json.dumps(_launcher_or_error(plan, request["model"], seq=request["seq"]))
     return artifacts

@@ -114,6 +114,8 @@ def test_plan_builtin_model_on_mixed_cluster(client: httpx.Client) -> None:
     report = client.get(f"/v1/plans/{done['id']}/report")
     assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
     assert "<html" in report.text.lower() and plan.layout.split()[0] in report.text
+    # The page draws the stored simulated timeline: one row per device the plan uses.
+    assert report.text.count('class="tl-row"') == len(plan.devices_used)
 
 
 def test_plan_hf_config_on_mixed_cluster(client: httpx.Client) -> None:
