@@ -59,27 +59,19 @@ def main(config_path: str) -> int:
         torch.manual_seed(cfg["seed"])
         plan = Plan.from_dict(cfg["plan"])
         over = cfg.get("config_overrides") or {}
+        # A width-reduced copy is derived from the meta-built full model (never allocated here).
+        bundle = resolve_model(
+            cfg["model"],
+            batch=plan.microbatch_size,
+            seq=cfg["seq"],
+            device="meta" if cfg["width_reduced"] else "cpu",
+            seed=cfg["seed"],
+            config_overrides=over,
+        )
         if cfg["width_reduced"]:
-            bundle = resolve_model(
-                cfg["model"],
-                batch=plan.microbatch_size,
-                seq=cfg["seq"],
-                device="meta",
-                seed=cfg["seed"],
-                config_overrides=over,
-            )
             reduced = bundle.width_reduced(max_hidden=cfg["max_hidden"])
-            assert reduced is not None
+            assert reduced is not None  # the parent checked that the model can be reduced
             bundle = reduced
-        else:
-            bundle = resolve_model(
-                cfg["model"],
-                batch=plan.microbatch_size,
-                seq=cfg["seq"],
-                device="cpu",
-                seed=cfg["seed"],
-                config_overrides=over,
-            )
         state = torch.load(out / "weights.pt", weights_only=True)
         data = torch.load(out / "data.pt", weights_only=True)
         runner = lower(
