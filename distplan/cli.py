@@ -37,8 +37,8 @@ _COMMAND_MODULES = (
     "distplan.planner.cli",
     "distplan.lowering.cli",
     "distplan.service.cli",
-    "distplan.service.report_cli",
-    "distplan.service.demo_cli",
+    "distplan.presentation.report_cli",
+    "distplan.presentation.demo_cli",
 )
 
 _registered = False

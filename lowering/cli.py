@@ -141,7 +141,7 @@ def register(app: typer.Typer) -> None:
         parameter name. Exit code 0 when it passed, 1 when it failed."""
         from distplan.lowering.validation import validate
         from distplan.plan import Plan
-        from distplan.progress import ProgressLine
+        from distplan.presentation.progress import ProgressLine
 
         plan = Plan.load(plan_path)
         with ProgressLine("validating", json_out=json_out) as show:

@@ -391,7 +391,7 @@ def _done_artifact(store: Any, plan_id: str, name: str) -> str:
 def _render_report(store: Any, plan_id: str) -> str:
     from distplan.graph import OpGraph
     from distplan.plan import Plan
-    from distplan.service.report import render_report
+    from distplan.presentation.report import render_report
     from distplan.timeline import Timeline
 
     plan = Plan.from_json(store.artifact(plan_id, "plan"))

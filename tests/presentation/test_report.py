@@ -12,9 +12,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
 
-from ux_handmade import gpt_like_graph, handmade_plan, handmade_timeline
+from presentation_handmade import gpt_like_graph, handmade_plan, handmade_timeline
 
-from distplan.service.report import (
+from distplan.presentation.report import (
     baseline_rows,
     best_baseline,
     device_ranges,

@@ -1,6 +1,6 @@
 """One live progress line on stderr for long CLI work (solving, validating), shared by every command.
 
-    >>> from distplan.progress import ProgressLine
+    >>> from distplan.presentation.progress import ProgressLine
     >>> with ProgressLine("solving", json_out=False) as show:          # doctest: +SKIP
     ...     plan = distplan.plan(graph, cluster="a100x8-v100x8", global_batch=64, progress=show)
 

@@ -1,6 +1,6 @@
 """The main job: the whole pipeline on a built-in default, with a summary a newcomer can read.
 
-    >>> from distplan.service.demo import run_demo, summary_dict     # doctest: +SKIP
+    >>> from distplan.presentation.demo import run_demo, summary_dict     # doctest: +SKIP
     >>> result = run_demo(model="gpt2", cluster="a100x8-v100x8")   # doctest: +SKIP
     >>> summary_dict(result)["validation"]["passed"]               # doctest: +SKIP
     True
@@ -106,7 +106,7 @@ def run_demo(
 ) -> DemoResult:
     """Trace, plan, simulate and validate ``model`` on ``cluster`` (a preset name or a YAML file).
 
-    ``progress`` receives each step's progress events (a :class:`distplan.progress.ProgressLine` fits).
+    ``progress`` receives each step's progress events (a :class:`distplan.presentation.progress.ProgressLine` fits).
     ``inject_fault`` is passed to the validation (a testing aid: ``"raise:R"`` makes rank R fail).
     Raises the pipeline's own :class:`~distplan.errors.DistplanError` subclasses on bad input; a failed
     validation is *returned* (``result.passed is False``), not raised, so the caller can show it.
@@ -164,7 +164,7 @@ def _validation_dict(report: Any) -> dict[str, Any]:
 
 def summary_dict(result: DemoResult) -> dict[str, Any]:
     """The demo's machine-readable summary (what ``distplan demo --json`` prints)."""
-    from distplan.service.report import best_baseline, equal_split_speedup
+    from distplan.presentation.report import best_baseline, equal_split_speedup
 
     plan, graph = result.plan, result.graph
     eq = equal_split_speedup(plan)
@@ -231,7 +231,7 @@ def _validation_line(report: Any) -> str:
 
 def summary_lines(result: DemoResult) -> list[str]:
     """The human summary after the table: predicted time, speed-ups, validation verdict (plain text)."""
-    from distplan.service.report import best_baseline, equal_split_speedup, format_seconds
+    from distplan.presentation.report import best_baseline, equal_split_speedup, format_seconds
 
     plan = result.plan
     p = plan.predictions

@@ -1,6 +1,6 @@
 """The plan report: one self-contained HTML page (inline CSS, JS and SVG; nothing fetched from the network).
 
-    >>> from distplan.service.report import render_report          # doctest: +SKIP
+    >>> from distplan.presentation.report import render_report          # doctest: +SKIP
     >>> html = render_report(plan, graph=graph, timeline=timeline)  # doctest: +SKIP
 
 The page has five parts, each drawn from plain plan data:

@@ -1,4 +1,4 @@
-"""``distplan demo``: the README's main job (see :mod:`distplan.service.demo`)."""
+"""``distplan demo``: the README's main job (see :mod:`distplan.presentation.demo`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from distplan.cli import write_output
-from distplan.service.demo import (
+from distplan.presentation.demo import (
     DEFAULT_CLUSTER,
     DEFAULT_GLOBAL_BATCH,
     DEFAULT_MODEL,
@@ -21,7 +21,7 @@ from distplan.service.demo import (
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from distplan.service.demo import DemoResult
+    from distplan.presentation.demo import DemoResult
 
 __all__ = ["demo_command", "print_plan_table", "register"]
 
@@ -30,7 +30,7 @@ def print_plan_table(result: DemoResult, console: Console) -> None:
     """The plan as a table: one row per stage."""
     from rich.table import Table
 
-    from distplan.service.report import device_ranges, format_bytes, format_seconds, layer_summary
+    from distplan.presentation.report import device_ranges, format_bytes, format_seconds, layer_summary
 
     plan, graph = result.plan, result.graph
     cluster = plan.request.cluster
@@ -115,8 +115,8 @@ def demo_command(
     """
     from rich.console import Console
 
-    from distplan.progress import ProgressLine
-    from distplan.service.demo import run_demo, summary_dict, summary_lines
+    from distplan.presentation.demo import run_demo, summary_dict, summary_lines
+    from distplan.presentation.progress import ProgressLine
 
     console = Console(width=None if sys.stdout.isatty() else 120, highlight=False)
     with ProgressLine("starting", json_out=json_out) as show:
@@ -134,7 +134,7 @@ def demo_command(
     if plan_out is not None:
         write_output(plan_out, result.plan.to_json())
     if report is not None:
-        from distplan.service.report import render_report
+        from distplan.presentation.report import render_report
 
         write_output(report, render_report(result.plan, graph=result.graph, timeline=result.timeline))
     if json_out:

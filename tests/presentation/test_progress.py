@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from distplan.progress import ProgressLine, describe, progress_wanted
+from distplan.presentation.progress import ProgressLine, describe, progress_wanted
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import ConsoleMessage, sync_playwright
-from ux_handmade import gpt_like_graph, handmade_plan, handmade_timeline
+from presentation_handmade import gpt_like_graph, handmade_plan, handmade_timeline
 
 from distplan.plan import Plan
-from distplan.service.report import render_report
+from distplan.presentation.report import render_report
 
 CHROMIUM_ARGS = [
     "--headless",
