@@ -1,8 +1,16 @@
-"""Presentation: what people read and see of a plan, apart from the data and the work that makes it.
+"""Presentation: what people read and see of a plan, apart from the data and the work that make it.
 
-The report page (:mod:`.report`, rendered from a Jinja2 template), the timeline pictures (SVG, PNG through
-headless chromium), the demo's summary, the live progress line (:mod:`.progress`), and the ``distplan
-report`` / ``distplan demo`` commands (:mod:`.report_cli`, :mod:`.demo_cli`).
+- :mod:`.report`: the plan's report page, one self-contained HTML file rendered from the Jinja2 template
+  ``templates/report.html`` (autoescaped);
+- :mod:`.pictures`: the simulated timeline as SVG (``templates/timeline.svg``) and PNG (headless chromium);
+- :mod:`.tables`: plans as terminal tables (rich);
+- :mod:`.progress`: the live progress line of long CLI work;
+- :mod:`.formatting`: durations, sizes, FLOPs, counts, layer and device lists as short text, for all of the
+  above and for the CLI; :mod:`.colours`: the stage colours every picture shares;
+- :mod:`.demo`: the README's main job (trace, plan, simulate, validate, summarise);
+- :mod:`.report_cli`, :mod:`.demo_cli`: the ``distplan report`` and ``distplan demo`` commands.
 
-Only the CLI and the service import this package; it imports distplan's core data model, never the service.
+Only the CLI and the service import this package. It imports distplan's core data model; the demo and the
+command modules alone run pipeline stages (tracer, planner, lowering), inside the functions that need them.
+``tests/presentation/test_presentation_package.py`` checks both rules.
 """

@@ -9,7 +9,11 @@ Steps: **trace** a real built-in model on the meta device, **plan** it with the 
 cluster preset, **simulate** one iteration, **validate** the lowered plan for real on this machine's CPU
 (gloo; on a width-reduced copy when the model or plan is too big for the CPU, which the validation decides
 and reports), then summarise: plan table, predicted iteration time, speed-up over the equal-split baseline
-and over the best baseline, the validation verdict. ``distplan demo`` is its CLI (``demo_cli.py``).
+and over the best baseline, the validation verdict. ``distplan demo`` is its CLI (:mod:`.demo_cli`).
+
+With the command modules, the only part of this package that runs the pipeline (tracer, planner, lowering);
+it imports them inside :func:`run_demo`, so the rest of the package, and the CLI's start-up, need nothing
+but distplan's core.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from typing import Any
 from distplan.errors import DistplanError
 from distplan.graph import OpGraph
 from distplan.plan import Plan
+from distplan.presentation.formatting import format_seconds
+from distplan.presentation.report import best_baseline, equal_split_speedup
 from distplan.timeline import Timeline
 
 __all__ = [
@@ -164,8 +170,6 @@ def _validation_dict(report: Any) -> dict[str, Any]:
 
 def summary_dict(result: DemoResult) -> dict[str, Any]:
     """The demo's machine-readable summary (what ``distplan demo --json`` prints)."""
-    from distplan.presentation.report import best_baseline, equal_split_speedup
-
     plan, graph = result.plan, result.graph
     eq = equal_split_speedup(plan)
     best = best_baseline(plan)
@@ -231,8 +235,6 @@ def _validation_line(report: Any) -> str:
 
 def summary_lines(result: DemoResult) -> list[str]:
     """The human summary after the table: predicted time, speed-ups, validation verdict (plain text)."""
-    from distplan.presentation.report import best_baseline, equal_split_speedup, format_seconds
-
     plan = result.plan
     p = plan.predictions
     lines = [

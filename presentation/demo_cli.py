@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 
@@ -17,53 +16,9 @@ from distplan.presentation.demo import (
     DEFAULT_SEQ,
     DEFAULT_TIME_LIMIT_S,
 )
+from distplan.presentation.formatting import format_count, format_elapsed
 
-if TYPE_CHECKING:
-    from rich.console import Console
-
-    from distplan.presentation.demo import DemoResult
-
-__all__ = ["demo_command", "print_plan_table", "register"]
-
-
-def print_plan_table(result: DemoResult, console: Console) -> None:
-    """The plan as a table: one row per stage."""
-    from rich.table import Table
-
-    from distplan.presentation.report import device_ranges, format_bytes, format_seconds, layer_summary
-
-    plan, graph = result.plan, result.graph
-    cluster = plan.request.cluster
-    s = plan.solver
-    title = (
-        f"Plan: {_n(plan.num_stages, 'stage')} x dp {plan.dp} on {len(plan.devices_used)} of {cluster.num_devices} "
-        f"devices, {plan.schedule}, {_n(plan.num_microbatches, 'microbatch', 'microbatches')} of {plan.microbatch_size} "
-        f"(solver {s.status}, gap {s.gap * 100:.1f}%, {s.seconds:.1f} s)"
-    )
-    t = Table(title=title, title_justify="left")
-    for col, justify in (
-        ("stage", "right"),
-        ("devices", "left"),
-        ("kind", "left"),
-        ("layers / modules", "left"),
-        ("fwd+bwd / microbatch", "right"),
-        ("memory / device", "right"),
-    ):
-        t.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for st in plan.stages:
-        cap = cluster.kinds[st.kind].usable_memory_bytes
-        mods = (
-            layer_summary([n.module for n in graph.nodes[st.start : st.end]]) or f"nodes {st.start}-{st.end}"
-        )
-        t.add_row(
-            str(st.index),
-            device_ranges(st.devices),
-            st.kind,
-            mods,
-            format_seconds(st.fwd_time_s + st.bwd_time_s),
-            f"{format_bytes(st.memory_bytes)} / {format_bytes(cap)}",
-        )
-    console.print(t)
+__all__ = ["demo_command", "register"]
 
 
 def demo_command(
@@ -117,6 +72,7 @@ def demo_command(
 
     from distplan.presentation.demo import run_demo, summary_dict, summary_lines
     from distplan.presentation.progress import ProgressLine
+    from distplan.presentation.tables import plan_table
 
     console = Console(width=None if sys.stdout.isatty() else 120, highlight=False)
     with ProgressLine("starting", json_out=json_out) as show:
@@ -143,13 +99,13 @@ def demo_command(
         g = result.graph
         c = result.plan.request.cluster
         kinds = ", ".join(f"{n} x {k}" for k, n in c.kind_counts().items())
-        timing = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+        timing = ", ".join(f"{k} {format_elapsed(v)}" for k, v in result.seconds.items())
         console.print(
-            f"distplan demo: {g.name} ({_count(g.num_params)} parameters, {len(g.nodes):,} graph nodes) "
+            f"distplan demo: {g.name} ({format_count(g.num_params)} parameters, {len(g.nodes):,} graph nodes) "
             f"on {c.name} ({kinds})"
         )
         console.print()
-        print_plan_table(result, console)
+        console.print(plan_table(result.plan, result.graph))
         console.print()
         for line in summary_lines(result):
             console.print(line, soft_wrap=True)
@@ -160,19 +116,6 @@ def demo_command(
         console.print(f"[dim]({timing})[/dim]")
     if result.passed is False:
         raise typer.Exit(1)
-
-
-def _n(count: int, one: str, many: str | None = None) -> str:
-    return f"{count} {one if count == 1 else (many or one + 's')}"
-
-
-def _count(n: int) -> str:
-    """``124M``, ``1.56B``, ``184K``."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            v = n / scale
-            return f"{v:.3g}{unit}" if v < 100 else f"{v:.0f}{unit}"
-    return str(n)
 
 
 def register(app: typer.Typer) -> None:

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import IO, Any
 
+from distplan.presentation.formatting import format_elapsed, format_seconds
+
 __all__ = ["ProgressLine", "describe", "progress_wanted"]
 
 # Event fields that mean the same thing under different names, in display order.
@@ -57,14 +59,6 @@ def _fields(event: Any) -> dict[str, Any]:
     return {}
 
 
-def _seconds(s: float) -> str:
-    if abs(s) < 1e-3:
-        return f"{s * 1e6:.0f} µs"
-    if abs(s) < 1:
-        return f"{s * 1e3:.3g} ms"
-    return f"{s:.3g} s"
-
-
 def describe(event: Any, *, elapsed: bool = True) -> str:
     """One short line for a progress event (see the module docstring); unknown fields show as
     ``name=value``. ``elapsed=False`` leaves out the event's own elapsed time (a display that shows its
@@ -95,7 +89,7 @@ def describe(event: Any, *, elapsed: bool = True) -> str:
         for n in names:
             v = f.get(n)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
-                parts.append(f"{label} {_seconds(float(v))}" if n.endswith("_s") else f"{label} {v:g}")
+                parts.append(f"{label} {format_seconds(float(v))}" if n.endswith("_s") else f"{label} {v:g}")
                 used.update(names)
                 break
     for n in _GAP_FIELDS:
@@ -107,7 +101,7 @@ def describe(event: Any, *, elapsed: bool = True) -> str:
     for n in _ELAPSED_FIELDS:
         v = f.get(n)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            took = f"{float(v):.1f} s"
+            took = format_elapsed(float(v))
             used.update(_ELAPSED_FIELDS)
             break
     for k, v in f.items():

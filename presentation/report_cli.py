@@ -70,7 +70,8 @@ def report_command(
     from distplan.errors import DistplanError
     from distplan.graph import OpGraph
     from distplan.plan import Plan
-    from distplan.presentation.report import render_report, render_timeline_svg, write_timeline_png
+    from distplan.presentation.pictures import render_timeline_svg, write_timeline_png
+    from distplan.presentation.report import render_report
 
     plan = Plan.load(plan_file)
     graph = OpGraph.load(graph_file) if graph_file is not None else None

@@ -14,17 +14,14 @@ from pathlib import Path
 
 from presentation_handmade import gpt_like_graph, handmade_plan, handmade_timeline
 
+from distplan.presentation.formatting import device_ranges, format_bytes, format_seconds, layer_summary
+from distplan.presentation.pictures import render_timeline_svg
 from distplan.presentation.report import (
     baseline_rows,
     best_baseline,
-    device_ranges,
     equal_split_speedup,
-    format_bytes,
-    format_seconds,
-    layer_summary,
     model_runs,
     render_report,
-    render_timeline_svg,
 )
 
 DISTPLAN = [sys.executable, "-m", "distplan.cli"]
