@@ -13,6 +13,8 @@ from typing import Any
 
 import typer
 
+from distplan.presentation.formatting import format_bytes, format_count, format_flops
+
 __all__ = ["register", "summary_dict"]
 
 _NUMERIC = re.compile(r"^\d+$")
@@ -57,34 +59,12 @@ def _module_group(module: str) -> str:
     return ".".join(parts[:2])
 
 
-def _human(n: float, unit: str = "") -> str:
-    for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {suffix}{unit}"
-    return f"{n:g} {unit}".rstrip()
-
-
-def _count(n: float) -> str:
-    """A parameter count: 124.44M, 6.74B."""
-    for suffix, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{suffix}"
-    return str(int(n))
-
-
 def _op(target: str) -> str:
     """``aten.linear.default`` -> ``linear``; other targets as they are."""
     if target.startswith("aten."):
         parts = target.split(".")
         return parts[1] if len(parts) == 3 and parts[2] == "default" else ".".join(parts[1:])
     return target
-
-
-def _bytes(n: float) -> str:
-    for suffix, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {suffix}"
-    return f"{int(n)} B"
 
 
 def _parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -113,11 +93,11 @@ def _print_summary(graph: Any, info: dict[str, Any], top: int) -> None:
         f"in {info['trace_seconds']:.2f} s at batch {info['batch']}, seq {info['seq']}"
     )
     console.print(
-        f"  nodes {info['num_nodes']}   parameters {_count(info['num_params'])} "
-        f"({_bytes(info['param_bytes'])} {info['param_dtype']})   "
-        f"forward {_human(info['fwd_flops'], 'FLOP')} / backward {_human(info['bwd_flops'], 'FLOP')}   "
-        f"activations saved {_bytes(info['activation_bytes'])}   "
-        f"cut cost {_bytes(info['min_cut_bytes'])} .. {_bytes(info['max_cut_bytes'])}"
+        f"  nodes {info['num_nodes']}   parameters {format_count(info['num_params'])} "
+        f"({format_bytes(info['param_bytes'])} {info['param_dtype']})   "
+        f"forward {format_flops(info['fwd_flops'])} / backward {format_flops(info['bwd_flops'])}   "
+        f"activations saved {format_bytes(info['activation_bytes'])}   "
+        f"cut cost {format_bytes(info['min_cut_bytes'])} .. {format_bytes(info['max_cut_bytes'])}"
     )
     largest = sorted(graph.nodes, key=lambda n: n.output_bytes, reverse=True)[:top]
     t = Table(title=f"largest activations (top {len(largest)})")
@@ -125,7 +105,7 @@ def _print_summary(graph: Any, info: dict[str, Any], top: int) -> None:
         t.add_column(col)
     for n in largest:
         shape = " ".join(f"{o.dtype}{list(o.shape)}" for o in n.outputs[:2])
-        t.add_row(n.name, _op(n.target), n.module or "<root>", shape, _bytes(n.output_bytes))
+        t.add_row(n.name, _op(n.target), n.module or "<root>", shape, format_bytes(n.output_bytes))
     console.print(t)
     groups: dict[str, list[Any]] = {}
     for n in graph.nodes:
@@ -137,10 +117,10 @@ def _print_summary(graph: Any, info: dict[str, Any], top: int) -> None:
         t.add_row(
             key,
             str(len(ns)),
-            _bytes(sum(n.param_bytes for n in ns)),
-            _human(sum(n.fwd_flops for n in ns)),
-            _human(sum(n.bwd_flops for n in ns)),
-            _bytes(sum(n.activation_bytes for n in ns)),
+            format_bytes(sum(n.param_bytes for n in ns)),
+            format_flops(sum(n.fwd_flops for n in ns)),
+            format_flops(sum(n.bwd_flops for n in ns)),
+            format_bytes(sum(n.activation_bytes for n in ns)),
         )
     console.print(t)
 
@@ -232,5 +212,5 @@ def register(app: typer.Typer) -> None:
         for col in ("name", "family", "kind", "params", "description"):
             t.add_column(col)
         for m in infos:
-            t.add_row(m.name, m.family, m.kind, _count(m.approx_params), m.description)
+            t.add_row(m.name, m.family, m.kind, format_count(m.approx_params), m.description)
         Console().print(t)
