@@ -6,9 +6,12 @@
 
 or from the shell: ``distplan serve --port 8000 --db plans.db``. OpenAPI docs are at ``/docs``.
 
-On startup the app opens the database, marks jobs a previous server left unfinished as failed
-(``Interrupted``), and starts the worker processes (``/readyz`` answers 200 once they have warmed up). On
-shutdown it fails what is still queued and stops the workers.
+On startup the app reads its catalogue (built-in models, Hugging Face model types: what requests are
+checked against, without torch), opens the database, marks jobs a previous server left unfinished as failed
+(``Interrupted``), and starts the worker processes without waiting for them. From then on every route
+answers: ``/healthz`` (liveness) is 200, requests are checked at once and valid work is queued (202);
+``/readyz`` (readiness) answers 200 once a worker has warmed up and queued work runs. On shutdown it fails
+what is still queued and stops the workers.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from distplan.service.cache import CachedReads, ResponseCache
+from distplan.service.catalog import load_catalog
 from distplan.service.errors import install_error_handlers
 from distplan.service.jobs import JobManager
 from distplan.service.middleware import BodySizeLimit
@@ -56,13 +60,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        catalog = load_catalog()
         store = Store(settings.db)
         interrupted = store.recover()
         if interrupted:
             log.warning("marked %d job(s) interrupted by the previous shutdown as failed", interrupted)
-        jobs = JobManager(store, settings)
+        jobs = JobManager(store, settings, catalog)
         jobs.start()
         app.state.settings = settings
+        app.state.catalog = catalog
         app.state.store = store
         app.state.jobs = jobs
         try:
@@ -84,7 +90,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "validations", "description": "Check a plan's numerics on CPU/gloo."},
             {"name": "jobs", "description": "The work behind plans and validations; cancel it."},
             {"name": "catalogue", "description": "Cluster presets, device kinds, built-in models."},
-            {"name": "health", "description": "Liveness and readiness."},
+            {
+                "name": "health",
+                "description": "`/healthz`: liveness (the process answers). `/readyz`: readiness (a worker "
+                "has warmed up; work submitted before is queued, not refused).",
+            },
         ],
     )
     app.state.cache = cache

@@ -6,12 +6,12 @@ process (as in the tests) never share state.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 
 from distplan.service.cache import ResponseCache
-from distplan.service.errors import NotReadyError
+from distplan.service.catalog import Catalog
 from distplan.service.jobs import JobManager
 from distplan.service.settings import Settings
 from distplan.service.store import Store
@@ -35,21 +35,14 @@ def get_cache(request: Request) -> ResponseCache:
     return request.app.state.cache  # type: ignore[no-any-return]
 
 
-def get_catalog(request: Request) -> dict[str, Any]:
-    """The built-in models and HF model types, reported by the workers once they have started."""
-    jobs: JobManager = request.app.state.jobs
-    cat = jobs.catalog
-    if cat is None:
-        settings: Settings = request.app.state.settings
-        raise NotReadyError(
-            "the worker processes are still starting (they load torch and the tracer); retry shortly",
-            retry_after_s=settings.retry_after_s,
-        )
-    return cat
+def get_catalog(request: Request) -> Catalog:
+    """The built-in models and HF model types requests are checked against: the API process's own
+    (:mod:`distplan.service.catalog`), so checks never wait for a worker."""
+    return request.app.state.catalog  # type: ignore[no-any-return]
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 JobsDep = Annotated[JobManager, Depends(get_jobs)]
 CacheDep = Annotated[ResponseCache, Depends(get_cache)]
-CatalogDep = Annotated[dict[str, Any], Depends(get_catalog)]
+CatalogDep = Annotated[Catalog, Depends(get_catalog)]

@@ -1,25 +1,34 @@
-"""Errors of the service and their HTTP status codes, in one place.
+"""Errors of the service, their kinds, and the kinds' HTTP status codes, in one place.
 
 Every error body the service sends has one shape::
 
     {"error": {"type": "InfeasiblePlanError", "message": "stage 0 needs 81.2 GiB ... (1.2 GiB short)"}}
 
 plus, where useful, more keys inside ``error`` (``plan_id``, ``retry_after_s``, ``errors`` for request
-validation). :func:`status_for` maps an exception to its status code; the worker processes use it too, so a
-failure recorded in the database carries the same code the route would have answered.
+validation).
 
 [Note: error mapping]
-``DistplanError`` subclasses are the user's fault (4xx): a malformed request (``PlanError``,
-``ProfileError``, ``GraphError``, ``ModelSpecError`` -> 422; the request was well-formed JSON but its content is
-wrong), no plan fits (``InfeasiblePlanError`` -> 422, the message names the missing memory), a model that
-cannot be traced (``TraceError`` -> 422). The service's own errors: not found -> 404, a conflict with the
-resource's state -> 409, a full queue -> 429 with ``Retry-After``, too large -> 413, malformed JSON -> 400.
-Anything else is a bug: 500 with a generic message (the traceback goes to the log, not to the client).
+An error has a *type* (the exception class name, shown to the client) and a *kind* (:class:`ErrorKind`:
+what went wrong, in the service's terms). The kind is what the workers report and what the database stores
+for a failed job; the HTTP status is derived from the kind here, at the edge (:func:`http_status`), and
+nowhere else. So a stored failure is answered with whatever status this table gives today, and a change of
+HTTP policy needs no change of the workers or the database.
+
+``DistplanError`` subclasses are the user's fault: a request whose content cannot be planned as asked
+(``PlanError``, ``ProfileError``, ``GraphError``, ``ModelSpecError``, ``TraceError``, ``LoweringError``,
+``InfeasiblePlanError`` naming the missing memory, ...) is ``unprocessable`` -> 422. The service's own: not
+found -> 404, a conflict with the resource's state or a job cancelled by a client -> 409, a full queue ->
+429 with ``Retry-After``. A job stopped by the server's time limit -> 422 (the request asks for more than
+this server gives). Work cut off by a restart or a dead worker -> 503 (send the request again). Anything
+else is a bug: 500 with a generic message (the traceback goes to the log, not to the client). Malformed
+JSON (400) and a body over the size limit (413) are answered before any of this, by FastAPI and
+:mod:`~distplan.service.middleware`.
 """
 
 from __future__ import annotations
 
 import logging
+from enum import Enum
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,31 +36,88 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from distplan.errors import (
-    DistplanError,
-    GraphError,
-    InfeasiblePlanError,
-    LoweringError,
-    ModelSpecError,
-    PlanError,
-    ProfileError,
-    TraceError,
-    ValidationFailedError,
-)
+from distplan.errors import DistplanError
 
 __all__ = [
     "ConflictError",
+    "ErrorKind",
     "JobFailure",
     "NotFoundError",
-    "NotReadyError",
     "QueueFullError",
     "ServiceError",
     "error_body",
+    "http_status",
     "install_error_handlers",
+    "kind_of",
+    "legacy_kind",
     "status_for",
 ]
 
 log = logging.getLogger("distplan.service")
+
+
+class ErrorKind(str, Enum):
+    """What went wrong, in the service's terms; stored with every failed job (see [Note: error mapping])."""
+
+    MALFORMED = "malformed"
+    """A service error of no more specific kind: the request itself is wrong."""
+    UNPROCESSABLE = "unprocessable"
+    """The request is well-formed but cannot be planned, traced, lowered or validated as asked."""
+    NOT_FOUND = "not_found"
+    """No such plan, job, validation, cluster preset or model."""
+    CONFLICT = "conflict"
+    """The request conflicts with the resource's state (e.g. cancelling a finished job)."""
+    QUEUE_FULL = "queue_full"
+    """The job queue is full; retry later."""
+    CANCELLED = "cancelled"
+    """A client cancelled the job; sending the request again runs it again."""
+    TIMEOUT = "timeout"
+    """The job ran past the server's wall-clock limit and was stopped."""
+    INTERRUPTED = "interrupted"
+    """The server stopped or restarted while the job was queued or running."""
+    WORKER_CRASHED = "worker_crashed"
+    """The worker process died while running the job (most likely out of memory)."""
+    INTERNAL = "internal"
+    """A bug in distplan."""
+
+    @property
+    def retryable(self) -> bool:
+        """Whether running the same request again can give another answer (so a stored failure of this
+        kind is re-run when the request comes again, instead of being answered as final)."""
+        return self in _RETRYABLE
+
+
+_RETRYABLE = frozenset(
+    {
+        ErrorKind.CANCELLED,
+        ErrorKind.TIMEOUT,
+        ErrorKind.INTERRUPTED,
+        ErrorKind.WORKER_CRASHED,
+        ErrorKind.INTERNAL,
+    }
+)
+
+# The one table of HTTP status codes (see [Note: error mapping]).
+_HTTP_STATUS: dict[ErrorKind, int] = {
+    ErrorKind.MALFORMED: 400,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.CONFLICT: 409,
+    ErrorKind.CANCELLED: 409,
+    ErrorKind.UNPROCESSABLE: 422,
+    ErrorKind.TIMEOUT: 422,
+    ErrorKind.QUEUE_FULL: 429,
+    ErrorKind.INTERNAL: 500,
+    ErrorKind.INTERRUPTED: 503,
+    ErrorKind.WORKER_CRASHED: 503,
+}
+
+
+def http_status(kind: ErrorKind | str | None) -> int:
+    """The HTTP status code of an error kind (an unknown or missing kind is a bug: 500)."""
+    try:
+        return _HTTP_STATUS[ErrorKind(kind)]
+    except ValueError:
+        return 500
 
 
 class ServiceError(DistplanError):
@@ -74,50 +140,63 @@ class QueueFullError(ServiceError):
         self.retry_after_s = retry_after_s
 
 
-class NotReadyError(ServiceError):
-    """The service cannot answer yet (workers still starting); retry after ``retry_after_s`` seconds."""
-
-    def __init__(self, message: str, *, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
 class JobFailure(ServiceError):
-    """A job ended without a result; carries the recorded error type, message and status code."""
+    """A job ended without a result; carries the recorded error type, message and kind."""
 
-    def __init__(self, error_type: str, message: str, *, status_code: int, **extra: Any) -> None:
+    def __init__(self, error_type: str, message: str, *, kind: ErrorKind | str, **extra: Any) -> None:
         super().__init__(message)
         self.error_type = error_type
-        self.status_code = status_code
+        self.kind = kind
         self.extra = extra
 
 
-# Most specific first: the first matching class decides (see [Note: error mapping]).
-_STATUS: tuple[tuple[type[BaseException], int], ...] = (
-    (NotFoundError, 404),
-    (ConflictError, 409),
-    (QueueFullError, 429),
-    (NotReadyError, 503),
-    (InfeasiblePlanError, 422),
-    (ModelSpecError, 422),
-    (GraphError, 422),
-    (ProfileError, 422),
-    (PlanError, 422),
-    (TraceError, 422),
-    (LoweringError, 422),
-    (ValidationFailedError, 422),
-    (DistplanError, 400),
+# Most specific first: the first matching class decides. Every other ``DistplanError`` raised by the
+# pipeline (model, graph, cluster, plan, trace, lowering, infeasible, ...) is the request's content.
+_KIND_OF: tuple[tuple[type[BaseException], ErrorKind], ...] = (
+    (NotFoundError, ErrorKind.NOT_FOUND),
+    (ConflictError, ErrorKind.CONFLICT),
+    (QueueFullError, ErrorKind.QUEUE_FULL),
+    (ServiceError, ErrorKind.MALFORMED),
+    (DistplanError, ErrorKind.UNPROCESSABLE),
 )
+
+# Error types the service records for failures that are not exceptions (jobs.py, store.py), by kind.
+_SERVICE_TYPES: dict[str, ErrorKind] = {
+    "Cancelled": ErrorKind.CANCELLED,
+    "JobTimeout": ErrorKind.TIMEOUT,
+    "Interrupted": ErrorKind.INTERRUPTED,
+    "WorkerCrashed": ErrorKind.WORKER_CRASHED,
+    "InternalError": ErrorKind.INTERNAL,
+}
+
+
+def kind_of(exc: BaseException) -> ErrorKind:
+    """The kind of an exception (``internal`` for anything that is not a ``DistplanError``)."""
+    if isinstance(exc, JobFailure):
+        try:
+            return ErrorKind(exc.kind)
+        except ValueError:
+            return ErrorKind.INTERNAL
+    for cls, kind in _KIND_OF:
+        if isinstance(exc, cls):
+            return kind
+    return ErrorKind.INTERNAL
 
 
 def status_for(exc: BaseException) -> int:
-    """The HTTP status code for an exception (500 for anything that is not a ``DistplanError``)."""
-    if isinstance(exc, JobFailure):
-        return exc.status_code
-    for cls, code in _STATUS:
-        if isinstance(exc, cls):
-            return code
-    return 500
+    """The HTTP status code for an exception: :func:`http_status` of :func:`kind_of`."""
+    return http_status(kind_of(exc))
+
+
+def legacy_kind(error_type: str | None, status: int | None) -> ErrorKind:
+    """The kind of a failure recorded by a service that stored HTTP status codes (database schema 1): by
+    its error type where that names a kind, else the first kind answered with that status."""
+    if error_type in _SERVICE_TYPES:
+        return _SERVICE_TYPES[error_type]
+    for kind, code in _HTTP_STATUS.items():
+        if code == status:
+            return kind
+    return ErrorKind.INTERNAL
 
 
 def error_body(error_type: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -142,7 +221,7 @@ def install_error_handlers(app: FastAPI) -> None:
         code = status_for(exc)
         headers = None
         extra: dict[str, Any] = {}
-        if isinstance(exc, (QueueFullError, NotReadyError)):
+        if isinstance(exc, QueueFullError):
             headers = {"Retry-After": str(exc.retry_after_s)}
             extra["retry_after_s"] = exc.retry_after_s
         if isinstance(exc, JobFailure):

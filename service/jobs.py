@@ -8,7 +8,9 @@ the ``workers`` slots owns one spawned process (``multiprocessing`` *spawn* cont
 threads from the server) and a dispatcher thread. A job that is cancelled or overruns its time limit gets its
 process killed (with its process group, so a validation's rank processes go too) and the slot starts a new
 one. The processes import torch, the tracer and the planner once at start (``warm-up``), so a job does not
-pay for that.
+pay for that; ``Settings.worker_init`` names a function each worker also runs then (e.g. to pre-import model
+code). Jobs submitted during the warm-up wait in the queue and run when a worker is ready: nothing the API
+answers depends on the workers' state (requests are checked against :mod:`distplan.service.catalog`).
 
 Jobs and results cross the process boundary as JSON bytes (``send_bytes``/``recv_bytes``), never pickles.
 
@@ -32,7 +34,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from distplan.service.errors import ConflictError, NotFoundError, QueueFullError
+from distplan.service.catalog import Catalog
+from distplan.service.errors import ConflictError, ErrorKind, NotFoundError, QueueFullError
 from distplan.service.settings import Settings
 from distplan.service.store import Failure, JobRecord, Store, SubjectKind, SubjectRecord
 
@@ -57,8 +60,9 @@ class _Item:
 class _Slot:
     """One worker process and the pipe to it."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, worker_init: str | None = None) -> None:
         self.index = index
+        self.worker_init = worker_init
         self.ready = False
         self.catalog: dict[str, Any] | None = None
         self._ctx = multiprocessing.get_context("spawn")
@@ -71,7 +75,10 @@ class _Slot:
         parent, child = self._ctx.Pipe(duplex=True)
         # Not a daemon: a validation job starts rank processes, which daemonic processes may not do.
         proc = self._ctx.Process(
-            target=worker_main, args=(child,), name=f"distplan-worker-{self.index}", daemon=False
+            target=worker_main,
+            args=(child, self.worker_init),
+            name=f"distplan-worker-{self.index}",
+            daemon=False,
         )
         proc.start()
         child.close()
@@ -123,7 +130,7 @@ class _Slot:
         except (BrokenPipeError, OSError) as e:
             self._restart()
             return None, Failure(
-                "WorkerCrashed", f"could not hand the job to a worker ({e}); retry", 503, True
+                "WorkerCrashed", f"could not hand the job to a worker ({e}); retry", ErrorKind.WORKER_CRASHED
             )
         while True:
             try:
@@ -137,8 +144,7 @@ class _Slot:
                     "WorkerCrashed",
                     f"the worker process died (exit code {code}) while running this {item.kind} job, "
                     "most likely out of memory; retry, or use a smaller model",
-                    503,
-                    True,
+                    ErrorKind.WORKER_CRASHED,
                 )
             if item.cancel.is_set() or stopping.is_set():
                 if stopping.is_set():
@@ -147,13 +153,14 @@ class _Slot:
                     self._restart()
                 if item.cancel.is_set():
                     return None, Failure(
-                        "Cancelled", f"{item.kind} job {item.job_id} was cancelled by a client", 409, True
+                        "Cancelled",
+                        f"{item.kind} job {item.job_id} was cancelled by a client",
+                        ErrorKind.CANCELLED,
                     )
                 return None, Failure(
                     "Interrupted",
                     "the server shut down while this job ran; submit the request again to retry",
-                    503,
-                    True,
+                    ErrorKind.INTERRUPTED,
                 )
             if time.monotonic() > deadline:
                 self._restart()
@@ -161,17 +168,15 @@ class _Slot:
                     "JobTimeout",
                     f"{item.kind} job ran longer than the server's limit of {item.timeout_s:g} s and was stopped; "
                     "use a smaller model, fewer steps or a lower time_limit_s",
-                    422,
-                    True,
+                    ErrorKind.TIMEOUT,
                 )
         if msg.get("ok"):
             return {str(k): str(v) for k, v in msg["artifacts"].items()}, None
-        return None, Failure(
-            str(msg.get("type", "InternalError")),
-            str(msg.get("message", "")),
-            int(msg.get("status", 500)),
-            bool(msg.get("retryable", False)),
-        )
+        try:
+            kind = ErrorKind(msg.get("kind"))
+        except ValueError:
+            kind = ErrorKind.INTERNAL
+        return None, Failure(str(msg.get("type", "InternalError")), str(msg.get("message", "")), kind)
 
     def _restart(self) -> None:
         self.kill()
@@ -181,15 +186,17 @@ class _Slot:
 class JobManager:
     """Queue, run, time-limit and cancel jobs; record every state change in the :class:`Store`."""
 
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, catalog: Catalog | None = None) -> None:
         self.store = store
         self.settings = settings
+        self._catalog = catalog
+        self._catalog_checked = False
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._pending: deque[_Item] = deque()
         self._running: dict[str, _Item] = {}
         self._idle = 0
-        self._slots = [_Slot(i) for i in range(settings.workers)]
+        self._slots = [_Slot(i, settings.worker_init) for i in range(settings.workers)]
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
@@ -213,7 +220,8 @@ class JobManager:
             self._cond.notify_all()
         for item in pending:
             self.store.fail(
-                item.job_id, Failure("Interrupted", "the server shut down before this job ran", 503, True)
+                item.job_id,
+                Failure("Interrupted", "the server shut down before this job ran", ErrorKind.INTERRUPTED),
             )
         for t in self._threads:
             t.join(timeout=15)
@@ -222,17 +230,10 @@ class JobManager:
 
     @property
     def ready(self) -> bool:
-        """Whether the service can take work: a worker has warmed up (so the catalogue is known). A worker
-        being replaced after a cancellation does not make the instance unready; ``stats`` has the counts."""
+        """Whether a worker has warmed up, so queued work runs now (``/readyz``). Work is accepted and
+        queued before that too. A worker being replaced after a cancellation does not make the instance
+        unready; ``stats`` has the counts."""
         return any(s.ready for s in self._slots)
-
-    @property
-    def catalog(self) -> dict[str, Any] | None:
-        """Built-in models and known HF ``model_type`` values, as reported by the first warmed-up worker."""
-        for s in self._slots:
-            if s.catalog is not None:
-                return s.catalog
-        return None
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -314,7 +315,9 @@ class JobManager:
                     self.store.fail(
                         job_id,
                         Failure(
-                            "Cancelled", f"{item.kind} job {job_id} was cancelled by a client", 409, True
+                            "Cancelled",
+                            f"{item.kind} job {job_id} was cancelled by a client",
+                            ErrorKind.CANCELLED,
                         ),
                     )
                     break
@@ -346,6 +349,7 @@ class JobManager:
                     return
                 slot.start()
                 continue
+            self._check_catalog(slot)
             with self._cond:
                 self._idle += 1
                 while not self._pending and not self._stopping.is_set():
@@ -363,7 +367,7 @@ class JobManager:
                 log.exception("dispatcher %d failed on job %s", slot.index, item.job_id)
                 artifacts, failure = (
                     None,
-                    Failure("InternalError", f"internal error ({type(e).__name__})", 500, True),
+                    Failure("InternalError", f"internal error ({type(e).__name__})", ErrorKind.INTERNAL),
                 )
                 slot.kill()
                 slot.start()
@@ -375,6 +379,16 @@ class JobManager:
             with self._lock:
                 self._running.pop(item.job_id, None)
             self._notify(item.job_id)
+
+    def _check_catalog(self, slot: _Slot) -> None:
+        """Log once if the first warm worker's catalogue differs from the one the API checks requests
+        against (a stale :data:`~distplan.service.catalog.BUILTIN_MODELS`, or another transformers)."""
+        with self._lock:
+            if self._catalog_checked or self._catalog is None or slot.catalog is None:
+                return
+            self._catalog_checked = True
+        for line in self._catalog.differences(slot.catalog):
+            log.warning("the API's catalogue differs from the workers': %s", line)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

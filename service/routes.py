@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from distplan.profiles import device_kinds, list_presets, preset_cluster
 from distplan.service.deps import CacheDep, CatalogDep, JobsDep, SettingsDep, StoreDep
-from distplan.service.errors import ConflictError, JobFailure, NotFoundError
+from distplan.service.errors import ConflictError, ErrorKind, JobFailure, NotFoundError, http_status
 from distplan.service.models import (
     ClusterPublic,
     ClusterSummary,
@@ -56,7 +56,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (413, "Request body too large."),
         (422, "The request is well-formed but wrong: the message names the field or the missing budget."),
         (429, "The job queue is full; retry after `Retry-After` seconds."),
-        (503, "The workers are still starting; retry after `Retry-After` seconds."),
+        (
+            503,
+            "The work was cut off (the server restarted, or a worker process died); send the request again.",
+        ),
     )
 }
 
@@ -70,7 +73,11 @@ def _json(data: Any, status_code: int = 200, headers: dict[str, str] | None = No
 def _error(rec: SubjectRecord | JobRecord) -> dict[str, Any] | None:
     if rec.error_type is None:
         return None
-    return {"type": rec.error_type, "message": rec.error_message or "", "status": rec.error_status}
+    return {
+        "type": rec.error_type,
+        "message": rec.error_message or "",
+        "status": http_status(rec.error_kind),
+    }
 
 
 def _plan_links(plan_id: str, job_id: str | None) -> dict[str, str]:
@@ -171,7 +178,17 @@ def _require_done(rec: SubjectRecord, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- health
-@router.get("/healthz", response_model=Health, tags=["health"], summary="Liveness: the server answers.")
+@router.get(
+    "/healthz",
+    response_model=Health,
+    tags=["health"],
+    summary="Liveness: the server process answers.",
+    description=(
+        "`200` as soon as the HTTP server runs, whatever its workers are doing: a liveness probe (restart the "
+        "instance when it fails). From then on the whole API answers: requests are checked at once, and "
+        "valid work is accepted (`202`) and queued even while the workers still start."
+    ),
+)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -180,8 +197,14 @@ async def healthz() -> dict[str, str]:
     "/readyz",
     response_model=Readiness,
     tags=["health"],
-    summary="Readiness: a worker process has started (503 until then); the body counts workers and jobs.",
-    responses={503: {"model": Readiness, "description": "No worker has started yet."}},
+    summary="Readiness: a worker process has warmed up, so queued work runs now (503 until then).",
+    description=(
+        "A readiness probe: `200` once at least one worker process has loaded torch and the tracer, `503` "
+        "before (the body says how many workers are ready and how many jobs wait). Use it to route traffic "
+        "to warm instances; it is not a precondition for requests: `POST /v1/plans` is checked and answered "
+        "(`4xx`, or `202` queued) during the warm-up too."
+    ),
+    responses={503: {"model": Readiness, "description": "No worker has warmed up yet."}},
 )
 async def readyz(jobs: JobsDep) -> Response:
     stats = jobs.stats()
@@ -245,10 +268,9 @@ async def list_device_kinds() -> list[dict[str, Any]]:
     response_model=list[ModelInfoPublic],
     tags=["catalogue"],
     summary='Built-in models (use as `{"builtin": name}`).',
-    responses={503: _ERRORS[503]},
 )
 async def list_models(catalog: CatalogDep) -> list[dict[str, Any]]:
-    return list(catalog.get("models", []))
+    return [dict(m) for m in catalog.models]
 
 
 # ---------------------------------------------------------------------------------------------- plans
@@ -259,11 +281,13 @@ async def list_models(catalog: CatalogDep) -> list[dict[str, Any]]:
     tags=["plans"],
     summary="Plan a model on a cluster.",
     description=(
-        "Checks the request, then traces and plans in a worker process. Answers `201` with the plan when it "
+        "Checks the request at once (a bad one is a `4xx` naming the problem, whatever the workers are "
+        "doing), then queues it: a worker process traces and plans it. Answers `201` with the plan when it "
         "is done within the server's short wait, `202` with the job's URL otherwise (poll `GET /v1/plans/{id}` "
-        "or `GET /v1/jobs/{job_id}`), `200` when the same request was planned before (the id is the content "
-        "address of the request: no second solve). A plan that fails within the wait is answered with its "
-        "error (e.g. `422 InfeasiblePlanError` naming the memory that is short)."
+        "or `GET /v1/jobs/{job_id}`), also while the workers still start (the job runs when one is ready), "
+        "`200` when the same request was planned before (the id is the content address of the request: no "
+        "second solve). A plan that fails within the wait is answered with its error (e.g. "
+        "`422 InfeasiblePlanError` naming the memory that is short)."
     ),
     responses={
         200: {"model": PlanPublic, "description": "Planned before."},
@@ -310,7 +334,7 @@ async def create_plan(
         raise JobFailure(
             rec.error_type or "Error",
             rec.error_message or "",
-            status_code=rec.error_status or 500,
+            kind=rec.error_kind or ErrorKind.INTERNAL,
             plan_id=rec.id,
         )
     code = 202 if rec.status != "done" else (201 if job is not None else 200)
@@ -344,7 +368,9 @@ async def get_launcher(store: StoreDep, plan_id: str = _id()) -> Response:
     data = json.loads(_done_artifact(store, plan_id, "launcher"))
     if "error" in data:
         err = data["error"]
-        raise JobFailure(err["type"], f"plan {plan_id} has no launcher: {err['message']}", status_code=422)
+        # Launchers stored before error kinds were recorded carry none: they were all 422.
+        kind = err.get("kind", ErrorKind.UNPROCESSABLE.value)
+        raise JobFailure(err["type"], f"plan {plan_id} has no launcher: {err['message']}", kind=kind)
     return _json({"plan_id": plan_id, **data})
 
 

@@ -64,6 +64,13 @@ class Settings(BaseSettings):
         2.0, ge=0, le=60, description="How long POST /v1/plans waits for the result before answering 202."
     )
     cache_entries: int = Field(512, ge=0, le=1_000_000, description="Finished plan responses kept in memory.")
+    worker_init: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
+        description="A function `package.module:function` each worker process calls once at start, before it "
+        "reports ready (e.g. to pre-import model code or set torch's thread count). An operator setting: "
+        "nothing a client sends is ever imported. Requests are accepted and queued while it runs.",
+    )
     max_layers: int = Field(
         512,
         ge=1,

@@ -1,6 +1,8 @@
 """Turn a checked request body into a canonical request: the content address, and safe inputs for a worker.
 
-Everything a client sends is checked here before a job is queued, with errors that name the field:
+Everything a client sends is checked here before a job is queued, with errors that name the field, in the
+API process and against what it knows itself (:class:`~distplan.service.catalog.Catalog`, presets, the
+graph schema): a request gets the same answer whether the workers are warm, busy or still starting.
 
 - a built-in model must be a name of the zoo; a ``package.module:function`` spec (code) is refused;
 - an ``hf_config`` must name a ``model_type`` this transformers knows, must not carry ``auto_map`` or
@@ -18,6 +20,7 @@ after the server cap. Its hash is the plan id (:func:`plan_id`), so the same req
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +31,7 @@ from distplan.errors import GraphError, ModelSpecError, PlanError, ProfileError
 from distplan.graph import OpGraph
 from distplan.plan import PlanRequest
 from distplan.profiles import list_presets, load_cluster, preset_cluster
+from distplan.service.catalog import Catalog
 from distplan.service.models import BuiltinModel, GraphModel, HFConfigModel, PlanCreate, ValidationCreate
 from distplan.service.settings import Settings
 
@@ -125,14 +129,14 @@ def _check_layers(cfg: dict[str, Any], where: str, max_layers: int) -> None:
             raise ModelSpecError(f"{where}.{key}: {v} is out of range (1..{max_layers} on this server)")
 
 
-def _builtin(m: BuiltinModel, catalog: dict[str, Any], *, max_layers: int) -> dict[str, Any]:
+def _builtin(m: BuiltinModel, catalog: Catalog, *, max_layers: int) -> dict[str, Any]:
     name = m.builtin
     if ":" in name or "/" in name or "\\" in name:
         raise ModelSpecError(
             f"model.builtin {name!r} looks like a code path (package.module:function); the service only builds "
             "built-in models, hf_config or graph models, never code named by a client"
         )
-    known = [str(x["name"]) for x in catalog.get("models", [])]
+    known = catalog.model_names
     if not _NAME.match(name) or name not in known:
         raise ModelSpecError(f"unknown built-in model {name[:64]!r}; built-in models: {', '.join(known)}")
     for k, v in m.config.items():
@@ -146,7 +150,7 @@ def _builtin(m: BuiltinModel, catalog: dict[str, Any], *, max_layers: int) -> di
     return {"builtin": name, "config": dict(sorted(m.config.items()))}
 
 
-def _hf(m: HFConfigModel, catalog: dict[str, Any], *, max_layers: int) -> dict[str, Any]:
+def _hf(m: HFConfigModel, catalog: Catalog, *, max_layers: int) -> dict[str, Any]:
     cfg = m.hf_config
     bad = [k for k in _REMOTE_CODE_KEYS if k in cfg]
     if bad:
@@ -158,10 +162,15 @@ def _hf(m: HFConfigModel, catalog: dict[str, Any], *, max_layers: int) -> dict[s
         raise ModelSpecError(
             "hf_config.model_type: missing (a Hugging Face config.json names its model_type)"
         )
-    known = set(catalog.get("hf_model_types", []))
-    if mt not in known:
-        close = sorted(k for k in known if k[:3] == mt[:3])[:8]
-        hint = f"; similar: {', '.join(close)}" if close else ""
+    known = catalog.hf_model_types
+    if known is not None and not known:
+        raise ModelSpecError(
+            "hf_config: this server has no Hugging Face transformers installed (the 'hf' extra); "
+            "send a built-in model or a graph"
+        )
+    if known is not None and mt not in known:
+        close = difflib.get_close_matches(mt[:64], sorted(known), n=5, cutoff=0.6)
+        hint = f"; closest: {', '.join(close)}" if close else ""
         raise ModelSpecError(
             f"hf_config.model_type {mt[:64]!r} is not a model type this transformers knows ({len(known)} known{hint})"
         )
@@ -187,8 +196,12 @@ def _graph(m: GraphModel, *, max_nodes: int) -> OpGraph:
     return g
 
 
-def plan_spec(body: PlanCreate, *, settings: Settings, catalog: dict[str, Any]) -> PlanSpec:
-    """Check a plan request and make its canonical form (see the module docstring)."""
+def plan_spec(body: PlanCreate, *, settings: Settings, catalog: Catalog) -> PlanSpec:
+    """Check a plan request and make its canonical form (see the module docstring).
+
+    Raises ``ProfileError`` (cluster), ``ModelSpecError`` (model), ``GraphError`` (uploaded graph) or
+    ``PlanError`` (batch arithmetic, schedule), each naming the field and the value.
+    """
     cluster = check_cluster(body.cluster, max_devices=settings.max_cluster_devices)
     time_limit = min(body.time_limit_s or settings.default_time_limit_s, settings.solver_time_cap_s)
     graph: OpGraph | None = None

@@ -5,7 +5,8 @@ Tables:
 - ``plans`` / ``validations`` ("subjects"): one row per distinct request. The id is the content address of
   the canonical request (``canonical_hash``), so the same request maps to the same row and is solved once.
   ``status`` is ``queued``, ``running``, ``done`` or ``failed``; a failure stores the error type, message,
-  HTTP status and whether retrying can help (``retryable``: interrupted, cancelled, timed out, internal).
+  kind (``distplan.service.errors.ErrorKind``; the HTTP status is derived from it at the edge, never stored)
+  and whether retrying can help (``retryable``, from the kind: interrupted, cancelled, timed out, internal).
 - ``jobs``: one row per attempt at producing a subject; a new attempt happens only after a retryable failure.
 - ``artifacts``: named JSON/text blobs of a subject (``plan``, ``graph``, ``timeline``, ``launcher``,
   ``report``), kept apart so reading a plan does not load its (large) graph.
@@ -14,10 +15,16 @@ All methods are thread-safe (one connection behind a lock: SQLite serialises wri
 statement here is short). State changes of a job and its subject happen in one transaction, so they never
 disagree. :meth:`Store.recover` runs at startup and marks jobs that were queued or running when the previous
 server stopped as failed (``Interrupted``), so nothing stays "running" forever.
+
+Schema versions (``meta.schema_version``): 1 stored an HTTP status per failure (``error_status``); 2 stores
+the error kind (``error_kind``). Opening a version-1 database migrates it in place, in one transaction:
+each old failure's kind is recovered from its error type and status
+(:func:`~distplan.service.errors.legacy_kind`), and the status column is dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -28,6 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from distplan.service.errors import ErrorKind, legacy_kind
 
 __all__ = ["JOB_STATES", "Failure", "JobRecord", "Store", "SubjectRecord"]
 
@@ -44,7 +53,7 @@ _SUBJECT_COLUMNS = """
     attempts INTEGER NOT NULL DEFAULT 0,
     error_type TEXT,
     error_message TEXT,
-    error_status INTEGER,
+    error_kind TEXT,
     retryable INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
@@ -64,7 +73,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     error_type TEXT,
     error_message TEXT,
-    error_status INTEGER
+    error_kind TEXT
 );
 CREATE TABLE IF NOT EXISTS artifacts (
     owner_id TEXT NOT NULL,
@@ -75,7 +84,8 @@ CREATE TABLE IF NOT EXISTS artifacts (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-_SCHEMA_VERSION = "1"
+_SCHEMA_VERSION = "2"
+_FAILURE_TABLES = ("plans", "validations", "jobs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +101,7 @@ class SubjectRecord:
     attempts: int
     error_type: str | None
     error_message: str | None
-    error_status: int | None
+    error_kind: ErrorKind | None
     retryable: bool
     created_at: float
     updated_at: float
@@ -110,17 +120,22 @@ class JobRecord:
     finished_at: float | None
     error_type: str | None
     error_message: str | None
-    error_status: int | None
+    error_kind: ErrorKind | None
 
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """Why a job failed: error class name, message, HTTP status and whether a retry can help."""
+    """Why a job failed: error class name (shown to the client), message, and kind (from which the HTTP
+    status and whether a retry can help follow)."""
 
     error_type: str
     message: str
-    status_code: int
-    retryable: bool
+    kind: ErrorKind
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the same request, sent again, runs again (see ``ErrorKind.retryable``)."""
+        return self.kind.retryable
 
 
 class Store:
@@ -144,10 +159,33 @@ class Store:
                 self._db.execute(
                     "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (_SCHEMA_VERSION,)
                 )
+            elif row["value"] == "1":
+                self._migrate_from_1()
             elif row["value"] != _SCHEMA_VERSION:
                 raise RuntimeError(
-                    f"database {self.path} has schema version {row['value']}, this distplan writes {_SCHEMA_VERSION}"
+                    f"database {self.path} has schema version {row['value']}, this distplan reads 1 and "
+                    f"writes {_SCHEMA_VERSION}"
                 )
+
+    def _migrate_from_1(self) -> None:
+        """Schema 1 -> 2: ``error_status`` (an HTTP code) becomes ``error_kind`` (see the module docstring)."""
+        with self._tx() as db:
+            for table in _FAILURE_TABLES:
+                columns = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+                if "error_kind" not in columns:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN error_kind TEXT")
+                if "error_status" not in columns:
+                    continue
+                rows = db.execute(
+                    f"SELECT id, error_type, error_status FROM {table} WHERE error_type IS NOT NULL"
+                ).fetchall()
+                for r in rows:
+                    kind = legacy_kind(r["error_type"], r["error_status"])
+                    db.execute(f"UPDATE {table} SET error_kind=? WHERE id=?", (kind.value, r["id"]))
+                # DROP COLUMN needs SQLite >= 3.35 (2021); an older one keeps the column, unread and unwritten.
+                with contextlib.suppress(sqlite3.OperationalError):
+                    db.execute(f"ALTER TABLE {table} DROP COLUMN error_status")
+            db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (_SCHEMA_VERSION,))
 
     def close(self) -> None:
         with self._lock:
@@ -177,7 +215,12 @@ class Store:
             ).fetchall()
             for r in rows:
                 self._fail(
-                    db, r["id"], r["kind"], r["subject_id"], Failure("Interrupted", reason, 503, True), now
+                    db,
+                    r["id"],
+                    r["kind"],
+                    r["subject_id"],
+                    Failure("Interrupted", reason, ErrorKind.INTERRUPTED),
+                    now,
                 )
         return len(rows)
 
@@ -222,7 +265,7 @@ class Store:
             else:
                 db.execute(
                     f"UPDATE {table} SET status='queued', job_id=?, attempts=attempts+1, error_type=NULL,"
-                    " error_message=NULL, error_status=NULL, retryable=0, updated_at=? WHERE id=?",
+                    " error_message=NULL, error_kind=NULL, retryable=0, updated_at=? WHERE id=?",
                     (job_id, now, subject_id),
                 )
             for name, body in (artifacts or {}).items():
@@ -295,13 +338,13 @@ class Store:
         db: sqlite3.Connection, job_id: str, kind: str, subject_id: str, f: Failure, now: float
     ) -> None:
         db.execute(
-            "UPDATE jobs SET status='failed', finished_at=?, error_type=?, error_message=?, error_status=? WHERE id=?",
-            (now, f.error_type, f.message, f.status_code, job_id),
+            "UPDATE jobs SET status='failed', finished_at=?, error_type=?, error_message=?, error_kind=? WHERE id=?",
+            (now, f.error_type, f.message, f.kind.value, job_id),
         )
         db.execute(
-            f"UPDATE {_TABLE[kind]} SET status='failed', error_type=?, error_message=?, error_status=?, retryable=?,"
+            f"UPDATE {_TABLE[kind]} SET status='failed', error_type=?, error_message=?, error_kind=?, retryable=?,"
             " updated_at=? WHERE id=? AND job_id=?",
-            (f.error_type, f.message, f.status_code, int(f.retryable), now, subject_id, job_id),
+            (f.error_type, f.message, f.kind.value, int(f.retryable), now, subject_id, job_id),
         )
 
     def count_jobs(self, status: str) -> int:
@@ -338,7 +381,7 @@ def _subject(kind: str, row: sqlite3.Row) -> SubjectRecord:
         attempts=int(row["attempts"]),
         error_type=row["error_type"],
         error_message=row["error_message"],
-        error_status=row["error_status"],
+        error_kind=_kind(row["error_kind"]),
         retryable=bool(row["retryable"]),
         created_at=float(row["created_at"]),
         updated_at=float(row["updated_at"]),
@@ -356,5 +399,15 @@ def _job(row: sqlite3.Row) -> JobRecord:
         finished_at=row["finished_at"],
         error_type=row["error_type"],
         error_message=row["error_message"],
-        error_status=row["error_status"],
+        error_kind=_kind(row["error_kind"]),
     )
+
+
+def _kind(value: str | None) -> ErrorKind | None:
+    """A stored kind; one this distplan does not know (written by a newer one) reads as ``internal``."""
+    if value is None:
+        return None
+    try:
+        return ErrorKind(value)
+    except ValueError:
+        return ErrorKind.INTERNAL

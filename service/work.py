@@ -91,8 +91,9 @@ def _plain(obj: Any) -> Any:
 
 
 def catalog() -> dict[str, Any]:
-    """What the service needs to check requests without importing torch itself: the built-in models and
-    the Hugging Face ``model_type`` values this transformers version knows."""
+    """The built-in models and the Hugging Face ``model_type`` values this worker knows, as it knows them
+    (with torch and transformers imported). The API checks requests against its own copy
+    (:mod:`distplan.service.catalog`); a worker reports this one at startup so a difference is logged."""
     from distplan.tracer import list_models
 
     models = [_plain(m) for m in list_models()]
@@ -141,13 +142,23 @@ def _launcher_or_error(plan: Any, model: dict[str, Any], *, seq: int | None) -> 
     """The launcher, or the reason there is none: a plan is still a plan when its program cannot be
     emitted (``GET /v1/plans/{id}/launcher`` then answers that reason)."""
     from distplan.errors import DistplanError
+    from distplan.service.advice import for_rest_client
+    from distplan.service.errors import ErrorKind, kind_of
 
     try:
         return launcher(plan, model, seq=seq)
     except DistplanError as e:
-        return {"error": {"type": type(e).__name__, "message": str(e)}}
+        return {
+            "error": {"type": type(e).__name__, "message": for_rest_client(str(e)), "kind": kind_of(e).value}
+        }
     except ImportError as e:  # this build has no lowering
-        return {"error": {"type": "LoweringError", "message": f"this server cannot emit launchers: {e}"}}
+        return {
+            "error": {
+                "type": "LoweringError",
+                "message": f"this server cannot emit launchers: {e}",
+                "kind": ErrorKind.UNPROCESSABLE.value,
+            }
+        }
 
 
 def launcher(plan: Any, model: dict[str, Any], *, seq: int | None = None) -> dict[str, Any]:
@@ -184,12 +195,15 @@ def run_validation(payload: dict[str, Any]) -> dict[str, str]:
 
     plan = Plan.from_dict(payload["plan"])
     with model_source(payload["model"]) as (spec, overrides):
-        model: Any = spec
-        if overrides:
-            from distplan.tracer import resolve_model
-
-            model = resolve_model(spec, batch=1, seq=16, device="cpu", config_overrides=overrides)
-        report = validate(plan, model, steps=int(payload["steps"]), timeout_s=float(payload["timeout_s"]))
+        # Overrides go to validate() as such: building the model here first (at full width, on the CPU)
+        # would cost its whole memory, and validate() decides itself whether to run a width-reduced copy.
+        report = validate(
+            plan,
+            spec,
+            steps=int(payload["steps"]),
+            timeout_s=float(payload["timeout_s"]),
+            config_overrides=overrides,
+        )
     return {"report": json.dumps(report.to_dict())}
 
 
@@ -200,9 +214,12 @@ TASKS: dict[str, Callable[[dict[str, Any]], dict[str, str]]] = {
 
 
 # ---------------------------------------------------------------------------------------------- process
-def _error_message(exc: BaseException) -> dict[str, Any]:
+def _error_message(exc: BaseException, task: str = "plan") -> dict[str, Any]:
+    """The reply for a task that raised: the error's type, message (advice said for a REST client, see
+    :mod:`distplan.service.advice`) and kind; never an HTTP status (the edge derives it from the kind)."""
     from distplan.errors import DistplanError
-    from distplan.service.errors import status_for
+    from distplan.service.advice import for_rest_client
+    from distplan.service.errors import ErrorKind, kind_of
 
     if isinstance(exc, DistplanError):
         message = str(exc)
@@ -212,17 +229,15 @@ def _error_message(exc: BaseException) -> dict[str, Any]:
         return {
             "ok": False,
             "type": type(exc).__name__,
-            "message": message,
-            "status": status_for(exc),
-            "retryable": False,
+            "message": for_rest_client(message, task=task),
+            "kind": kind_of(exc).value,
         }
     traceback.print_exc(file=sys.stderr)
     return {
         "ok": False,
         "type": "InternalError",
         "message": f"internal error ({type(exc).__name__}: {str(exc)[:300]}); this is a distplan bug",
-        "status": 500,
-        "retryable": True,
+        "kind": ErrorKind.INTERNAL.value,
     }
 
 
@@ -244,13 +259,25 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="distplan-parent-watch", daemon=True).start()
 
 
-def worker_main(conn: Any) -> None:
-    """Body of a worker process: warm up, report the catalog, then run tasks until the pipe closes."""
+def run_worker_init(spec: str) -> None:
+    """Call the operator's ``package.module:function`` (``Settings.worker_init``) with no arguments."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    fn = getattr(importlib.import_module(module), name)
+    fn()
+
+
+def worker_main(conn: Any, worker_init: str | None = None) -> None:
+    """Body of a worker process: warm up (imports, then ``worker_init`` if given), report the catalog,
+    then run tasks until the pipe closes."""
     # Lead a process group of our own, so the service can kill us together with any rank processes a
     # validation starts (see distplan.service.jobs).
     os.setsid()
     _exit_with_parent()
     try:
+        if worker_init:
+            run_worker_init(worker_init)
         cat = catalog()
         import distplan.planner  # noqa: F401  (warm-up: the first job should not pay for imports)
 
@@ -268,5 +295,5 @@ def worker_main(conn: Any) -> None:
             artifacts = TASKS[msg["task"]](msg["payload"])
             reply: dict[str, Any] = {"ok": True, "artifacts": artifacts}
         except Exception as e:
-            reply = _error_message(e)
+            reply = _error_message(e, str(msg.get("task", "plan")))
         conn.send_bytes(json.dumps(reply).encode())

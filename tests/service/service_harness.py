@@ -26,10 +26,13 @@ def free_port() -> int:
 class ServerProcess:
     """``distplan serve`` on 127.0.0.1 with a given database and ``DISTPLAN_*`` settings."""
 
-    def __init__(self, db: Path, log: Path, *, workers: int = 2, **settings: Any) -> None:
+    def __init__(
+        self, db: Path, log: Path, *, workers: int = 2, env: dict[str, str] | None = None, **settings: Any
+    ) -> None:
         self.db = db
         self.log = log
         self.workers = workers
+        self.env = dict(env or {})
         self.settings = settings
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -41,6 +44,7 @@ class ServerProcess:
     def start(self, *, wait_ready: bool = True) -> ServerProcess:
         self.port = free_port()
         env = dict(os.environ)
+        env.update(self.env)
         env.update({f"DISTPLAN_{k.upper()}": str(v) for k, v in self.settings.items()})
         cmd = [
             sys.executable,

@@ -294,3 +294,17 @@ def test_validation_needs_a_buildable_model(client: httpx.Client) -> None:
     _error(client.post(f"/v1/plans/{done['id']}/validations", json={"steps": 0}), 422, "steps")
     # Finished jobs cannot be cancelled.
     _error(client.delete(f"/v1/jobs/{done['job_id']}"), 409, "already ended")
+
+
+def test_encoder_decoder_config_is_told_what_the_service_takes(client: httpx.Client) -> None:
+    # The tracer takes decoder-only and encoder models; its advice for others (a code factory) is not
+    # something a REST client can send, so the service's answer points to a traced graph instead.
+    cfg = {"model_type": "t5", "d_model": 32, "num_layers": 1, "num_heads": 2, "d_kv": 16, "vocab_size": 64}
+    r = client.post("/v1/plans", json=_body(model={"hf_config": cfg}))
+    if r.status_code == 202:
+        err = wait_done(client, f"/v1/plans/{r.json()['id']}")["error"]
+        assert err["status"] == 422
+    else:
+        err = _error(r, 422)
+    assert err["type"] == "ModelSpecError" and "encoder-decoder" in err["message"], err
+    assert '{"model": {"graph": ...}}' in err["message"] and "package.module:function" not in err["message"]
