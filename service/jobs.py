@@ -44,6 +44,12 @@ __all__ = ["JobManager"]
 log = logging.getLogger("distplan.service.jobs")
 
 _POLL_S = 0.05
+# What a client can change in its request when a job of this kind overruns the server's limit.
+_TIMEOUT_ADVICE = {
+    "plan": "send a model with fewer layers, a lower time_limit_s, or a graph traced elsewhere",
+    "validation": "send fewer steps, or validate where you have the time: `distplan validate` with the "
+    "plan.json of GET /v1/plans/{id}/launcher",
+}
 _READY_TIMEOUT_S = 300.0
 
 
@@ -167,7 +173,7 @@ class _Slot:
                 return None, Failure(
                     "JobTimeout",
                     f"{item.kind} job ran longer than the server's limit of {item.timeout_s:g} s and was stopped; "
-                    "use a smaller model, fewer steps or a lower time_limit_s",
+                    + _TIMEOUT_ADVICE.get(item.kind, "use a smaller model"),
                     ErrorKind.TIMEOUT,
                 )
         if msg.get("ok"):

@@ -256,7 +256,9 @@ def validation_spec(
     if "graph" in plan_request["model"]:
         raise PlanError(
             f"plan {plan_id} was made from an uploaded graph; validation needs a model the service can build "
-            "(a built-in model or an hf_config), so plan one of those to validate"
+            "(a built-in model or an hf_config), so plan one of those to validate here, or validate this plan "
+            "where the model's code runs: `distplan validate plan.json --model package.module:function` with "
+            f"the plan.json of GET /v1/plans/{plan_id}/launcher"
         )
     timeout = min(body.timeout_s or settings.validation_timeout_s, settings.validation_timeout_s)
     request = {"plan_id": plan_id, "steps": body.steps, "timeout_s": timeout}

@@ -30,3 +30,6 @@ def test_bad_settings_are_refused_with_the_variable_named() -> None:
     assert "DISTPLAN_QUEUE_LIMIT" in r.stderr and "Traceback" not in r.stderr
     r = _serve("--workers", "0")
     assert r.returncode == 2 and "--workers" in r.stderr
+    # The worker start-up hook is a function spec, never a path or a command line.
+    r = _serve("--port", "0", env={"DISTPLAN_WORKER_INIT": "rm -rf /"})
+    assert r.returncode == 2 and "DISTPLAN_WORKER_INIT" in r.stderr and "Traceback" not in r.stderr
