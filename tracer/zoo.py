@@ -673,7 +673,8 @@ def _build_hf(
             f"{where}: model_type {model_type!r} is not known to transformers"
             f"{hint}; custom code (trust_remote_code) is never run"
         )
-    kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
+    # The attention implementation is a build argument (below), not a config field.
+    kwargs = {k: v for k, v in cfg.items() if k not in ("model_type", *_ATTN_KEYS)}
     kwargs["use_cache"] = False
     try:
         config = AutoConfig.for_model(model_type, **kwargs)
@@ -700,7 +701,7 @@ def _build_hf(
             cfg, name=name, spec=spec, batch=1, seq=min(seq, 8), device="meta", seed=seed, source=source
         )
         _check_fits(name, probe.module, device)
-    extra: dict[str, Any] = {"attn_implementation": "sdpa"}
+    extra: dict[str, Any] = {"attn_implementation": _attn_implementation(cfg, auto, config, where)}
     if not causal and "add_pooling_layer" in cfg:
         extra["add_pooling_layer"] = bool(cfg["add_pooling_layer"])
     try:
@@ -722,6 +723,7 @@ def _build_hf(
     _single_output(model, "logits" if causal else "last_hidden_state")
     vocab = int(getattr(config, "vocab_size", 0) or 2)
     plain = config.to_dict()
+    plain["attn_implementation"] = extra["attn_implementation"]
     plain = json.loads(json.dumps(plain, default=str))
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     bundle_cfg = dict(cfg)
@@ -747,6 +749,46 @@ def _build_hf(
         _reduce=reduce,
         _target_shape=None if causal or hidden is None else (seq, int(hidden)),
     )
+
+
+_ATTN_KEYS = ("attn_implementation", "_attn_implementation")
+# What a model class says it supports, per attention implementation (transformers' PreTrainedModel flags).
+_ATTN_SUPPORT_FLAGS = {
+    "sdpa": "_supports_sdpa",
+    "flex_attention": "_supports_flex_attn",
+    "flash_attention_2": "_supports_flash_attn",
+    "flash_attention_3": "_supports_flash_attn",
+}
+
+
+def _attn_implementation(cfg: Mapping[str, Any], auto: Any, config: Any, where: str) -> str:
+    """The attention implementation to build the model with.
+
+    The config's own ``attn_implementation`` (or ``_attn_implementation``) when it has one; otherwise
+    ``sdpa`` where the model class supports it (one fused op the tracer counts and prices as flash
+    attention), else ``eager``, which every transformers model has (Mamba, RWKV, GPT-Neo, MPT, ...).
+    Raises :class:`ModelSpecError` when the config asks for one the class does not support, naming the
+    ones it does.
+    """
+    try:
+        cls = auto._model_mapping[type(config)]
+    except Exception:  # not in the mapping: let from_config report it
+        cls = None
+    supported = ["eager"] + [
+        impl for impl, flag in _ATTN_SUPPORT_FLAGS.items() if cls is not None and getattr(cls, flag, False)
+    ]
+    asked = next((cfg[k] for k in _ATTN_KEYS if cfg.get(k) is not None), None)
+    if asked is None:
+        return "sdpa" if "sdpa" in supported else "eager"
+    if not isinstance(asked, str) or not asked.strip():
+        raise ModelSpecError(f"{where}: attn_implementation must be a string such as 'eager', got {asked!r}")
+    asked = asked.strip()
+    if cls is not None and asked in _ATTN_SUPPORT_FLAGS and asked not in supported:
+        raise ModelSpecError(
+            f"{where}: attn_implementation {asked!r} is not supported by {cls.__name__}; "
+            f"it supports {', '.join(repr(s) for s in supported)} (set attn_implementation in the config)"
+        )
+    return asked
 
 
 _SINGLE_OUTPUT_CLASSES: dict[tuple[type, str], type] = {}
