@@ -8,6 +8,11 @@
 - :func:`emit_launcher`: ``plan.json`` + ``train.py`` + the ``torchrun`` command per host.
 - :func:`split_graph`: the graph surgery (stage modules from a captured graph and cut positions).
 
+Models whose output is a structure (dict, tuple, dataclass, ``ModelOutput``) take an ``output=`` selector
+(``distplan.lowering.outputs``); keyword inputs with a batch dimension are cut with the positional inputs
+(``distplan.lowering.batching``); random ops, batch statistics and buffers written by the forward are found
+in the graph and handled by the validation (``distplan.lowering.effects``).
+
 torch is imported lazily, so ``import distplan.lowering`` stays light until one of these is used.
 """
 

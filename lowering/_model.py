@@ -2,11 +2,15 @@
 
 A model reaches the lowering as a spec string (built-in name, HF ``config.json`` path,
 ``package.module:function`` factory), a tracer ``ModelBundle``, or a plain ``nn.Module`` with example inputs
-and a loss function. All three become a :class:`ModelSource` here.
+and a loss function. All three become a :class:`ModelSource` here. Which output the loss reads is the
+``output`` selector ([Note: output selector] in ``distplan.lowering.outputs``); which keyword inputs are cut
+along the batch is [Note: keyword inputs] in ``distplan.lowering.batching``. Nothing here changes the
+user's module: every step that runs its forward runs under ``preserved_state``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,9 +22,21 @@ from torch.utils import _pytree as pytree
 
 from distplan.errors import LoweringError, ModelSpecError, PlanError
 from distplan.graph import OpGraph
+from distplan.lowering.batching import InputLayout, classify_inputs, input_flags, sample_kwargs
+from distplan.lowering.effects import preserved_state
+from distplan.lowering.outputs import select_output
 from distplan.plan import Plan
 
-__all__ = ["CapturedModel", "ModelSource", "capture_model", "check_plan_graph", "resolve_source"]
+__all__ = ["Batch", "CapturedModel", "ModelSource", "capture_model", "check_plan_graph", "resolve_source"]
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One training batch: ``model(*args, **kwargs)`` is compared with ``target`` by the loss."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    target: Any
 
 
 @dataclass
@@ -28,13 +44,17 @@ class ModelSource:
     """A model with what the lowering needs around it.
 
     Attributes:
-        module: the model; ``module(*args, **kwargs)`` returns one tensor.
+        module: the model; ``module(*args, **kwargs)`` returns one tensor or a structure of them, of which
+            ``output`` selects the one the loss reads.
         loss: ``loss(output, target) -> scalar``, a mean over the batch (so microbatch losses average to the
-            whole batch's loss).
+            whole batch's loss); ``output`` is the selected tensor.
         make_batch: ``make_batch(batch, seed=...) -> (inputs tuple, target)``, or ``None`` for a plain module.
-        example_kwargs: keyword arguments passed on every call (non-tensor flags such as ``use_cache``).
+        example_args / example_kwargs: an example call (``example_kwargs`` also holds non-tensor flags such as
+            ``use_cache``, passed on every call).
         spec: the spec string it came from, if any (the validation's worker processes rebuild it from it).
         bundle: the tracer's ``ModelBundle``, if any.
+        output: the output selector (see [Note: output selector]); ``None`` for the default rule.
+        layout: which inputs have a batch dimension (see [Note: keyword inputs]).
     """
 
     module: nn.Module
@@ -44,13 +64,31 @@ class ModelSource:
     example_kwargs: dict[str, Any] = field(default_factory=dict)
     spec: str | None = None
     bundle: Any = None
+    output: str | None = None
+    layout: InputLayout | None = None
 
-    def inputs(self, batch: int, *, seed: int = 0) -> tuple[tuple[Any, ...], Any]:
-        """Example (inputs, target) of ``batch`` samples."""
+    def __post_init__(self) -> None:
+        if self.layout is None:
+            self.layout = classify_inputs(self.example_args, self.example_kwargs)
+
+    def select(self, out: Any) -> torch.Tensor:
+        """The tensor of a model output that the loss reads."""
+        return select_output(out, self.output)
+
+    def sample(self, batch: int, *, seed: int = 0) -> Batch:
+        """A seeded batch of ``batch`` samples: positional inputs and target from the model's batch maker,
+        keyword inputs from the example call (see [Note: keyword inputs])."""
         if self.make_batch is None:
             raise LoweringError("this model has no batch generator; pass example inputs of one microbatch")
         inputs, target = self.make_batch(batch, seed=seed)
-        return tuple(inputs), target
+        assert self.layout is not None
+        kwargs = sample_kwargs(self.example_kwargs, self.layout, batch, seed=seed)
+        return Batch(tuple(inputs), kwargs, target)
+
+    def inputs(self, batch: int, *, seed: int = 0) -> tuple[tuple[Any, ...], Any]:
+        """Example (positional inputs, target) of ``batch`` samples (:meth:`sample` without the keywords)."""
+        b = self.sample(batch, seed=seed)
+        return b.args, b.target
 
 
 def resolve_source(
@@ -63,8 +101,19 @@ def resolve_source(
     example_inputs: Sequence[Any] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     config_overrides: dict[str, Any] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    output: str | None = None,
 ) -> ModelSource:
-    """Turn a spec string, ``ModelBundle`` or ``nn.Module`` into a :class:`ModelSource`."""
+    """Turn a spec string, ``ModelBundle`` or ``nn.Module`` into a :class:`ModelSource`.
+
+    ``output`` selects the output the loss reads (see [Note: output selector]); ``example_kwargs`` are the
+    keyword inputs of a plain module's example call.
+
+    Raises:
+        ModelSpecError: the model cannot be built. LoweringError: a plain module without example inputs
+            or loss, a keyword input whose batch dimension cannot be told, an output selector that selects
+            no tensor.
+    """
     if isinstance(model, str):
         from distplan.tracer import resolve_model
 
@@ -77,22 +126,38 @@ def resolve_source(
         if seq is not None:
             kw["seq"] = seq
         bundle = resolve_model(model, **kw)
-        return _from_bundle(bundle, spec=model)
+        return _from_bundle(bundle, spec=model, output=output)
     if isinstance(model, nn.Module):
         if example_inputs is None or loss_fn is None:
             raise LoweringError(
                 "a plain nn.Module needs example_inputs= (one microbatch) and loss_fn=; "
                 "or pass a model spec string or a distplan.tracer ModelBundle"
             )
-        return ModelSource(module=model, loss=loss_fn, example_args=tuple(example_inputs))
+        return ModelSource(
+            module=model,
+            loss=loss_fn,
+            example_args=tuple(example_inputs),
+            example_kwargs=dict(example_kwargs or {}),
+            output=output,
+        )
     if hasattr(model, "module") and hasattr(model, "loss"):
-        return _from_bundle(model, spec=getattr(model, "spec", None))
+        return _from_bundle(model, spec=getattr(model, "spec", None), output=output)
     raise ModelSpecError(
         f"cannot use a {type(model).__name__} as a model: pass a spec string, a ModelBundle or an nn.Module"
     )
 
 
-def _from_bundle(bundle: Any, *, spec: str | None) -> ModelSource:
+def _from_bundle(bundle: Any, *, spec: str | None, output: str | None) -> ModelSource:
+    if (
+        getattr(bundle, "kind", None) == "regression"
+        and getattr(bundle, "_target_shape", ()) is None
+        and str(getattr(bundle, "device", "cpu")) != "meta"
+    ):
+        # The tracer's batch maker learns a factory model's target shape by running its forward, which
+        # reads one tensor output and advances the module's state (BatchNorm counters). Learn the shape of
+        # the selected output here, with the state put back, and hand it to the batch maker.
+        shape = _output_shape(bundle.module, bundle.example_args, bundle.example_kwargs, output)
+        bundle = dataclasses.replace(bundle, _target_shape=shape)
     return ModelSource(
         module=bundle.module,
         loss=bundle.loss,
@@ -101,7 +166,19 @@ def _from_bundle(bundle: Any, *, spec: str | None) -> ModelSource:
         example_kwargs=dict(getattr(bundle, "example_kwargs", {}) or {}),
         spec=spec,
         bundle=bundle,
+        output=output,
     )
+
+
+def _output_shape(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: str | None
+) -> tuple[int, ...]:
+    """Per-sample shape of the selected output, from a fake-tensor forward (no compute, state preserved)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with preserved_state(module), torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        out = select_output(module(*args, **kwargs), output)
+    return tuple(int(d) for d in out.shape[1:])
 
 
 @dataclass
@@ -114,6 +191,8 @@ class CapturedModel:
         input_names: the placeholders that take tensors, in the order stage 0 receives them.
         constant_inputs: placeholders fed a non-tensor value, baked into stage 0.
         flatten: ``flatten(args, kwargs) -> tensors`` in ``input_names`` order.
+        batched: per entry of ``input_names``, whether it is cut along the batch (see [Note: keyword
+            inputs]); the others reach every microbatch whole.
     """
 
     gm: fx.GraphModule
@@ -125,6 +204,7 @@ class CapturedModel:
     flat_inputs: Callable[[tuple[Any, ...], dict[str, Any]], list[Any]] | None = None
     module: nn.Module | None = None
     example: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
+    batched: list[bool] = field(default_factory=list)
 
     def values(self) -> dict[str, Any]:
         """Node name -> value at the captured shape: ``node.meta["val"]`` (export), else one run of the graph
@@ -142,8 +222,8 @@ class CapturedModel:
 
         interp.run_node = record  # type: ignore[method-assign]
         args, kwargs = self.example
-        with torch.no_grad():
-            assert self.flat_inputs is not None
+        assert self.flat_inputs is not None and self.module is not None
+        with preserved_state(self.module), torch.random.fork_rng(devices=[]), torch.no_grad():
             interp.run(*self.flat_inputs(args, kwargs))
         return out
 
@@ -153,14 +233,16 @@ class CapturedModel:
 
         assert self.module is not None
         args, kwargs = self.example
-        return graph_from_capture(self.capture, self.module, args, kwargs, name=name)  # type: ignore[no-any-return]
+        with preserved_state(self.module):
+            return graph_from_capture(self.capture, self.module, args, kwargs, name=name)  # type: ignore[no-any-return]
 
 
 def capture_model(source: ModelSource, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CapturedModel:
     """Capture ``source.module`` with the tracer's own ``capture`` at the given (one microbatch) inputs."""
     from distplan.tracer import capture
 
-    cap = capture(source.module, tuple(args), dict(kwargs))
+    with preserved_state(source.module):
+        cap = capture(source.module, tuple(args), dict(kwargs))
     gm = cap.gm
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = [n.name for n in gm.graph.nodes if n.op not in ("get_attr", "output")]
@@ -189,6 +271,10 @@ def capture_model(source: ModelSource, args: tuple[Any, ...], kwargs: dict[str, 
         vals = flat_all(a, k)
         return [vals[i] for i in tensor_idx]
 
+    assert source.layout is not None
+    arg_flags, kw_flags = input_flags(tuple(args), source.layout)
+    flags = flat_all(arg_flags, kw_flags)
+
     return CapturedModel(
         gm=gm,
         node_names=names,
@@ -199,6 +285,7 @@ def capture_model(source: ModelSource, args: tuple[Any, ...], kwargs: dict[str, 
         flat_inputs=flat_all,
         module=source.module,
         example=(tuple(args), dict(kwargs)),
+        batched=[flags[i] is True for i in tensor_idx],
     )
 
 

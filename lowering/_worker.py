@@ -1,9 +1,10 @@
 """One rank of a validation run (``python -m distplan.lowering._worker CONFIG``); started by
 :func:`distplan.lowering.validate`, not by users.
 
-It rebuilds the model from its spec, loads the parent's initial weights, runs the plan's steps through
-:func:`distplan.lowering.lower` on the parent's batches and writes the loss, the gradients and the updated
-parameters of its stages (by original FQN) to ``rank<R>.pt``. On any error it writes ``rank<R>.error.json``
+It rebuilds the model from its spec, loads the parent's initial weights and buffers, runs the plan's steps
+through :func:`distplan.lowering.lower` on the parent's batches (under ``PinnedRandom`` when the parent
+found random ops) and writes the loss, the gradients, the updated parameters and the buffers of its stages
+(by original FQN) to ``rank<R>.pt``. On any error it writes ``rank<R>.error.json``
 and exits non-zero at once, so the parent can report it and stop the other ranks.
 """
 
@@ -50,8 +51,11 @@ def main(config_path: str) -> int:
     stack_file = open(out / f"rank{rank}.stack", "w")  # noqa: SIM115 - open for the process's lifetime
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
     try:
+        import contextlib
+
         import torch
 
+        from distplan.lowering.effects import PinnedRandom
         from distplan.lowering.runtime import lower
         from distplan.plan import Plan
         from distplan.tracer import resolve_model
@@ -85,16 +89,19 @@ def main(config_path: str) -> int:
             timeout_s=cfg["timeout_s"],
             seed=cfg["seed"],
             state_dict=state,
+            output=cfg.get("output"),
         )
         fault = cfg.get("fault")
         if fault and int(fault["rank"]) == rank:
             _install_fault(runner, fault)
-        losses, grads, params = [], [], []
-        for inputs, target in data:
-            loss = runner.step(tuple(inputs), target)
+        losses, grads, params, buffers = [], [], [], []
+        for inputs, kwargs, target in data:
+            with PinnedRandom() if cfg.get("pin_random") else contextlib.nullcontext():
+                loss = runner.step(tuple(inputs), target, kwargs)
             grads.append({k: g.detach().clone() for k, g in runner.gradients().items()})
             runner.optimizer_step()
             params.append({k: p.detach().clone() for k, p in runner.stage_parameters().items()})
+            buffers.append({k: b.detach().clone() for k, b in runner.stage_buffers().items()})
             losses.append(loss)
         info = runner.rank_info
         torch.save(
@@ -105,6 +112,7 @@ def main(config_path: str) -> int:
                 "losses": losses,
                 "grads": grads,
                 "params": params,
+                "buffers": buffers,
             },
             out / f"rank{rank}.pt",
         )

@@ -1,9 +1,10 @@
 """``distplan lower`` and ``distplan validate``.
 
 Both check the plan and the model before anything is written or spawned: a plan of another schema version,
-a plan made for another model (structure hash), or a model spec that cannot be built (unknown name, factory
-that cannot be imported) is a one-paragraph error and exit code 2. ``validate`` exits 0 when the plan
-passed and 1 when it failed (numerics or a rank's failure); ``--json`` prints the report's contract.
+a plan made for another model (structure hash), a model spec that cannot be built (unknown name, factory
+that cannot be imported) or an ``--output`` selector that selects no tensor is a one-paragraph error and
+exit code 2. ``validate`` exits 0 when the plan passed and 1 when it failed (numerics or a rank's failure);
+``--json`` prints the report's contract.
 """
 
 from __future__ import annotations
@@ -32,10 +33,14 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _check_model(plan: Any, model: str, *, seq: int, overrides: dict[str, Any]) -> None:
-    """Build the model on the meta device and check the plan's structure hash against its trace."""
+def _check_model(
+    plan: Any, model: str, *, seq: int, overrides: dict[str, Any], output: str | None = None
+) -> None:
+    """Build the model on the meta device, check the plan's structure hash against its trace and the output
+    selector against its captured output."""
     from distplan.lowering._model import check_node_names, check_plan_graph
-    from distplan.tracer import resolve_model, trace_bundle
+    from distplan.lowering.outputs import graph_output_node
+    from distplan.tracer import capture, resolve_model, trace_bundle
 
     bundle = resolve_model(
         model, batch=plan.microbatch_size, seq=seq, device="meta", config_overrides=overrides
@@ -43,6 +48,8 @@ def _check_model(plan: Any, model: str, *, seq: int, overrides: dict[str, Any]) 
     graph = trace_bundle(bundle)
     check_plan_graph(plan, graph)
     check_node_names(plan, [n.name for n in graph.nodes], graph)
+    if output is not None or len(graph.outputs) != 1:
+        graph_output_node(capture(bundle.module, bundle.example_args, bundle.example_kwargs).gm, output)
 
 
 def register(app: typer.Typer) -> None:
@@ -73,6 +80,15 @@ def register(app: typer.Typer) -> None:
             "--set",
             help="Override a model config field, KEY=VALUE (JSON value), repeatable. Default: none.",
         ),
+        output: str | None = typer.Option(
+            None,
+            "--output",
+            help=(
+                "Which model output the loss reads when the model returns a dict, tuple or dataclass: a "
+                "path of keys/indices/fields joined by dots, e.g. logits, 0, aux.loss. Default: the "
+                "'logits' entry, else the first tensor."
+            ),
+        ),
         check: bool = typer.Option(
             True,
             "--check/--no-check",
@@ -86,8 +102,8 @@ def register(app: typer.Typer) -> None:
 
         plan = Plan.load(plan_path)
         if check:
-            _check_model(plan, model, seq=seq, overrides=_parse_overrides(overrides))
-        files = emit_launcher(plan, model, out, steps=steps, seq=seq, lr=lr, port=port)
+            _check_model(plan, model, seq=seq, overrides=_parse_overrides(overrides), output=output)
+        files = emit_launcher(plan, model, out, steps=steps, seq=seq, lr=lr, port=port, output=output)
         if json_out:
             typer.echo(json.dumps(files.to_dict()))
             return
@@ -131,6 +147,15 @@ def register(app: typer.Typer) -> None:
             "--set",
             help="Override a model config field, KEY=VALUE (JSON value), repeatable. Default: none.",
         ),
+        output: str | None = typer.Option(
+            None,
+            "--output",
+            help=(
+                "Which model output the loss reads when the model returns a dict, tuple or dataclass: a "
+                "path of keys/indices/fields joined by dots, e.g. logits, 0, aux.loss. Default: the "
+                "'logits' entry, else the first tensor."
+            ),
+        ),
         json_out: bool = typer.Option(
             False, "--json", help="Print one JSON object (the report) instead of text."
         ),
@@ -156,6 +181,7 @@ def register(app: typer.Typer) -> None:
                 max_ranks=max_ranks,
                 config_overrides=_parse_overrides(overrides),
                 progress=show,
+                output=output,
             )
         if json_out:
             typer.echo(json.dumps(report.to_dict()))

@@ -120,6 +120,7 @@ def main() -> int:
     p.add_argument("--host-index", type=int, default=None, help="this host's index in the plan (multi-host)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=600.0, help="collective timeout, s (default: %(default)s)")
+    p.add_argument("--output", default={output!r}, help="model output the loss reads (default: %(default)s)")
     args = p.parse_args()
 
     model = args.model
@@ -136,11 +137,12 @@ def main() -> int:
         host_index=args.host_index,
         timeout_s=args.timeout,
         seed=args.seed,
+        output=args.output,
     )
     info = runner.rank_info
-    inputs, targets = runner.source.inputs(plan.request.global_batch, seed=args.seed + 1)
+    batch = runner.source.sample(plan.request.global_batch, seed=args.seed + 1)
     for step in range(args.steps):
-        loss = runner.train_step(inputs, targets)
+        loss = runner.train_step(batch.args, batch.target, batch.kwargs)
         if loss is not None and info.replica == 0:
             print(f"step {{step}} loss {{loss:.6f}} (rank {{info.rank}}, stage {{info.stages[-1]}})", flush=True)
     dist.destroy_process_group()
@@ -162,10 +164,13 @@ def emit_launcher(
     lr: float = 1e-3,
     optimizer: str | None = None,
     port: int = 29500,
+    output: str | None = None,
 ) -> LauncherFiles:
     """Write the launcher of ``plan`` for ``model_spec`` into ``out_dir`` (created if missing).
 
     A ``model_spec`` that is an existing file (an HF ``config.json``) is copied next to ``train.py``.
+    ``output`` is the output selector ``train.py`` passes to :func:`distplan.lower` (its ``--output``
+    default; see [Note: output selector] in ``distplan.lowering.outputs``).
 
         >>> files = emit_launcher(plan, "gpt-tiny", "run/")          # doctest: +SKIP
         >>> print(files.commands[0])                                 # doctest: +SKIP
@@ -204,6 +209,7 @@ def emit_launcher(
             seq=seq,
             lr=lr,
             optimizer=optimizer or plan.request.optimizer,
+            output=output,
         )
     )
     lines = [

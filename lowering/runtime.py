@@ -51,6 +51,8 @@ from distplan.lowering._model import (
     check_plan_graph,
     resolve_source,
 )
+from distplan.lowering.batching import check_kwargs
+from distplan.lowering.effects import preserved_state
 from distplan.lowering.split import StageModule, split_graph
 from distplan.plan import Plan
 
@@ -222,6 +224,7 @@ class Runner:
         self._tied_groups = tied_groups
         self._local_batch = plan.num_microbatches * plan.microbatch_size
         self._device = torch.device(info.device)
+        self._buffer_names = {id(b): n for n, b in source.module.named_buffers()}
 
     # ------------------------------------------------------------------ parameters
     def stage_parameters(self) -> dict[str, nn.Parameter]:
@@ -230,6 +233,16 @@ class Runner:
         for st in self.stages:
             for p in st.module.parameters():
                 out.setdefault(self._canonical[id(p)], p)
+        return out
+
+    def stage_buffers(self) -> dict[str, torch.Tensor]:
+        """This rank's buffers (running statistics, counters, ...) by their FQN in the original model."""
+        out: dict[str, torch.Tensor] = {}
+        for st in self.stages:
+            for b in st.module.buffers():
+                name = self._buffer_names.get(id(b))
+                if name is not None:
+                    out.setdefault(name, b)
         return out
 
     def gradients(self) -> dict[str, torch.Tensor]:
@@ -259,22 +272,26 @@ class Runner:
             f"{self.plan.microbatch_size})"
         )
 
-    def step(self, inputs: Any = None, targets: Any = None) -> float | None:
+    def step(
+        self, inputs: Any = None, targets: Any = None, kwargs: dict[str, Any] | None = None
+    ) -> float | None:
         """One iteration: forward and backward of every microbatch, gradient synchronisation.
 
-                Args:
-                    inputs: the model inputs (a tensor or a tuple, like the single-device call) of the global batch
-                        or of this replica's share (see [Note: rank translation]
-        The plan's ranks are host-major. A static rendezvous (``--node-rank``) gives exactly those ranks, but a
-        ``c10d`` rendezvous numbers the hosts in the order they join. So the launcher tells each process its host
-        (``--host-index``), the process derives its plan rank from (host, ``LOCAL_RANK``), and all processes gather
-        the table plan rank -> torch rank once; every group is built from translated ranks.
+        Args:
+            inputs: the positional model inputs (a tensor or a tuple, like the single-device call) of the
+                global batch or of this replica's share (see [Note: batch slicing]); read on ranks running
+                stage 0.
+            targets: the targets, sliced the same way; read on ranks running the last stage.
+            kwargs: the keyword inputs of the call, ``None`` for the example call's. Tensors with a batch
+                dimension are sliced and cut into microbatches with ``inputs``; the rest reach every
+                microbatch unchanged (see [Note: keyword inputs] in ``distplan.lowering.batching``).
 
-        [Note: batch slicing]); read on ranks running stage 0.
-                    targets: the targets, sliced the same way; read on ranks running the last stage.
+        Returns:
+            The loss averaged over microbatches and replicas on ranks running the last stage, else ``None``.
 
-                Returns:
-                    The loss averaged over microbatches and replicas on ranks running the last stage, else ``None``.
+        Raises:
+            LoweringError: inputs or targets missing on a rank that needs them, a batch of the wrong size, a
+                keyword input with a batch dimension left out, unknown keyword names.
         """
         self.zero_grad()
         last = self.plan.num_stages - 1
@@ -284,15 +301,20 @@ class Runner:
             if inputs is None:
                 raise LoweringError(f"rank {self.rank_info.rank} runs stage 0 and needs the inputs")
             tup = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-            args = self.captured.flatten(tuple(tup), dict(self.source.example_kwargs))
-            args = [self._local(a, "an input") for a in args]
-        kwargs: dict[str, Any] = {}
+            args = self.captured.flatten(tuple(tup), self._call_kwargs(kwargs))
+            args = [
+                self._local(a, f"input {name!r}") if batched else _to(a, self._device)
+                for a, name, batched in zip(
+                    args, self.captured.input_names, self.captured.batched, strict=True
+                )
+            ]
+        kw: dict[str, Any] = {}
         losses: list[torch.Tensor] = []
         if holds_last:
             if targets is None:
                 raise LoweringError(f"rank {self.rank_info.rank} runs the last stage and needs the targets")
-            kwargs = {"target": self._local(targets, "the target"), "losses": losses}
-        self.schedule.step(*args, **kwargs)
+            kw = {"target": self._local(targets, "the target"), "losses": losses}
+        self.schedule.step(*args, **kw)
         self._sync_gradients()
         if not holds_last:
             return None
@@ -301,6 +323,22 @@ class Runner:
             dist.all_reduce(loss, group=self._dp_group)
             loss /= len(self.rank_info.dp_ranks)
         return float(loss.item())
+
+    def _call_kwargs(self, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        """The keyword inputs of this step: the given ones, else the example call's when none of those
+        has a batch dimension."""
+        layout = self.source.layout
+        assert layout is not None
+        if kwargs is None:
+            if layout.batched:
+                raise LoweringError(
+                    f"the model takes keyword input(s) {list(layout.batched)} with a batch dimension; pass them "
+                    "for the batch: step(inputs, targets, kwargs={...})"
+                )
+            return dict(self.source.example_kwargs)
+        check_kwargs(kwargs, layout)
+        # The example call's order: the capture flattens keyword inputs in the order it saw them.
+        return {k: kwargs[k] for k in layout.kwarg_flags}
 
     def _sync_gradients(self) -> None:
         params = self.stage_parameters()
@@ -322,11 +360,17 @@ class Runner:
         if self.optimizer is not None:
             self.optimizer.step()
 
-    def train_step(self, inputs: Any = None, targets: Any = None) -> float | None:
+    def train_step(
+        self, inputs: Any = None, targets: Any = None, kwargs: dict[str, Any] | None = None
+    ) -> float | None:
         """:meth:`step` then :meth:`optimizer_step`; returns the loss as :meth:`step` does."""
-        loss = self.step(inputs, targets)
+        loss = self.step(inputs, targets, kwargs)
         self.optimizer_step()
         return loss
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
 def _all_reduce_coalesced(tensors: Sequence[torch.Tensor], group: Any) -> None:
@@ -402,6 +446,8 @@ def lower(
     state_dict: dict[str, torch.Tensor] | None = None,
     host_index: int | None = None,
     config_overrides: dict[str, Any] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    output: str | None = None,
 ) -> Runner:
     """Build this rank's part of ``plan`` (call inside a ``torchrun`` process, once per rank).
 
@@ -425,6 +471,13 @@ def lower(
             global rank the rendezvous gave (see [Note: rank translation]). Without it, ``RANK`` is the plan
             rank.
         config_overrides: config fields replaced when building a model from a spec string.
+        example_kwargs: keyword inputs of a plain module's example call (one microbatch).
+        output: which output the loss reads when the model returns a dict, tuple, dataclass or
+            ``ModelOutput`` (see [Note: output selector] in ``distplan.lowering.outputs``); ``None`` takes
+            ``logits`` or the first tensor.
+
+    The set-up (example batches, capture, annotation) runs the model's forward with its state put back
+    afterwards: ``lower`` leaves the module's buffers as it found them.
 
     Returns:
         A :class:`Runner`.
@@ -433,8 +486,8 @@ def lower(
 
         plan = distplan.Plan.load("plan.json")
         runner = distplan.lower(plan, "gpt-tiny")
-        inputs, target = runner.source.inputs(plan.request.global_batch, seed=step)
-        loss = runner.train_step(inputs, target)
+        batch = runner.source.sample(plan.request.global_batch, seed=step)
+        loss = runner.train_step(batch.args, batch.target, batch.kwargs)
     """
     torch_rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -470,29 +523,34 @@ def lower(
         example_inputs=example_inputs,
         loss_fn=loss_fn,
         config_overrides=config_overrides,
+        example_kwargs=example_kwargs,
+        output=output,
     )
     if state_dict is not None:
         source.module.load_state_dict(state_dict)
     if eval_mode:
         # Before tracing and capturing: the mode can change the graph (dropout nodes).
         source.module.eval()
-    if source.make_batch is not None:
-        ex_args, _ = source.inputs(mb, seed=seed)
-    else:
-        ex_args = source.example_args
-    captured = capture_model(source, ex_args, source.example_kwargs)
-    if graph is None and check_graph:
-        graph = captured.graph()
-    if graph is not None:
-        check_plan_graph(plan, graph)
-    check_node_names(plan, captured.node_names, graph)
-    stage_nodes = [captured.node_names[s.start : s.end] for s in plan.stages]
-    all_stages = split_graph(
-        captured.gm,
-        stage_nodes=stage_nodes,
-        constant_inputs=captured.constant_inputs,
-        example_values=captured.values(),
-    )
+    with preserved_state(source.module):  # set-up never changes the user's module
+        if source.make_batch is not None:
+            ex = source.sample(mb, seed=seed)
+            ex_args, ex_kwargs = ex.args, ex.kwargs
+        else:
+            ex_args, ex_kwargs = source.example_args, source.example_kwargs
+        captured = capture_model(source, ex_args, ex_kwargs)
+        if graph is None and check_graph:
+            graph = captured.graph()
+        if graph is not None:
+            check_plan_graph(plan, graph)
+        check_node_names(plan, captured.node_names, graph)
+        stage_nodes = [captured.node_names[s.start : s.end] for s in plan.stages]
+        all_stages = split_graph(
+            captured.gm,
+            stage_nodes=stage_nodes,
+            constant_inputs=captured.constant_inputs,
+            example_values=captured.values(),
+            output=source.output,
+        )
 
     # ---- which parameters each stage holds, by original FQN
     canonical: dict[int, str] = {}
@@ -557,7 +615,7 @@ def lower(
         for st in mine:
             for t in list(st.module.parameters()) + list(st.module.buffers()):
                 dist.broadcast(t.data, src=src, group=dp_group)
-    schedule = _make_schedule(plan, pstages, source.loss)
+    schedule = _make_schedule(plan, pstages, source.loss, batched=captured.batched)
 
     params = list(dict.fromkeys(p for st in mine for p in st.module.parameters()))
     name = None if callable(optimizer) else (optimizer or plan.request.optimizer)
@@ -592,17 +650,23 @@ def lower(
     )
 
 
-def _make_schedule(plan: Plan, stages: list[Any], loss: Callable[..., torch.Tensor]) -> Any:
+def _make_schedule(
+    plan: Plan, stages: list[Any], loss: Callable[..., torch.Tensor], *, batched: Sequence[bool]
+) -> Any:
     from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+    from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
 
     m = plan.num_microbatches
+    # Inputs without a batch dimension reach every microbatch whole ([Note: keyword inputs]); torch's own
+    # spec for "the same value for every microbatch" is _Replicate.
+    spec: Any = tuple(TensorChunkSpec(0) if b else _Replicate() for b in batched)
     if plan.schedule == "gpipe":
-        return ScheduleGPipe(stages[0], n_microbatches=m, loss_fn=loss)
+        return ScheduleGPipe(stages[0], n_microbatches=m, loss_fn=loss, args_chunk_spec=spec)
     if plan.schedule == "1f1b":
-        return Schedule1F1B(stages[0], n_microbatches=m, loss_fn=loss)
+        return Schedule1F1B(stages[0], n_microbatches=m, loss_fn=loss, args_chunk_spec=spec)
     if plan.schedule == "interleaved-1f1b":
         try:
-            return ScheduleInterleaved1F1B(stages, n_microbatches=m, loss_fn=loss)
+            return ScheduleInterleaved1F1B(stages, n_microbatches=m, loss_fn=loss, args_chunk_spec=spec)
         except ValueError as e:
             raise LoweringError(f"interleaved 1F1B cannot run this plan: {e}") from e
     raise LoweringError(f"unknown schedule {plan.schedule!r}")

@@ -15,6 +15,14 @@ ever talks to its neighbours (what ``torch.distributed.pipelining.PipelineStage`
 - *Contiguous gradients*: each received value goes through an identity whose backward makes the gradient
   contiguous, since autograd may produce strided gradients (of a ``transpose``, ``expand``, ...) and the
   pipeline sends them back as they are.
+- *In-place on received values*: the pipeline hands a stage its received tensors as autograd leaves, which
+  an in-place op (``relu_``, ``add_``, ``mul_``, ``ReLU(inplace=True)``) may not modify, and an identity
+  that returns a view of its input may not be modified in place either ("a view created inside a custom
+  Function"). So that identity returns a *detached alias*: same storage, no copy, not a view in
+  autograd's sense and not a leaf, with the identity as its gradient function. The stage's ops may modify
+  it in place as the single-device model modifies the value it was given; autograd records those ops on
+  top of the identity as usual. Nothing else reads the leaf (every use in the stage goes through the
+  alias), so writing to the shared storage cannot corrupt a saved value.
 - *Every received value gets a gradient*: a stage that reads a received float only through non-differentiable
   ops (``size``, comparisons) would send back no gradient for it, and the sender's backward then fails
   ("grad can be implicitly created only for scalar outputs"). The first float output is tied to every
@@ -44,6 +52,7 @@ import torch
 from torch import fx, nn
 
 from distplan.errors import LoweringError
+from distplan.lowering.outputs import graph_output_node
 
 __all__ = ["StageModule", "Value", "split_graph", "stage_parameters"]
 
@@ -117,7 +126,8 @@ class _ContiguousGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
+        # A detached alias rather than `view_as`: in-place ops may modify it (see [Note: stage boundaries]).
+        return x.detach()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
@@ -159,6 +169,7 @@ def split_graph(
     stage_nodes: Sequence[Sequence[str]],
     example_values: Mapping[str, Any] | None = None,
     constant_inputs: Mapping[str, Any] | None = None,
+    output: str | None = None,
 ) -> list[StageModule]:
     """Split ``gm`` into stages (see [Note: stage boundaries]).
 
@@ -170,6 +181,8 @@ def split_graph(
             cross a cut; ``node.meta["val"]`` is used when present.
         constant_inputs: placeholder name -> the non-tensor value the model is always called with
             (flags such as ``use_cache=False``); baked into the stages instead of being received.
+        output: which of the model's outputs the last stage returns, the one the loss reads (see [Note:
+            output selector] in ``distplan.lowering.outputs``); ``None`` for the default rule.
 
     Returns:
         One :class:`StageModule` per stage.
@@ -232,8 +245,13 @@ def split_graph(
             return val[v.index] if isinstance(val, (tuple, list)) else None
         return val
 
-    output_node = next(n for n in graph_nodes if n.op == "output")
     last = num_stages - 1
+    model_output = graph_output_node(gm, output)
+    if model_output.name not in stage_of:
+        raise LoweringError(
+            f"the selected output {model_output.name!r} is not computed by any stage (a parameter or a "
+            "constant); select a computed output"
+        )
 
     # Which values cross which cuts: value -> last stage that needs it.
     need_until: dict[Value, int] = {}
@@ -243,6 +261,8 @@ def split_graph(
             continue
         s = stage_of[n.name]
         for u in n.users:
+            if u.op == "output" and n is not model_output:
+                continue  # an output the loss does not read: the last stage does not return it
             su = last if u.op == "output" else stage_of.get(u.name)
             if su is None or su <= s:
                 continue
@@ -278,15 +298,6 @@ def split_graph(
             stage_inputs[s].append(v)
             if s < until:
                 stage_outputs[s].append(v)
-
-    out_args = output_node.args[0]
-    flat_out = list(out_args) if isinstance(out_args, (tuple, list)) else [out_args]
-    if len(flat_out) != 1 or not isinstance(flat_out[0], fx.Node):
-        raise LoweringError(
-            f"the model must return exactly one tensor (the pipeline's last stage feeds it to the loss); "
-            f"the captured graph returns {len(flat_out)} values"
-        )
-    model_output = flat_out[0]
 
     stages = []
     for s in range(num_stages):

@@ -2,8 +2,8 @@
 
 :func:`validate` starts one CPU process per rank (gloo), runs ``steps`` training steps through
 :func:`~distplan.lowering.runtime.lower` on seeded batches, and compares loss, every parameter's gradient
-(by original FQN, every replica's copy) and the parameters after each optimizer step with the same steps
-run on one process from the same initial weights.
+(by original FQN, every replica's copy), the parameters after each optimizer step and every buffer after
+each step with the same steps run on one process from the same initial weights.
 
 [Note: validation policy]
 - *Width*: each rank builds the whole model, so a model over ``max_param_bytes`` (default 64 MiB) or a plan
@@ -25,6 +25,25 @@ run on one process from the same initial weights.
   step, so a gradient that is zero in exact arithmetic (the key bias of softmax attention) and 1e-12 in
   floating point does not count as a 100% error. A tensor passes when ``max_rel`` is within its tolerance
   (loss 1e-5, gradients 1e-4, parameters 1e-4).
+  Buffers (running statistics, counters) are compared like parameters (tolerance ``buffer``, 1e-4).
+- *Random ops* (dropout, SDPA's ``dropout_p``, ``bernoulli``, ``rand*``, ...) are found in the captured
+  graph and, when there are any, both runs draw identical batch-independent values (``PinnedRandom``, see
+  [Note: random ops] in ``distplan.lowering.effects``); the report lists them (``random_ops``) and says so in
+  a note. Training with the plan still draws them at random.
+- *Batch statistics and state*. Pass/fail rule: the run passes when loss, gradients, updated parameters and
+  buffers are within tolerance of the *reference*. The reference is the single-device model on the whole
+  global batch, unless the forward computes statistics over the batch (a batch-norm op in training mode)
+  or writes buffers (running statistics, ``num_batches_tracked``, counters): a pipeline then runs those
+  layers once per microbatch on the microbatch's samples, and the reference is the single-device model run
+  on the same microbatches in the same order, one data-parallel replica after the other (each replica from
+  the same starting buffers, as every replica starts from replica 0's), with gradients accumulated: what
+  gradient accumulation on one device computes. The report then names the batch-statistics layers
+  (``batch_stat_layers``) and the written buffers, says ``reference: "microbatched"``, and gives in a note
+  how far the whole-batch single-device loss is from it -- the effect of microbatching on the model,
+  reported and not judged. Replicas do not average buffers (as DDP with ``broadcast_buffers=False``), so
+  each replica's buffers are compared with its own reference.
+- *Model state*: setting up the run (batches, capture, the recorded forward) never changes the model's
+  buffers; the ranks start from the parent's initial weights and buffers.
 - *Failures*: a rank that raises, dies or exceeds ``timeout_s`` fails the run at once with that rank's error;
   every other rank is killed. Collectives carry the same timeout, so nothing waits on a dead peer for long.
 """
@@ -41,7 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,7 +68,17 @@ from typing import Any
 import torch
 
 from distplan.errors import LoweringError, ModelSpecError
-from distplan.lowering._model import capture_model, check_node_names, check_plan_graph, resolve_source
+from distplan.lowering._model import (
+    Batch,
+    ModelSource,
+    capture_model,
+    check_node_names,
+    check_plan_graph,
+    resolve_source,
+)
+from distplan.lowering.batching import input_flags, take_samples
+from distplan.lowering.effects import PinnedRandom, preserved_state, scan_forward
+from distplan.lowering.outputs import graph_output
 from distplan.lowering.runtime import plan_layout
 from distplan.plan import Plan, build_rank_map
 
@@ -65,9 +94,10 @@ class Tolerance:
     loss: float = 1e-5
     grad: float = 1e-4
     param: float = 1e-4
+    buffer: float = 1e-4
 
     def __post_init__(self) -> None:
-        for f in ("loss", "grad", "param"):
+        for f in ("loss", "grad", "param", "buffer"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"tolerance.{f} must be > 0, got {getattr(self, f)}")
 
@@ -75,7 +105,7 @@ class Tolerance:
         return float(getattr(self, kind))
 
     def to_dict(self) -> dict[str, float]:
-        return {"loss": self.loss, "grad": self.grad, "param": self.param}
+        return {"loss": self.loss, "grad": self.grad, "param": self.param, "buffer": self.buffer}
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +113,8 @@ class TensorCheck:
     """The comparison of one tensor (over all steps and every rank holding a copy).
 
     Attributes:
-        kind: ``loss``, ``grad`` or ``param`` (after the optimizer step).
-        name: the parameter's FQN in the original model (``loss`` for the loss).
+        kind: ``loss``, ``grad``, ``param`` (after the optimizer step) or ``buffer`` (after the step).
+        name: the parameter's or buffer's FQN in the original model (``loss`` for the loss).
         max_abs / max_rel: the largest errors (see [Note: validation policy]).
         passed: ``max_rel <= tolerance``.
         copies: how many rank copies were compared.
@@ -125,6 +155,13 @@ class ValidationReport:
         tensors: per-tensor comparisons, worst first.
         notes: what was reduced or assumed.
         layout: the validated plan's layout (after any dp reduction); plan_id: the original plan's id.
+        reference: ``global-batch`` (the single-device model on the whole batch) or ``microbatched`` (on the
+            plan's microbatches with gradient accumulation; see [Note: validation policy]).
+        random_ops: the random ops found in the graph, ``module (op, node)``; both runs drew identical
+            values for them.
+        batch_stat_layers: modules whose statistics are computed over the batch (``fqn (Class)``).
+        written_buffers: buffers the forward writes.
+        output: the output the loss read (``None``: the model returns one tensor).
     """
 
     passed: bool
@@ -148,6 +185,11 @@ class ValidationReport:
     dp_reduced: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     logs: dict[int, str] = field(default_factory=dict)
+    reference: str = "global-batch"
+    random_ops: tuple[str, ...] = ()
+    batch_stat_layers: tuple[str, ...] = ()
+    written_buffers: tuple[str, ...] = ()
+    output: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -170,6 +212,11 @@ class ValidationReport:
             "model": self.model,
             "seq": self.seq,
             "notes": list(self.notes),
+            "reference": self.reference,
+            "random_ops": list(self.random_ops),
+            "batch_stat_layers": list(self.batch_stat_layers),
+            "written_buffers": list(self.written_buffers),
+            "output": self.output,
             "tensors": [t.to_dict() for t in self.tensors],
         }
 
@@ -179,7 +226,8 @@ class ValidationReport:
         text = (
             f"{head}: {self.ranks} ranks, {self.steps} step(s), max abs error {self.max_abs_error:.3g}, "
             f"max rel error {self.max_rel_error:.3g} (tolerance loss {self.tolerance.loss:g}, grad "
-            f"{self.tolerance.grad:g}, param {self.tolerance.param:g}), {self.seconds:.1f} s"
+            f"{self.tolerance.grad:g}, param {self.tolerance.param:g}, buffer {self.tolerance.buffer:g}), "
+            f"{self.seconds:.1f} s"
         )
         if self.width_reduced:
             text += ", width-reduced model"
@@ -241,6 +289,7 @@ def validate(
     max_hidden: int = 64,
     inject_fault: str | None = None,
     config_overrides: dict[str, Any] | None = None,
+    output: str | None = None,
 ) -> ValidationReport:
     """Run ``plan`` on ``plan.world_size`` CPU processes and compare with one device.
 
@@ -259,6 +308,8 @@ def validate(
         max_ranks, max_full_width_ranks, max_param_bytes, max_microbatch_size, max_hidden: the policy of
             [Note: validation policy].
         config_overrides: config fields replaced when building the model (as for ``resolve_model``).
+        output: which output the loss reads when the model returns a dict, tuple, dataclass or
+            ``ModelOutput`` (see [Note: output selector] in ``distplan.lowering.outputs``).
         inject_fault: testing aid, ``"kill:R"``, ``"hang:R"`` or ``"raise:R"`` makes rank ``R`` die, hang or
             raise in the middle of the first step.
 
@@ -267,7 +318,9 @@ def validate(
 
     Raises:
         PlanError: the plan does not belong to the model (structure hash) or is malformed.
-        ModelSpecError: the model cannot be built. LoweringError: the plan cannot be lowered or run here.
+        ModelSpecError: the model cannot be built. LoweringError: the plan cannot be lowered or run here,
+            the output selector selects no tensor, a keyword input's batch dimension cannot be told, or a
+            random op cannot be given a fixed value.
     """
     t0 = time.perf_counter()
     say = progress or (lambda _m: None)
@@ -276,7 +329,7 @@ def validate(
     if timeout_s <= 0:
         raise LoweringError(f"timeout_s must be > 0, got {timeout_s}")
     tol = (
-        Tolerance(tolerance, tolerance, tolerance)
+        Tolerance(tolerance, tolerance, tolerance, tolerance)
         if isinstance(tolerance, (int, float))
         else (tolerance or Tolerance())
     )
@@ -346,21 +399,68 @@ def validate(
         )
     else:
         bundle = resolve_model(spec, batch=mb, seq=seq, device="cpu", seed=seed, config_overrides=overrides)
-    source = resolve_source(bundle, batch=mb, seq=seq)
-    ex_args, _ = source.inputs(mb, seed=seed)
-    captured = capture_model(source, ex_args, source.example_kwargs)
-    graph = captured.graph(name=getattr(bundle, "name", spec))
-    check_plan_graph(plan, graph)
-    check_node_names(run_plan, captured.node_names, graph)
+    source = resolve_source(bundle, batch=mb, seq=seq, output=output)
+    with preserved_state(bundle.module):  # nothing below may advance the model's state
+        ex = source.sample(mb, seed=seed)
+        captured = capture_model(source, ex.args, ex.kwargs)
+        graph = captured.graph(name=getattr(bundle, "name", spec))
+        check_plan_graph(plan, graph)
+        check_node_names(run_plan, captured.node_names, graph)
+        # A bad selector fails here, before anything is spawned.
+        out_node, out_path = graph_output(captured.gm, source.output)
+        assert captured.flat_inputs is not None
+        effects = scan_forward(
+            captured.gm,
+            captured.flat_inputs(ex.args, ex.kwargs),
+            module=bundle.module,
+            batch=mb,
+            module_of={n.name: n.module for n in graph.nodes},
+        )
+    if effects.unpinnable:
+        raise LoweringError(
+            f"the model draws random numbers with op(s) validation cannot give fixed values: "
+            f"{', '.join(map(str, effects.unpinnable))}; the pipeline's draws cannot match one device's"
+        )
+    pin = bool(effects.random)
+    microbatched = bool(effects.batch_stats or effects.written_buffers)
+    stat_layers = tuple(_with_class(bundle.module, m) for m in effects.batch_stat_modules())
+    if pin:
+        mods = effects.random_modules()
+        notes.append(
+            f"random ops pinned: both runs drew identical values that do not depend on the batch split "
+            f"(dropout keeps every element); {len(effects.random)} random op(s) in {len(mods)} module(s): "
+            f"{_first(mods)}. Training with this plan draws them at random"
+        )
+    if out_path is not None:
+        notes.append(f"the loss reads output {out_path!r} (graph value {out_node.name!r})")
 
     # ---- weights and batches, shared with the ranks through files
     gb = run_plan.request.global_batch
-    batches = [bundle.make_batch(gb, seed=seed + 1 + k) for k in range(steps)]
+    with preserved_state(bundle.module):
+        batches = [source.sample(gb, seed=seed + 1 + k) for k in range(steps)]
+    split = (run_plan.dp, run_plan.num_microbatches, mb) if microbatched else None
+    if microbatched:
+        what = []
+        if stat_layers:
+            what.append(f"statistics over the batch in {_first(list(stat_layers))}")
+        if effects.written_buffers:
+            what.append(f"buffers written by the forward: {_first(list(effects.written_buffers))}")
+        notes.append(
+            f"reference run on the plan's microbatches ({run_plan.dp} replica(s) x {run_plan.num_microbatches} "
+            f"microbatches of {mb} samples, gradients accumulated), not the whole batch of {gb}: "
+            + "; ".join(what)
+        )
+        assert split is not None
+        gap = _whole_batch_gap(bundle.module, source, batches[0], split, pin=pin)
+        notes.append(
+            f"effect of microbatching on the model (reported, not judged): the whole-batch single-device "
+            f"loss is {gap[0]:.6g}, the microbatched one {gap[1]:.6g} (relative difference {gap[2]:.3g})"
+        )
     reference = copy.deepcopy(bundle.module)
     with tempfile.TemporaryDirectory(prefix="distplan-validate-") as tmp:
         d = Path(tmp)
         torch.save(bundle.module.state_dict(), d / "weights.pt")
-        torch.save([(list(i), t) for i, t in batches], d / "data.pt")
+        torch.save([(list(b.args), b.kwargs, b.target) for b in batches], d / "data.pt")
         cfg = {
             "dir": str(d),
             "plan": run_plan.to_dict(),
@@ -374,6 +474,8 @@ def validate(
             "timeout_s": timeout_s,
             "fault": fault,
             "config_overrides": overrides,
+            "output": source.output,
+            "pin_random": pin,
         }
         (d / "config.json").write_text(json.dumps(cfg))
         world = run_plan.world_size
@@ -381,9 +483,7 @@ def validate(
         procs = _spawn(d, world)
         t_spawn = time.perf_counter()
         try:
-            ref = _reference(
-                reference, source.loss, batches, source.example_kwargs, optimizer=optimizer, lr=lr
-            )
+            ref = _reference(reference, source, batches, optimizer=optimizer, lr=lr, pin=pin, split=split)
             t_ref = time.perf_counter() - t_spawn
             failure = _wait(procs, d, t0=t_spawn, timeout_s=timeout_s, say=say, layout=run_plan)
             timings = {
@@ -406,6 +506,11 @@ def validate(
             "seq": seq,
             "dp_reduced": dp_reduced,
             "timings": timings,
+            "reference": "microbatched" if microbatched else "global-batch",
+            "random_ops": tuple(map(str, effects.random)),
+            "batch_stat_layers": stat_layers,
+            "written_buffers": effects.written_buffers,
+            "output": out_path,
         }
         if failure is not None:
             rank, message = failure
@@ -627,24 +732,38 @@ def _tail(path: Path, limit: int = 4000) -> str:
 
 def _reference(
     module: torch.nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    batches: list[tuple[tuple[Any, ...], Any]],
-    kwargs: dict[str, Any],
+    source: ModelSource,
+    batches: list[Batch],
     *,
     optimizer: str,
     lr: float,
+    pin: bool,
+    split: tuple[int, int, int] | None,
 ) -> dict[str, Any]:
-    """The same steps on one process: whole global batch, mean loss."""
+    """The same steps on one process (see [Note: validation policy]): the whole global batch, or with
+    ``split = (dp, microbatches, microbatch size)`` the plan's microbatches with gradient accumulation and
+    per-replica buffers. Returns losses, gradients, parameters and buffers (one dict per replica) per step."""
     from distplan.lowering.runtime import _make_optimizer
 
     params = dict(module.named_parameters())
     opt = _make_optimizer(optimizer, list(params.values()), lr)
-    losses, grads, after = [], [], []
-    for inputs, target in batches:
+    dp = split[0] if split is not None else 1
+    states = [_buffers(module)] * dp  # every replica starts from replica 0's buffers
+    losses, grads, after, buffers = [], [], [], []
+    for b in batches:
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(module(*inputs, **kwargs), target)
-        loss.backward()
-        losses.append(float(loss.item()))
+        with PinnedRandom() if pin else contextlib.nullcontext():
+            if split is None:
+                loss = source.loss(source.select(module(*b.args, **b.kwargs)), b.target)
+                loss.backward()
+                losses.append(float(loss.item()))
+                states = [_buffers(module)] * dp
+            else:
+                total = 0.0
+                for r, mb_losses in enumerate(_microbatch_losses(module, source, b, split, states)):
+                    total += mb_losses
+                    states[r] = _buffers(module)
+                losses.append(total / (split[0] * split[1]))
         grads.append(
             {
                 k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
@@ -653,7 +772,73 @@ def _reference(
         )
         opt.step()
         after.append({k: p.detach().clone() for k, p in params.items()})
-    return {"losses": losses, "grads": grads, "params": after}
+        buffers.append(list(states))
+    return {"losses": losses, "grads": grads, "params": after, "buffers": buffers}
+
+
+def _buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_buffers()}
+
+
+def _load_buffers(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for k, v in module.named_buffers():
+            v.copy_(state[k])
+
+
+def _microbatch_losses(
+    module: torch.nn.Module,
+    source: ModelSource,
+    b: Batch,
+    split: tuple[int, int, int],
+    states: list[dict[str, torch.Tensor]],
+    *,
+    backward: bool = True,
+) -> Iterator[float]:
+    """For each replica in turn (its buffers loaded from ``states``), run its microbatches in order (and
+    their backward, each loss divided by the number of microbatches in the whole batch); yields the
+    replica's summed microbatch losses. Sample order is the runtime's ([Note: batch slicing])."""
+    dp, m, mb = split
+    assert source.layout is not None
+    arg_flags, kw_flags = input_flags(b.args, source.layout)
+    for r in range(dp):
+        _load_buffers(module, states[r])
+        total = 0.0
+        for k in range(m):
+            lo, hi = (r * m + k) * mb, (r * m + k + 1) * mb
+            args = take_samples(b.args, arg_flags, lo, hi)
+            kwargs = take_samples(b.kwargs, kw_flags, lo, hi)
+            loss = source.loss(source.select(module(*args, **kwargs)), b.target[lo:hi])
+            if backward:
+                (loss / (dp * m)).backward()
+            total += float(loss.item())
+        yield total
+
+
+def _whole_batch_gap(
+    module: torch.nn.Module, source: ModelSource, b: Batch, split: tuple[int, int, int], *, pin: bool
+) -> tuple[float, float, float]:
+    """(whole-batch loss, microbatched loss, relative difference) of the first batch on the initial weights,
+    without changing the module."""
+    with preserved_state(module), torch.no_grad(), PinnedRandom() if pin else contextlib.nullcontext():
+        whole = float(source.loss(source.select(module(*b.args, **b.kwargs)), b.target).item())
+        states = [_buffers(module)] * split[0]
+        parts = sum(_microbatch_losses(module, source, b, split, states, backward=False))
+    micro = parts / (split[0] * split[1])
+    return whole, micro, abs(whole - micro) / max(abs(micro), 1e-12)
+
+
+def _with_class(module: torch.nn.Module, fqn: str) -> str:
+    try:
+        sub = module.get_submodule(fqn) if fqn and fqn != "<root>" else module
+    except AttributeError:
+        return fqn
+    return f"{fqn} ({type(sub).__name__})"
+
+
+def _first(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _err(a: torch.Tensor, b: torch.Tensor, floor: float) -> tuple[float, float]:
@@ -669,7 +854,7 @@ def _err(a: torch.Tensor, b: torch.Tensor, floor: float) -> tuple[float, float]:
 def _floors(ref: dict[str, Any], kind: str) -> list[float]:
     """Per step, a thousandth of the largest reference entry of that kind (see [Note: validation policy])."""
     return [
-        1e-3 * max((float(t.abs().max()) for t in step.values() if t.numel()), default=0.0)
+        1e-3 * max((float(t.double().abs().max()) for t in step.values() if t.numel()), default=0.0)
         for step in ref[kind]
     ]
 
@@ -687,6 +872,8 @@ def _compare(
 
     losses: list[float] = []
     floors = {kind: _floors(ref, kind) for kind in ("grads", "params")}
+    # Buffers: per replica (see [Note: validation policy]); the floor from replica 0's.
+    floors["buffers"] = _floors({"buffers": [step[0] for step in ref["buffers"]]}, "buffers")
     for res in results:
         for step, loss in enumerate(res["losses"]):
             if loss is None:
@@ -705,6 +892,15 @@ def _compare(
                         add(k, name, float("inf"), float("inf"))
                         continue
                     add(k, name, *_err(t, want, floors[kind][step]))
+        for step, tensors in enumerate(res.get("buffers", [])):
+            per_replica = ref["buffers"][step]
+            want_all = per_replica[min(res["replica"], len(per_replica) - 1)]
+            for name, t in tensors.items():
+                want = want_all.get(name)
+                if want is None:
+                    add("buffer", name, float("inf"), float("inf"))
+                    continue
+                add("buffer", name, *_err(t, want, floors["buffers"][step]))
     held = {name for (kind, name) in acc if kind == "grad"}
     for name in ref["grads"][0]:
         if name not in held:
