@@ -33,7 +33,8 @@ def _pipeline_run(
     acts: list[tuple[tuple[torch.Tensor, ...], object]] = []
     x: tuple[torch.Tensor, ...] = inputs
     for i, st in enumerate(stages):
-        received = tuple(t.detach().requires_grad_(i > 0 and t.is_floating_point()) for t in x)
+        # A copy, as pipelining receives into its own buffers (a stage may modify them in place).
+        received = tuple(t.detach().clone().requires_grad_(i > 0 and t.is_floating_point()) for t in x)
         out = st.module(*received)
         acts.append((received, out))
         if isinstance(out, tuple):
