@@ -2,9 +2,12 @@
 
 Every node is run on the ``meta`` device (shapes only, no memory, no arithmetic), each op in isolation:
 
-* **forward FLOPs**: ``torch.utils.flop_counter.FlopCounterMode`` around the op. On ``meta`` tensors
-  ``scaled_dot_product_attention`` decomposes into matmuls that the counter sees (on CPU tensors it would
-  dispatch to a flash kernel that counts 0).
+* **forward FLOPs**: ``torch.utils.flop_counter.FlopCounterMode`` around the op, with the formulas of
+  :mod:`distplan.tracer.flops` for the matmul-class ops torch has none for (grouped expert matmuls among
+  them). On ``meta`` tensors ``scaled_dot_product_attention`` decomposes into matmuls that the counter sees
+  (on CPU tensors it would dispatch to a flash kernel that counts 0). A node of a matmul-class op left at 0
+  FLOPs with non-empty operands, or of a custom op with matrix operands and no formula, is listed in
+  ``graph.meta["uncounted_flops"]`` (op -> nodes) with the reason.
 * **backward FLOPs**: the op is re-run with autograd on (inputs that require grad in training become leaf
   tensors: parameters, and activations derived from them) and ``torch.autograd.grad`` of its outputs is
   counted. This is exactly the op's share of a whole-model backward: the gradient accumulation adds that
@@ -22,6 +25,18 @@ Every node is run on the ``meta`` device (shapes only, no memory, no arithmetic)
 
 Ops with the same target and input signature give the same numbers, so results are memoised: a 32-layer
 model costs about as much as a 2-layer one after the first block.
+
+[Note: data-dependent sizes]
+Ops whose output size depends on values (``nonzero``, ``torch.where(mask)``, boolean indexing, ``unique``,
+``.item()``/``.tolist()``) cannot run on ``meta``: mixture-of-experts layers that loop over experts and
+gather each expert's tokens are the usual case (export records their sizes as unbacked symbols ``u0``...).
+Such a node is evaluated on the CPU instead, on values computed on demand for the nodes it depends on:
+integer and boolean tensors (routing indices, masks, counts) are computed exactly from their inputs; a
+floating tensor computed from the model's weights or floating activations of a ``meta`` model (router
+logits, probabilities) is replaced by standard-normal samples (seeded: the graph is deterministic), and real
+weights and inputs are used as they are. For top-k routing this is uniform random routing: every token still
+goes to exactly k experts, so the experts' total FLOPs are exact and only their split between experts is a
+sample. The nodes evaluated so are counted in ``graph.meta["sampled_nodes"]``.
 """
 
 from __future__ import annotations
@@ -36,11 +51,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
-from torch.utils.flop_counter import FlopCounterMode
 
 from distplan.errors import TraceError
 from distplan.graph import OpGraph, OpNode, TensorMeta
 from distplan.tracer.capture import Capture, TorchFailure
+from distplan.tracer.flops import flop_counter, uncounted_reason
 
 __all__ = ["graph_from_capture"]
 
@@ -75,6 +90,13 @@ def graph_from_capture(
     graph_meta: dict[str, Any] = {"method": cap.method, "capture_seconds": round(cap.seconds, 4)}
     if fallbacks:
         graph_meta["shape_only_nodes"] = len(fallbacks)
+    if ann.sampled_nodes:
+        graph_meta["sampled_nodes"] = len(ann.sampled_nodes)
+    if ann.uncounted:
+        graph_meta["uncounted_flops"] = {
+            target: {"nodes": len(names), "first": names[0], "reason": ann.uncounted_reasons[target]}
+            for target, names in ann.uncounted.items()
+        }
     if cap.export_error:
         graph_meta["export_error"] = cap.export_error
     graph_meta.update(meta or {})
@@ -177,6 +199,17 @@ class _Annotator:
         self.assigned: set[int] = set()  # ids of original parameters whose bytes a node carries
         self.memo: dict[Any, _OpCost] = {}
         self.charged: set[int] = set()  # storages some node's activation_bytes already counts
+        # [Note: data-dependent sizes]: CPU values of nodes, computed only when a node needs them.
+        self.env: dict[fx.Node, Any] = {}
+        self.attr_fqn: dict[fx.Node, str] = {}
+        self.inputs: dict[fx.Node, Any] = {}  # placeholder -> the example input as given
+        self.concrete: dict[fx.Node, tuple[Any, bool]] = {}  # node -> (value, derived from weights)
+        self.weighty_flags: dict[fx.Node, bool] = {}
+        self.concrete_budget = _CONCRETE_BUDGET
+        self.gen = torch.Generator().manual_seed(0)
+        self.sampled_nodes: list[str] = []
+        self.uncounted: dict[str, list[str]] = {}
+        self.uncounted_reasons: dict[str, str] = {}
 
     # ------------------------------------------------------------------ inputs
     def _placeholder_values(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
@@ -232,14 +265,15 @@ class _Annotator:
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[list[OpNode], list[str], list[str]]:
         values = iter(self._placeholder_values(args, kwargs))
-        env: dict[fx.Node, Any] = {}
-        attr_fqn: dict[fx.Node, str] = {}
+        env = self.env
+        attr_fqn = self.attr_fqn
         nodes: list[OpNode] = []
         outputs: list[str] = []
         fallbacks: list[str] = []
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 v = next(values)
+                self.inputs[node] = v
                 env[node] = tree_map(lambda x: _to_meta(x) if isinstance(x, torch.Tensor) else x, v)
                 nodes.append(
                     OpNode(
@@ -318,16 +352,35 @@ class _Annotator:
             act += sum(self._charge(outs[j]) for j in cost.saved_outputs)
         except Exception as e:
             val = node.meta.get("val")
-            if val is None:
+            concrete = None
+            if node.op != "call_module" and (val is None or _has_unbacked(val)):
+                concrete = self._run_concrete(node, fn, args, kwargs)
+            if concrete is not None:
+                out, fwd = concrete
+                bwd = act = 0
+                self.sampled_nodes.append(node.name)
+            elif val is None or _has_unbacked(val):
                 raise TraceError(
                     _op_failure(node, target_name, args, kwargs, e, _owner(node, self.cap), self.cap)
                 ) from TorchFailure.of(e)
-            # The op cannot run on meta tensors (e.g. data-dependent output): keep the shapes export recorded.
-            out = tree_map(lambda x: _to_meta(x) if isinstance(x, torch.Tensor) else x, val)
-            fwd = bwd = act = 0
-            fallbacks.append(node.name)
+            else:
+                # The op cannot run on meta tensors: keep the shapes export recorded, and the FLOPs of a
+                # formula where the counter has one (it needs shapes only).
+                out = tree_map(lambda x: _to_meta(x) if isinstance(x, torch.Tensor) else x, val)
+                fwd = _formula_flops(node.target, args, kwargs, out)
+                bwd = act = 0
+                fallbacks.append(node.name)
         env[node] = out
         in_tensors = _unique_tensors((args, kwargs))
+        reason = uncounted_reason(
+            target_name,
+            node.target,
+            int(fwd),
+            [*in_tensors, *(t for t in fn_args[2] if isinstance(t, torch.Tensor))],
+        )
+        if reason is not None:
+            self.uncounted.setdefault(target_name, []).append(node.name)
+            self.uncounted_reasons.setdefault(target_name, reason)
         out_bytes = sum(t.nbytes for t in _metas(out))
         # Views and asserts (`_assert_tensor_metadata`, no output) move no data.
         moved = (
@@ -395,7 +448,7 @@ class _Annotator:
             return _with_grad_flags(out, hit.rg_flags), hit
         needs_grad = any(isinstance(x, torch.Tensor) and x.requires_grad for x in (*flat, *extra_tensors))
         if not needs_grad:
-            with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            with torch.no_grad(), flop_counter() as fc:
                 out = fn(*args, **kwargs)
             cost = _OpCost(fwd=fc.get_total_flops(), rg_flags=tuple(False for _ in _tensor_leaves(out)))
             self.memo[key] = cost
@@ -435,7 +488,7 @@ class _Annotator:
         with (
             torch.enable_grad(),
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-            FlopCounterMode(display=False) as fc,
+            flop_counter() as fc,
         ):
             out = fn(*a2, **k2)
         fwd = fc.get_total_flops()
@@ -444,7 +497,7 @@ class _Annotator:
         grad_outs = [o for o in outs if o.requires_grad]
         cost = _OpCost(fwd=fwd, rg_flags=rg_flags)
         if grad_outs:
-            with FlopCounterMode(display=False) as fc2:
+            with flop_counter() as fc2:
                 torch.autograd.grad(
                     grad_outs,
                     leaves,
@@ -483,6 +536,126 @@ class _Annotator:
             plain = tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, out)
         return _with_grad_flags(plain, rg_flags), cost
 
+    # ------------------------------------------------------------------ data-dependent sizes
+    def _run_concrete(
+        self, node: fx.Node, fn: Callable[..., Any], args: Any, kwargs: Any
+    ) -> tuple[Any, int] | None:
+        """Run ``node`` on CPU values ([Note: data-dependent sizes]): its output as ``meta`` tensors and its
+        forward FLOPs, or ``None`` when its inputs cannot be had within the budget or the op fails on them
+        too (the caller then reports the meta failure)."""
+        try:
+            value, fwd = self._evaluate(node, count_flops=True)
+        except Exception:
+            return None
+        rg = any(isinstance(x, torch.Tensor) and x.requires_grad for x in tree_flatten((args, kwargs))[0])
+        out = tree_map(lambda x: _to_meta(x, requires_grad=rg) if isinstance(x, torch.Tensor) else x, value)
+        return out, fwd
+
+    def _weighty(self, node: fx.Node) -> bool:
+        """Whether ``node``'s floating output derives from a ``meta`` model's weights or floating
+        activations through floating ops (then only a sample of it can be had)."""
+        hit = self.concrete.get(node)
+        if hit is not None:
+            return hit[1]
+        flags = self.weighty_flags
+        for n in self.gm.graph.nodes:  # topological order; flags filled once per node
+            if n in flags:
+                if n is node:
+                    break
+                continue
+            if n not in self.env:
+                break
+            floating = _has_float(self.env[n])
+            if n.op == "placeholder":
+                flags[n] = floating and not _all_real(self.inputs[n])
+            elif n.op == "get_attr":
+                flags[n] = floating and not _all_real(self._original_attr(n))
+            else:
+                flags[n] = floating and any(flags.get(m, False) for m in n.all_input_nodes)
+            if n is node:
+                break
+        return flags.get(node, False)
+
+    def _original_attr(self, node: fx.Node) -> Any:
+        fqn = self.attr_fqn[node]
+        return self.params.get(fqn, self.buffers.get(fqn, _fetch_attr(self.gm, fqn)))
+
+    def _evaluate(self, target: fx.Node, *, count_flops: bool = False) -> tuple[Any, int]:
+        """CPU value of ``target``: the nodes it needs are found walking back from it (stopping at sampled
+        and already known values), then evaluated in graph order. Returns the value and, with
+        ``count_flops``, the FLOPs of ``target`` itself."""
+        needed: set[fx.Node] = set()
+        stack = [target]
+        while stack:
+            n = stack.pop()
+            if n in needed or n in self.concrete:
+                continue
+            needed.add(n)
+            if n is not target and (n.op in ("placeholder", "get_attr") or self._sampled(n)):
+                continue
+            stack.extend(n.all_input_nodes)
+        fwd = 0
+        for n in self.gm.graph.nodes:  # graph order is a topological order
+            if n not in needed:
+                continue
+            weighty = self._weighty(n)
+            if n.op == "placeholder":
+                v = self.inputs[n]
+                value = _detached(v) if not weighty and _all_real(v) else self._sample(self.env[n])
+            elif n.op == "get_attr":
+                orig = self._original_attr(n)
+                value = _detached(orig) if not weighty and _all_real(orig) else self._sample(self.env[n])
+            elif n is not target and self._sampled(n):
+                value = self._sample(self.env[n])
+            else:
+                a = fx.node.map_arg(n.args, lambda m: self.concrete[m][0])
+                k = fx.node.map_arg(n.kwargs, lambda m: self.concrete[m][0])
+                a, k = tree_map(_cpu_device, (a, k))
+                with torch.device("cpu"), torch.no_grad(), flop_counter() as fc:
+                    value = self._cpu_fn(n)(*a, **k)
+                if n is target and count_flops:
+                    fwd = fc.get_total_flops()
+                self._spend(value)
+            self.concrete[n] = (value, weighty)
+        return self.concrete[target][0], fwd
+
+    def _sampled(self, node: fx.Node) -> bool:
+        """A node whose value is sampled rather than computed: all its outputs are floating and derive from
+        a meta model's weights (router logits, probabilities, hidden states)."""
+        return node in self.env and self._weighty(node) and _all_float(self.env[node])
+
+    def _cpu_fn(self, node: fx.Node) -> Callable[..., Any]:
+        if node.op == "call_module":
+            sub = self.gm.get_submodule(str(node.target))
+            if any(t.device.type == "meta" for t in [*sub.parameters(), *sub.buffers()]):
+                raise TraceError(f"module {node.target!r} has no weights to evaluate")
+            return sub
+        if node.op == "call_method":
+            method = str(node.target)
+            return lambda *a, **k: getattr(a[0], method)(*a[1:], **k)
+        assert callable(node.target)
+        return node.target
+
+    def _sample(self, meta: Any) -> Any:
+        """Standard-normal floats, zero integers and booleans, shaped like ``meta``."""
+
+        def one(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor):
+                return t
+            if t.dtype.is_floating_point:
+                v = torch.randn(tuple(t.shape), generator=self.gen, dtype=t.dtype, device=_CPU)
+            else:
+                v = torch.zeros(tuple(t.shape), dtype=t.dtype, device=_CPU)
+            self._spend(v)
+            return v
+
+        return tree_map(one, meta)
+
+    def _spend(self, value: Any) -> None:
+        self.concrete_budget -= sum(t.numel() for t in _tensor_leaves(value))
+        if self.concrete_budget < 0:
+            raise TraceError("data-dependent sizes need more CPU values than the budget allows")
+
     def _charge(self, t: Any) -> int:
         """Bytes of ``t``'s storage the first time any node saves it (later savers share it), else 0."""
         if not isinstance(t, torch.Tensor):
@@ -517,6 +690,54 @@ class _Annotator:
 
 
 _META = torch.device("meta")
+_CPU = torch.device("cpu")
+# Elements of CPU values [Note: data-dependent sizes] may create for one graph (~1 GiB of float32).
+_CONCRETE_BUDGET = 1 << 28
+
+
+def _cpu_device(x: Any) -> Any:
+    return _CPU if isinstance(x, torch.device) else x
+
+
+def _has_float(v: Any) -> bool:
+    return any(t.dtype.is_floating_point or t.dtype.is_complex for t in _tensor_leaves(v))
+
+
+def _all_float(v: Any) -> bool:
+    leaves = _tensor_leaves(v)
+    return bool(leaves) and all(t.dtype.is_floating_point or t.dtype.is_complex for t in leaves)
+
+
+def _all_real(v: Any) -> bool:
+    """No meta tensor in ``v`` (real values to compute with)."""
+    return all(t.device.type != "meta" for t in _tensor_leaves(v))
+
+
+def _detached(v: Any) -> Any:
+    return tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, v)
+
+
+def _has_unbacked(v: Any) -> bool:
+    """Whether export recorded ``v`` with a data-dependent size (an unbacked symbol such as ``u0``)."""
+    for x in tree_flatten(v)[0]:
+        if isinstance(x, torch.SymInt | torch.SymFloat | torch.SymBool):
+            return True
+        if isinstance(x, torch.Tensor) and any(not isinstance(s, int) for s in x.shape):
+            return True
+    return False
+
+
+def _formula_flops(target: Any, args: Any, kwargs: Any, out: Any) -> int:
+    """Forward FLOPs of an op from its shapes alone, where the counter has a formula for it (0 otherwise)."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return 0
+    formula = flop_counter().flop_registry.get(target.overloadpacket)
+    if formula is None:
+        return 0
+    try:
+        return int(formula(*args, out_val=out, **kwargs))
+    except Exception:  # a formula that does not fit the recorded arguments: count nothing rather than fail
+        return 0
 
 
 def _meta_device(x: Any) -> Any:

@@ -43,6 +43,8 @@ def summary_dict(graph: Any, *, out: str | None = None) -> dict[str, Any]:
         "min_cut_bytes": min(interior),
         "trace_seconds": meta.get("trace_seconds"),
         "structure_hash": graph.structure_hash,
+        "uncounted_flops": meta.get("uncounted_flops", {}),
+        "sampled_nodes": meta.get("sampled_nodes", 0),
         "out": out,
     }
 
@@ -99,6 +101,13 @@ def _print_summary(graph: Any, info: dict[str, Any], top: int) -> None:
         f"activations saved {format_bytes(info['activation_bytes'])}   "
         f"cut cost {format_bytes(info['min_cut_bytes'])} .. {format_bytes(info['max_cut_bytes'])}"
     )
+    for target, gap in info["uncounted_flops"].items():
+        console.print(f"  [yellow]warning[/yellow]: {gap['nodes']} node(s) of {target}: {gap['reason']}")
+    if info["sampled_nodes"]:
+        console.print(
+            f"  note: {info['sampled_nodes']} node(s) could not run on the meta device (data-dependent sizes, "
+            "e.g. expert routing) and were evaluated on sampled values (top-k routing: uniform random)"
+        )
     largest = sorted(graph.nodes, key=lambda n: n.output_bytes, reverse=True)[:top]
     t = Table(title=f"largest activations (top {len(largest)})")
     for col in ("node", "op", "module", "shape", "bytes"):
