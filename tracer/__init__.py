@@ -4,8 +4,9 @@
     >>> graph = trace("llama-7b", seq=2048)            # doctest: +SKIP  (meta device: no weights allocated)
 
 Parts: :mod:`~distplan.tracer.zoo` (model specs: built-in zoo, Hugging Face configs, factories),
-:mod:`~distplan.tracer.capture` (``torch.export`` / ``torch.fx``), :mod:`~distplan.tracer.annotate`
-(FLOPs, bytes, activation memory per node) and :mod:`~distplan.tracer.cli` (``distplan trace``,
+:mod:`~distplan.tracer.capture` (``torch.export`` / ``torch.fx``; refuses custom autograd Functions whose
+backward a graph cannot keep), :mod:`~distplan.tracer.annotate` (FLOPs, bytes, activation memory per node),
+:mod:`~distplan.tracer.flops` (FLOP formulas torch lacks: grouped expert matmuls and other contractions) and :mod:`~distplan.tracer.cli` (``distplan trace``,
 ``distplan models``).
 """
 
