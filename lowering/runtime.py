@@ -54,6 +54,7 @@ from distplan.lowering._model import (
 from distplan.lowering.batching import check_kwargs
 from distplan.lowering.effects import preserved_state
 from distplan.lowering.split import StageModule, split_graph
+from distplan.lowering.timing import RegionClock, StepTimes, step_times, timed_p2p_waits, timed_stage_class
 from distplan.plan import Plan
 
 __all__ = ["RankInfo", "Runner", "lower", "plan_layout"]
@@ -193,7 +194,9 @@ class Runner:
 
     ``step(inputs, targets)`` runs one training iteration's forward and backward over all microbatches,
     synchronises gradients (data-parallel replicas and tied parameters) and returns the loss on ranks that
-    run the last stage (``None`` elsewhere); ``optimizer_step()`` then applies the update.
+    run the last stage (``None`` elsewhere); ``optimizer_step()`` then applies the update; ``step_times()``
+    says what that iteration took on this rank (``distplan.lowering.timing``), to set beside the plan's
+    predictions.
     """
 
     def __init__(
@@ -210,6 +213,7 @@ class Runner:
         dp_group: Any,
         tied_groups: list[tuple[Any, list[str]]],
         mesh: Any,
+        clock: RegionClock | None = None,
     ) -> None:
         self.plan = plan
         self.rank_info = info
@@ -225,6 +229,8 @@ class Runner:
         self._local_batch = plan.num_microbatches * plan.microbatch_size
         self._device = torch.device(info.device)
         self._buffer_names = {id(b): n for n, b in source.module.named_buffers()}
+        self._clock = clock or RegionClock(self._device)
+        self._p2p_seen = False
 
     # ------------------------------------------------------------------ parameters
     def stage_parameters(self) -> dict[str, nn.Parameter]:
@@ -293,6 +299,11 @@ class Runner:
             LoweringError: inputs or targets missing on a rank that needs them, a batch of the wrong size, a
                 keyword input with a batch dimension left out, unknown keyword names.
         """
+        self._clock.reset()
+        with self._clock.region("step"):
+            return self._step(inputs, targets, kwargs)
+
+    def _step(self, inputs: Any, targets: Any, kwargs: dict[str, Any] | None) -> float | None:
         self.zero_grad()
         last = self.plan.num_stages - 1
         holds_last = last in self.rank_info.stages
@@ -314,8 +325,10 @@ class Runner:
             if targets is None:
                 raise LoweringError(f"rank {self.rank_info.rank} runs the last stage and needs the targets")
             kw = {"target": self._local(targets, "the target"), "losses": losses}
-        self.schedule.step(*args, **kw)
-        self._sync_gradients()
+        with timed_p2p_waits(self._clock) as self._p2p_seen:
+            self.schedule.step(*args, **kw)
+        with self._clock.region("allreduce"):
+            self._sync_gradients()
         if not holds_last:
             return None
         loss = torch.stack([x.detach().float() for x in losses]).mean()
@@ -358,7 +371,20 @@ class Runner:
     def optimizer_step(self) -> None:
         """Apply the optimizer to this rank's parameters (after :meth:`step`); nothing when it holds none."""
         if self.optimizer is not None:
-            self.optimizer.step()
+            with self._clock.region("optimizer"):
+                self.optimizer.step()
+
+    def step_times(self) -> StepTimes:
+        """What the last iteration took on this rank (:class:`~distplan.lowering.timing.StepTimes`): the
+        forward and backward of every microbatch per stage, loss, transfer waits, all-reduces, optimizer
+        and the whole iteration, :meth:`step` through :meth:`optimizer_step`. On CUDA this waits for the
+        GPU to finish the iteration."""
+        return step_times(
+            self._clock.read(),
+            rank=self.rank_info.rank,
+            stages=self.rank_info.stages,
+            p2p_seen=self._p2p_seen,
+        )
 
     def train_step(
         self, inputs: Any = None, targets: Any = None, kwargs: dict[str, Any] | None = None
@@ -598,9 +624,9 @@ def lower(
         if rank in ranks_r:
             tied_groups.append((g, names))
 
-    # ---- this rank's stages
-    from torch.distributed.pipelining import PipelineStage
-
+    # ---- this rank's stages, timed per microbatch (see [Note: how regions are timed] in lowering.timing)
+    stage_cls = timed_stage_class()
+    clock = RegionClock(dev)
     mine = [all_stages[s] for s in my_stages]
     pstages = []
     for st in mine:
@@ -608,14 +634,22 @@ def lower(
         static: dict[str, Any] = {}
         if st.input_examples is not None and st.output_examples is not None:
             static = {"input_args": st.input_examples, "output_args": st.output_examples}
-        pstages.append(PipelineStage(st.module, st.index, plan.num_stages, dev, group=pp_group, **static))
+        ps = stage_cls(st.module, st.index, plan.num_stages, dev, group=pp_group, **static)
+        ps.clock = clock
+        pstages.append(ps)
     if layout.dp > 1:
         # Replicas start from replica 0's weights, as DDP does.
         src = tr[layout.stage_ranks[my_stages[0]][0]]
         for st in mine:
             for t in list(st.module.parameters()) + list(st.module.buffers()):
                 dist.broadcast(t.data, src=src, group=dp_group)
-    schedule = _make_schedule(plan, pstages, source.loss, batched=captured.batched)
+    loss_fn = source.loss
+
+    def timed_loss(*a: Any, **k: Any) -> torch.Tensor:
+        with clock.region("loss"):
+            return loss_fn(*a, **k)
+
+    schedule = _make_schedule(plan, pstages, timed_loss, batched=captured.batched)
 
     params = list(dict.fromkeys(p for st in mine for p in st.module.parameters()))
     name = None if callable(optimizer) else (optimizer or plan.request.optimizer)
@@ -647,6 +681,7 @@ def lower(
         dp_group=dp_group,
         tied_groups=tied_groups,
         mesh=mesh,
+        clock=clock,
     )
 
 
