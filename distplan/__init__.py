@@ -14,8 +14,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from distplan.calibration import Calibration
 from distplan.cluster import Cluster, Device, DeviceKind, Host, Link
 from distplan.errors import (
+    CalibrationError,
     DistplanError,
     GraphError,
     InfeasiblePlanError,
@@ -39,9 +41,12 @@ _LAZY = {
     "simulate": ("distplan.planner", "simulate"),
     "lower": ("distplan.lowering", "lower"),
     "validate": ("distplan.lowering", "validate"),
+    "profile": ("distplan.profiler", "profile"),
 }
 
 __all__ = [
+    "Calibration",
+    "CalibrationError",
     "Cluster",
     "Device",
     "DeviceKind",
@@ -72,6 +77,7 @@ __all__ = [
     "load_cluster",
     "lower",
     "plan",
+    "profile",
     "simulate",
     "trace",
     "validate",

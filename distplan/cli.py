@@ -36,9 +36,11 @@ _COMMAND_MODULES = (
     "distplan.tracer.cli",
     "distplan.planner.cli",
     "distplan.lowering.cli",
+    "distplan.profiler.cli",
     "distplan.service.cli",
     "distplan.presentation.report_cli",
     "distplan.presentation.demo_cli",
+    "distplan.scheduler.cli",
 )
 
 _registered = False

@@ -8,6 +8,7 @@ unless ``--debug``) and the service maps each class to one HTTP status in one pl
 from __future__ import annotations
 
 __all__ = [
+    "CalibrationError",
     "DistplanError",
     "GraphError",
     "InfeasiblePlanError",
@@ -26,6 +27,11 @@ class DistplanError(Exception):
 
 class ProfileError(DistplanError, ValueError):
     """A device kind or cluster description is malformed or inconsistent (names file, field and value)."""
+
+
+class CalibrationError(ProfileError):
+    """A calibration file (``distplan profile``) is malformed or does not fit the cluster it is given to
+    (names the file and the field)."""
 
 
 class ModelSpecError(DistplanError, ValueError):

@@ -1,0 +1,488 @@
+"""Measure one device's compute: the curves of a :class:`~distplan.calibration.DeviceCalibration`.
+
+Every time comes from ``torch.utils.benchmark.Timer.blocked_autorange`` (warm-up, then blocks of calls
+for at least the mode's ``min_run_time``, median of the blocks; it synchronises CUDA around each block).
+Each op runs as in training: inputs and weights require grad, so the forward records the autograd graph;
+the backward is timed on its own by re-running ``torch.autograd.backward(out, grad, retain_graph=True)``,
+which accumulates into the leaves' ``.grad`` as every microbatch after the first does.
+
+Sizes are computed as the tracer counts them (``distplan.tracer.annotate``), so a curve's key is the
+number a graph node carries: forward FLOPs ``2 T K N`` of a linear and ``4 B H S^2 D`` of attention,
+bytes moved = distinct inputs (weights included) + outputs. Memory-bound ops are timed in short chains
+(``CHAIN`` ops from one leaf) and divided, so the single gradient accumulation into the leaf is shared as
+it is in a real graph, where most ops feed other ops rather than leaves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+from distplan.calibration import Curve, DeviceCalibration, OpTimes
+from distplan.errors import CalibrationError
+
+from .budget import Budget
+
+__all__ = ["CHAIN", "Progress", "attention_kernel", "measure_device", "precisions_for"]
+
+#: Memory-bound ops per timed chain.
+CHAIN = 4
+#: Progress callback: (what is being measured, steps done, steps in all).
+Progress = Callable[[str, int, int], None]
+
+
+def _median_s(fn: Callable[[], Any], budget: Budget) -> float:
+    """Median seconds of one call of ``fn`` (torch.utils.benchmark: warm-up, blocks, median)."""
+    fn()  # warm-up outside the timer too: first calls allocate and pick kernels
+    m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=budget.min_run_time_s)
+    return float(m.median)
+
+
+def _geometric(lo: float, hi: float, per_decade: float) -> list[float]:
+    n = max(1, math.ceil(math.log10(hi / lo) * per_decade))
+    return [lo * (hi / lo) ** (i / n) for i in range(n + 1)]
+
+
+def _curve(points: Sequence[tuple[float, float]]) -> Curve:
+    """A curve from (size, seconds) points: sizes deduplicated and sorted, seconds made non-decreasing
+    (a larger op never takes less time; a dip is noise)."""
+    by_size: dict[float, list[float]] = {}
+    for x, t in points:
+        by_size.setdefault(float(x), []).append(t)
+    xs = sorted(by_size)
+    ts: list[float] = []
+    for x in xs:
+        v = sorted(by_size[x])[len(by_size[x]) // 2]
+        ts.append(max(v, ts[-1]) if ts else v)
+    return Curve(tuple(xs), tuple(max(t, 1e-9) for t in ts))
+
+
+def precisions_for(device: torch.device) -> tuple[str, ...]:
+    """The matmul precisions this device runs natively (fp32 always; TF32 on CUDA compute capability 8+;
+    bf16 where supported; fp16 on CUDA)."""
+    if device.type != "cuda":
+        return ("fp32",)
+    out = ["fp32"]
+    major, _ = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        out.append("tf32")
+    if torch.cuda.is_bf16_supported():
+        out.append("bf16")
+    out.append("fp16")
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """Run matmuls at ``precision`` as the lowering does: fp32 strict (``highest``), tf32 (``high``), or
+    bf16/fp16 autocast; restores the previous setting."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    try:
+        if precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            with torch.autocast(device_type=device.type, dtype=dtype):
+                yield
+        else:
+            yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def attention_kernel(device: torch.device, precision: str = "fp32") -> str:
+    """Which scaled-dot-product-attention kernel torch picks here for a causal, dropout-free call."""
+    from torch.nn.attention import SDPBackend
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    q = torch.randn(1, 4, 64, 64, device=device, dtype=dtype)
+    choice = int(torch._fused_sdp_choice(q, q, q, is_causal=True))
+    names = {
+        SDPBackend.FLASH_ATTENTION.value: "flash",
+        SDPBackend.EFFICIENT_ATTENTION.value: "efficient",
+        SDPBackend.CUDNN_ATTENTION.value: "cudnn",
+    }
+    return names.get(choice, "math")
+
+
+def _fwd_bwd(
+    fwd: Callable[[], torch.Tensor],
+    budget: Budget,
+    ctx: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    per: int = 1,
+) -> tuple[float, float]:
+    """Forward and backward seconds of the op(s) ``fwd`` runs, divided by the ``per`` ops it chains."""
+    with ctx():
+        tf = _median_s(fwd, budget)
+        out = fwd()
+    grad = torch.ones_like(out)
+
+    def bwd() -> None:
+        torch.autograd.backward(out, grad, retain_graph=True)
+
+    tb = _median_s(bwd, budget)
+    return tf / per, tb / per
+
+
+# ---------------------------------------------------------------------------------------------- classes
+def _matmul(device: torch.device, precision: str, budget: Budget, tick: Callable[[], None]) -> OpTimes:
+    fwd_pts, bwd_pts = [], []
+    prec = functools.partial(matmul_precision, precision, device)
+    for target in _geometric(1e4, 1e14, budget.points_per_decade):
+        # A linear of T = 2h tokens from width h to 3h: 2 T K N = 12 h^3 FLOPs (a transformer's matmuls
+        # range from h -> h to h -> 4h on T = batch x sequence tokens).
+        h = max(4, round((target / 12) ** (1 / 3) / 4) * 4)
+        t, k, n = 2 * h, h, 3 * h
+        x = torch.randn(t, k, device=device, requires_grad=True)
+        w = torch.randn(n, k, device=device, requires_grad=True)
+        tf, tb = _fwd_bwd(functools.partial(F.linear, x, w), budget, prec)
+        flops = 2.0 * t * k * n
+        fwd_pts.append((flops, tf))
+        bwd_pts.append((flops, tb))
+        tick()
+        if tf > budget.max_op_s:
+            break
+    return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
+
+
+def _attention(device: torch.device, precision: str, budget: Budget, tick: Callable[[], None]) -> OpTimes:
+    fwd_pts, bwd_pts = [], []
+    prec = functools.partial(matmul_precision, precision, device)
+    heads, dim = 4, 32
+    lengths = sorted({max(8, round(x / 8) * 8) for x in _geometric(8, 16384, budget.points_per_decade)})
+    for s in lengths:
+        q, k, v = (torch.randn(1, heads, s, dim, device=device, requires_grad=True) for _ in range(3))
+        sdpa = functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
+        tf, tb = _fwd_bwd(sdpa, budget, prec)
+        flops = 4.0 * heads * s * s * dim  # torch's FlopCounter formula for SDPA's forward (QK^T and PV)
+        fwd_pts.append((flops, tf))
+        bwd_pts.append((flops, tb))
+        tick()
+        if tf > budget.max_op_s:
+            break
+    return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
+
+
+def _shape(n: int) -> tuple[int, int]:
+    """A (rows, width) shape of about ``n`` elements, width as in a hidden dimension."""
+    width = 64 if n < 4096 else 256 if n < 1 << 20 else 1024
+    return max(1, n // width), width
+
+
+def _add(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return x + c
+
+
+def _mul(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return x * c
+
+
+def _gelu(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x)
+
+
+def _silu(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return F.silu(x)
+
+
+_ELEMENTWISE: tuple[tuple[str, int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], ...] = (
+    # name, bytes per element moved (fp32: inputs + output), op(x, constant)
+    ("add", 12, _add),
+    ("mul", 12, _mul),
+    ("gelu", 8, _gelu),
+    ("silu", 8, _silu),
+)
+
+
+def _memory_class(
+    device: torch.device,
+    budget: Budget,
+    tick: Callable[[], None],
+    ops: Sequence[
+        tuple[str, Callable[[int], tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], float]]]
+    ],
+) -> OpTimes:
+    """Curves of memory-bound ops against bytes moved, the geometric mean over ``ops`` at each size.
+
+    Each entry of ``ops`` maps a byte budget to (leaf input x, op(x), bytes one op moves); the op's own
+    weights, if any, are leaves that require grad."""
+    fwd_pts, bwd_pts = [], []
+    for target in _geometric(64, 1e11, budget.points_per_decade):
+        tfs, tbs, sizes = [], [], []
+        for _, build in ops:
+            x, op, nbytes = build(int(target))
+            tf, tb = _fwd_bwd(functools.partial(_chain, op, x), budget, per=CHAIN)
+            tfs.append(tf)
+            tbs.append(tb)
+            sizes.append(nbytes)
+        size = math.exp(sum(map(math.log, sizes)) / len(sizes))
+        fwd_pts.append((size, math.exp(sum(map(math.log, tfs)) / len(tfs))))
+        bwd_pts.append((size, math.exp(sum(map(math.log, tbs)) / len(tbs))))
+        tick()
+        if max(tfs) > budget.max_op_s:
+            break
+    return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
+
+
+def _chain(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    y = x
+    for _ in range(CHAIN):
+        y = op(y)
+    return y
+
+
+_Build = Callable[[int], tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], float]]
+
+
+def _elementwise_ops(device: torch.device) -> list[tuple[str, _Build]]:
+    out: list[tuple[str, _Build]] = []
+    for name, per_elem, fn in _ELEMENTWISE:
+
+        def build(nbytes: int, per_elem: int = per_elem, fn: Any = fn) -> Any:
+            rows, width = _shape(max(1, nbytes // per_elem))
+            x = torch.randn(rows, width, device=device, requires_grad=True)
+            c = torch.full((rows, width), 1.0001, device=device)
+            return x, functools.partial(fn, c=c), float(per_elem * rows * width)
+
+        out.append((name, build))
+    return out
+
+
+def _norm_ops(device: torch.device) -> list[tuple[str, _Build]]:
+    def layer_norm(nbytes: int) -> Any:
+        rows, width = _shape(max(1, nbytes // 8))
+        x = torch.randn(rows, width, device=device, requires_grad=True)
+        w = torch.ones(width, device=device, requires_grad=True)
+        b = torch.zeros(width, device=device, requires_grad=True)
+        op = functools.partial(F.layer_norm, normalized_shape=(width,), weight=w, bias=b)
+        return x, op, float(8 * rows * width + 8 * width)
+
+    def softmax(nbytes: int) -> Any:
+        rows, width = _shape(max(1, nbytes // 8))
+        x = torch.randn(rows, width, device=device, requires_grad=True)
+        return x, functools.partial(torch.softmax, dim=-1), float(8 * rows * width)
+
+    return [("layer_norm", layer_norm), ("softmax", softmax)]
+
+
+def _embedding(device: torch.device, budget: Budget, tick: Callable[[], None]) -> OpTimes:
+    """Embedding: the forward reads only the gathered rows (keyed by output bytes); the backward writes a
+    dense gradient as large as the table (keyed by bytes moved, the table included, as the tracer counts)."""
+    fwd_pts, bwd_pts = [], []
+    dim = 64
+    for target in _geometric(256, 1e10, budget.points_per_decade):
+        tokens = max(1, int(target) // (4 * dim))
+        vocab = 16 * tokens
+        w = torch.randn(vocab, dim, device=device, requires_grad=True)
+        idx = torch.randint(0, vocab, (1, tokens), device=device)
+        tf, tb = _fwd_bwd(functools.partial(F.embedding, idx, w), budget)
+        out_bytes = 4.0 * tokens * dim
+        fwd_pts.append((out_bytes, tf))
+        bwd_pts.append((4.0 * vocab * dim + 8.0 * tokens + out_bytes, tb))
+        tick()
+        if max(tf, tb) > budget.max_op_s:
+            break
+    return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
+
+
+def _view(device: torch.device, budget: Budget) -> OpTimes:
+    """The fixed cost of an op that moves no bytes (view, transpose): a chain of them, divided."""
+    x = torch.randn(4, 8, device=device, requires_grad=True)
+
+    def views(y: torch.Tensor) -> torch.Tensor:
+        return y.view(8, 4).view(4, 8).transpose(0, 1).transpose(0, 1)
+
+    tf, tb = _fwd_bwd(functools.partial(_chain, views, x), budget, per=4 * CHAIN)
+    return OpTimes(Curve((1.0,), (tf,)), Curve((1.0,), (tb,)))
+
+
+def _optimizer(device: torch.device, name: str, budget: Budget, tick: Callable[[], None]) -> Curve:
+    """Seconds of one optimizer step per parameter tensor, against the tensor's bytes (8 equal tensors,
+    stepped together as the runtime steps a stage's parameters, divided)."""
+    pts = []
+    count = 8
+    for target in _geometric(64, 4e9, budget.points_per_decade):
+        n = max(1, int(target) // 4)
+        params = [torch.nn.Parameter(torch.randn(n, device=device)) for _ in range(count)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt: torch.optim.Optimizer
+        if name == "sgd":
+            opt = torch.optim.SGD(params, lr=1e-3)
+        elif name == "adamw":
+            opt = torch.optim.AdamW(params, lr=1e-3)
+        else:
+            opt = torch.optim.Adam(params, lr=1e-3)
+        t = _median_s(opt.step, budget) / count
+        pts.append((4.0 * n, t))
+        tick()
+        if t * count > budget.max_op_s:
+            break
+    return _curve(pts)
+
+
+def _microbatch_overhead(device: torch.device, budget: Budget) -> tuple[float, float]:
+    """The pipeline runtime's own cost per microbatch on one stage, forward and backward.
+
+    A one-stage ``torch.distributed.pipelining`` schedule over a tiny module runs 1 and 8 microbatches,
+    forward only (``eval``) and forward + backward (``step``); the slope per microbatch minus the module's
+    and the loss's own op times is what the schedule adds (chunking, stage bookkeeping, autograd set-up).
+    Needs a process group of one rank; when this process already belongs to a larger group it is skipped.
+    """
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        created = True
+    elif dist.get_world_size() != 1:
+        return 0.0, 0.0
+    try:
+        mod = torch.nn.Linear(8, 8).to(device)
+
+        def loss_fn(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return F.mse_loss(y, t)
+
+        def per_microbatch(forward_only: bool) -> float:
+            times = []
+            for m in (1, 8):
+                stage = PipelineStage(mod, 0, 1, device)
+                sched = ScheduleGPipe(stage, n_microbatches=m, loss_fn=loss_fn)
+                x = torch.randn(m, 8, device=device)
+                y = torch.randn(m, 8, device=device)
+                run = sched.eval if forward_only else sched.step
+
+                def call(run: Any = run, x: torch.Tensor = x, y: torch.Tensor = y) -> None:
+                    run(x, target=y, losses=[])
+
+                times.append(_median_s(call, budget))
+            return (times[1] - times[0]) / 7
+
+        fwd_total = per_microbatch(True)
+        both_total = per_microbatch(False)
+        # The module's and the loss's own ops, timed outside the schedule.
+        x = torch.randn(1, 8, device=device)
+        y = torch.randn(1, 8, device=device)
+        f_ops, b_ops = _fwd_bwd(lambda: loss_fn(mod(x), y), budget)
+        fwd = max(0.0, fwd_total - f_ops)
+        bwd = max(0.0, both_total - fwd_total - b_ops)
+        return fwd, bwd
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- device
+def measure_device(
+    *,
+    device: str,
+    budget: Budget,
+    precisions: Sequence[str] | None = None,
+    threads: int | None = None,
+    optimizers: Sequence[str] = ("adam", "adamw", "sgd"),
+    progress: Progress | None = None,
+    source: str = "",
+) -> DeviceCalibration:
+    """Measure this machine's ``device`` (``cpu``, ``cuda`` or ``cuda:N``) for the cost model.
+
+    Args:
+        device: the torch device to measure.
+        budget: the mode (:data:`distplan.profiler.budget.MODES`).
+        precisions: matmul precisions to measure; default the device's native ones (:func:`precisions_for`).
+        threads: CPU compute threads (``torch.set_num_threads``) while measuring; default 1 on a CPU device,
+            as each CPU rank of a distplan run computes on one core, and torch's current setting on CUDA.
+        optimizers: optimizers whose per-tensor step is measured.
+        progress: called with (what, done, total) as measurements finish.
+        source: provenance written into the result.
+
+    Returns:
+        The :class:`DeviceCalibration`.
+
+    Raises:
+        CalibrationError: an unknown device or a precision the device cannot run.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise CalibrationError(f"device {device!r} is not a torch device: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CalibrationError("device 'cuda' asked for, but torch sees no CUDA device here")
+    if dev.type not in ("cpu", "cuda"):
+        raise CalibrationError(f"device {device!r}: distplan profile measures cpu and cuda devices")
+    native = precisions_for(dev)
+    precs = tuple(precisions) if precisions else native
+    for p in precs:
+        if p not in native:
+            raise CalibrationError(
+                f"precision {p!r} cannot run on {dev.type} here (native: {', '.join(native)})"
+            )
+    old_threads = torch.get_num_threads()
+    if threads is None:
+        threads = 1 if dev.type == "cpu" else old_threads
+    if threads < 1:
+        raise CalibrationError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    steps = {"n": 0}
+    per_curve = max(2, math.ceil(10 * budget.points_per_decade))
+    total = per_curve * (2 * len(precs) + 3 + len(optimizers)) + 2
+
+    def ticker(what: str) -> Callable[[], None]:
+        def tick() -> None:
+            steps["n"] = min(steps["n"] + 1, total - 1)
+            if progress is not None:
+                progress(what, steps["n"], total)
+
+        return tick
+
+    try:
+        torch.manual_seed(0)
+        with torch.random.fork_rng(devices=[]):
+            matmul = {p: _matmul(dev, p, budget, ticker(f"matmul {p}")) for p in precs}
+            attention = {p: _attention(dev, p, budget, ticker(f"attention {p}")) for p in precs}
+            ops = {
+                "elementwise": _memory_class(dev, budget, ticker("elementwise"), _elementwise_ops(dev)),
+                "norm": _memory_class(dev, budget, ticker("norm"), _norm_ops(dev)),
+                "embedding": _embedding(dev, budget, ticker("embedding")),
+                "view": _view(dev, budget),
+            }
+            opt = {name: _optimizer(dev, name, budget, ticker(f"optimizer {name}")) for name in optimizers}
+            ticker("pipeline overhead")()
+            mb_f, mb_b = _microbatch_overhead(dev, budget)
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+        kernel = attention_kernel(dev, precs[0])
+        if progress is not None:
+            progress("done", total, total)
+        return DeviceCalibration(
+            ops=ops,
+            matmul=matmul,
+            attention=attention,
+            attention_kernel=kernel,
+            microbatch_fwd_s=mb_f,
+            microbatch_bwd_s=mb_b,
+            optimizer=opt,
+            threads=threads,
+            device_name=name,
+            source=source,
+        )
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
