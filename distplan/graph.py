@@ -10,6 +10,16 @@ stage covers a half-open range of positions ``[start, end)``. ``OpGraph.cut_cost
 bytes of every value defined before ``p`` and used at or after ``p`` (skip connections included); graph
 outputs count as used at ``len(nodes)``. Parameters are not values here: they live with the stage that
 owns them and never cross a cut.
+
+[Note: shared parameters]
+A parameter read by several nodes (a tied input embedding and output projection, a layer applied twice) is
+held by *every* pipeline stage that runs one of those nodes: each holder keeps its weights, gradient and
+optimizer state, and the holders sum their gradients after the backward (the lowering's "embedding group",
+see ``distplan.lowering.runtime``). ``OpNode.param_bytes`` charges each parameter once, to its first reader,
+so that the nodes sum to the model; ``OpGraph.param_sizes`` gives the size of every named parameter, so the
+planner can charge the other holders too (:meth:`OpGraph.shared_params`). Schema 1 graphs and hand-built
+graphs may lack the table (``param_sizes`` is None): then a name read at several positions cannot be priced
+and the planner says so in its report (:meth:`OpGraph.unsized_shared_names`).
 """
 
 from __future__ import annotations
@@ -23,9 +33,12 @@ from typing import Any
 from distplan._serde import canonical_hash, get_int, get_list, get_map, get_str, load_json, read_json_file
 from distplan.errors import GraphError
 
-__all__ = ["GRAPH_SCHEMA_VERSION", "OpGraph", "OpNode", "TensorMeta"]
+__all__ = ["GRAPH_SCHEMA_VERSION", "READABLE_GRAPH_SCHEMAS", "OpGraph", "OpNode", "SharedParam", "TensorMeta"]
 
-GRAPH_SCHEMA_VERSION = 1
+#: Version 2 added ``param_sizes`` (see [Note: shared parameters]).
+GRAPH_SCHEMA_VERSION = 2
+#: Versions :meth:`OpGraph.from_dict` reads; a version 1 document loads with ``param_sizes = None``.
+READABLE_GRAPH_SCHEMAS = (1, 2)
 
 DTYPE_BYTES: dict[str, int] = {
     "float64": 8,
@@ -161,6 +174,22 @@ class OpNode:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedParam:
+    """Named parameters read at several node positions (see [Note: shared parameters]).
+
+    Attributes:
+        names: FQNs of the parameters (those read at exactly the same positions are grouped).
+        nbytes: their bytes together, as traced (``param_dtype``).
+        positions: the sorted node positions reading them (at least two); ``positions[0]``, the first
+            reader, carries their bytes in ``OpNode.param_bytes``.
+    """
+
+    names: tuple[str, ...]
+    nbytes: int
+    positions: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class OpGraph:
     """A traced model: nodes in topological order plus totals.
 
@@ -172,6 +201,9 @@ class OpGraph:
         param_bytes: parameter bytes (tied weights once); equals the sum of ``node.param_bytes``.
         param_dtype: dtype of the parameters as traced.
         meta: free-form facts about the trace (batch, seq, tracer, model spec, seconds); strings and numbers.
+        param_sizes: bytes of each trainable parameter by the FQN the nodes' ``params`` use (a tied parameter
+            once, under one name); parameters not listed are private to the node carrying their bytes. None
+            when the producer did not record it (schema 1, hand-built graphs). See [Note: shared parameters].
     """
 
     name: str
@@ -181,12 +213,14 @@ class OpGraph:
     param_bytes: int = 0
     param_dtype: str = "float32"
     meta: Mapping[str, Any] = field(default_factory=dict)
+    param_sizes: Mapping[str, int] | None = None
     schema_version: int = GRAPH_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         if self.schema_version != GRAPH_SCHEMA_VERSION:
             raise GraphError(
-                f"graph schema_version {self.schema_version} is not supported (this distplan reads {GRAPH_SCHEMA_VERSION})"
+                f"graph schema_version {self.schema_version} is not supported in memory (this distplan builds "
+                f"{GRAPH_SCHEMA_VERSION}; older documents are upgraded by from_dict)"
             )
         if self.num_params < 0 or self.param_bytes < 0:
             raise GraphError(
@@ -218,6 +252,40 @@ class OpGraph:
         if total != self.param_bytes:
             raise GraphError(
                 f"sum of node param_bytes is {total} but the graph declares param_bytes={self.param_bytes}"
+            )
+        if self.param_sizes is not None:
+            self._lint_param_sizes(self.param_sizes)
+
+    def _lint_param_sizes(self, sizes: Mapping[str, int]) -> None:
+        # The first reader of a named parameter carries its bytes (see [Note: shared parameters]): the
+        # planner prices the other holders on top of the node prefix sums, so a table that disagrees with
+        # the nodes would count a parameter twice or not at all.
+        for name, b in sizes.items():
+            if not name or isinstance(b, bool) or not isinstance(b, int) or b < 0:
+                raise GraphError(
+                    f"param_sizes[{name!r}]: expected a non-empty name and bytes >= 0, got {b!r}"
+                )
+        first: dict[str, int] = {}
+        for i, n in enumerate(self.nodes):
+            for p in n.params:
+                if p in sizes:
+                    first.setdefault(p, i)
+        carried = [0] * len(self.nodes)
+        for p, i in first.items():
+            carried[i] += sizes[p]
+        for i, b in enumerate(carried):
+            if b > self.nodes[i].param_bytes:
+                names = sorted(p for p, j in first.items() if j == i)
+                raise GraphError(
+                    f"node {i} {self.nodes[i].name!r} is the first reader of {', '.join(names)} "
+                    f"({b} bytes by param_sizes) but carries param_bytes={self.nodes[i].param_bytes} "
+                    f"({b - self.nodes[i].param_bytes} bytes missing)"
+                )
+        listed = sum(sizes.values())
+        if listed > self.param_bytes:
+            raise GraphError(
+                f"param_sizes add up to {listed} bytes, more than the graph's param_bytes={self.param_bytes} "
+                f"(by {listed - self.param_bytes})"
             )
 
     # ------------------------------------------------------------------ derived
@@ -269,6 +337,37 @@ class OpGraph:
             out.append(acc)
         return tuple(out)
 
+    def param_readers(self) -> dict[str, tuple[int, ...]]:
+        """Every FQN in some node's ``params`` -> the sorted positions of the nodes reading it."""
+        out: dict[str, list[int]] = {}
+        for i, n in enumerate(self.nodes):
+            for p in n.params:
+                pos = out.setdefault(p, [])
+                if not pos or pos[-1] != i:
+                    pos.append(i)
+        return {p: tuple(v) for p, v in out.items()}
+
+    def shared_params(self) -> tuple[SharedParam, ...]:
+        """The named parameters (``param_sizes``) read at two positions or more, grouped by those positions,
+        in order of position (see [Note: shared parameters]); empty without a table."""
+        if not self.param_sizes:
+            return ()
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for p, pos in self.param_readers().items():
+            if p in self.param_sizes and len(pos) > 1:
+                groups.setdefault(pos, []).append(p)
+        return tuple(
+            SharedParam(tuple(sorted(names)), sum(self.param_sizes[n] for n in names), pos)
+            for pos, names in sorted(groups.items())
+        )
+
+    def unsized_shared_names(self) -> tuple[str, ...]:
+        """Names read at two positions or more whose size the graph does not give (only when
+        ``param_sizes`` is None): parameters or buffers the planner cannot charge to every holder."""
+        if self.param_sizes is not None:
+            return ()
+        return tuple(sorted(p for p, pos in self.param_readers().items() if len(pos) > 1))
+
     def crossing_values(self, position: int) -> list[str]:
         """Names of the nodes whose values cross a cut at ``position``."""
         return [self.nodes[i].name for i, last in enumerate(self.last_uses()) if i < position <= last]
@@ -296,6 +395,7 @@ class OpGraph:
             "param_dtype": self.param_dtype,
             "outputs": list(self.outputs),
             "meta": dict(self.meta),
+            **({} if self.param_sizes is None else {"param_sizes": dict(sorted(self.param_sizes.items()))}),
             "nodes": [n.to_dict() for n in self.nodes],
         }
 
@@ -303,10 +403,19 @@ class OpGraph:
     def from_dict(cls, d: Any) -> OpGraph:
         m = get_map(d, "graph", GraphError)
         version = get_int(m, "schema_version", "graph", GraphError)
-        if version != GRAPH_SCHEMA_VERSION:
+        if version not in READABLE_GRAPH_SCHEMAS:
             raise GraphError(
-                f"graph.schema_version: {version} is not supported (this distplan reads {GRAPH_SCHEMA_VERSION})"
+                f"graph.schema_version: {version} is not supported (this distplan reads "
+                f"{' and '.join(str(v) for v in READABLE_GRAPH_SCHEMAS)})"
             )
+        sizes: dict[str, int] | None = None
+        if version >= 2 and m.get("param_sizes") is not None:
+            raw = get_map(m["param_sizes"], "graph.param_sizes", GraphError)
+            sizes = {}
+            for k, v in raw.items():
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise GraphError(f"graph.param_sizes[{k!r}]: expected an integer >= 0, got {v!r}")
+                sizes[str(k)] = v
         nodes = get_list(m, "nodes", "graph", GraphError)
         outputs = get_list(m, "outputs", "graph", GraphError, [])
         for i, o in enumerate(outputs):
@@ -321,6 +430,7 @@ class OpGraph:
             param_bytes=get_int(m, "param_bytes", "graph", GraphError, 0),
             param_dtype=get_str(m, "param_dtype", "graph", GraphError, "float32"),
             meta=dict(meta),
+            param_sizes=sizes,
         )
         g.lint()
         return g

@@ -78,7 +78,10 @@ def graph_from_capture(
 
     Node conventions: one :class:`OpNode` per fx node except ``get_attr`` and ``output``, in graph order;
     parameters and buffers are not nodes but are listed (FQN) in ``params`` of the nodes reading them; the
-    first reader of a parameter carries its bytes in ``param_bytes`` (tied weights once).
+    first reader of a parameter carries its bytes in ``param_bytes`` (tied weights once). A parameter known
+    under several names (tied weights) is listed under the first name a node reads it by, and
+    ``OpGraph.param_sizes`` gives every parameter's bytes under that name, so the planner can charge each
+    stage that reads it (see [Note: shared parameters] in ``distplan.graph``).
     """
     ann = _Annotator(cap, module)
     nodes, outputs, fallbacks = ann.run(example_args, dict(example_kwargs or {}))
@@ -108,6 +111,7 @@ def graph_from_capture(
         param_bytes=param_bytes,
         param_dtype=param_dtype,
         meta=graph_meta,
+        param_sizes={ann.param_names[pid]: _nbytes(p) for pid, p in unique.items()},
     )
     g.lint()
     return g
@@ -197,6 +201,8 @@ class _Annotator:
         self.param_meta_ids: set[int] = set()
         self.param_meta_storages: set[int] = set()
         self.assigned: set[int] = set()  # ids of original parameters whose bytes a node carries
+        # id of each parameter -> the one name the graph lists it under (the first a node reads it by).
+        self.param_names: dict[int, str] = {}
         self.memo: dict[Any, _OpCost] = {}
         self.charged: set[int] = set()  # storages some node's activation_bytes already counts
         # [Note: data-dependent sizes]: CPU values of nodes, computed only when a node needs them.
@@ -390,7 +396,7 @@ class _Annotator:
         )
         if node.op == "call_module":
             moved += sum(_nbytes(t) for t in fn_args[2] if isinstance(t, torch.Tensor))
-        read = _unique(read)
+        read = _unique([self._param_name(fqn) for fqn in read])
         pbytes = 0
         for fqn in read:
             p = self.params.get(fqn)
@@ -412,6 +418,14 @@ class _Annotator:
             activation_bytes=int(act),
         )
 
+    def _param_name(self, fqn: str) -> str:
+        # Tied weights are one tensor under several names (`lm_head.weight` is `embed_tokens.weight`): list
+        # it under one, so every reader of it can be found by that name.
+        p = self.params.get(fqn)
+        if p is None or id(p) not in self.unique_params:
+            return fqn
+        return self.param_names.setdefault(id(p), fqn)
+
     def _assign_unused(self, nodes: list[OpNode]) -> None:
         # A parameter no op reads still occupies memory (and the optimizer state): give its bytes to the
         # first node of its owning module, or the first op, so node param_bytes sum to the model's.
@@ -419,6 +433,7 @@ class _Annotator:
             if pid in self.assigned:
                 continue
             fqn = next(k for k, v in self.params.items() if v is p)
+            self.param_names.setdefault(pid, fqn)
             owner = fqn.rsplit(".", 1)[0] if "." in fqn else ""
             idx = next(
                 (

@@ -103,6 +103,7 @@ def trace_bundle(bundle: ModelBundle, *, name: str | None = None) -> OpGraph:
         param_bytes=graph.param_bytes,
         param_dtype=graph.param_dtype,
         meta=meta,
+        param_sizes=graph.param_sizes,
     )
 
 
