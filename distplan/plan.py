@@ -39,6 +39,7 @@ from distplan._serde import (
 )
 from distplan.cluster import Cluster
 from distplan.errors import PlanError
+from distplan.units import format_bytes
 
 __all__ = [
     "PLAN_SCHEMA_VERSION",
@@ -166,7 +167,11 @@ class Stage:
         send_time_s: predicted time to send one microbatch's activations to the next stage (0 for the last).
         allreduce_time_s: predicted gradient all-reduce time among the replicas once per iteration.
         memory_bytes: predicted peak memory per device.
-        param_bytes: parameter bytes the stage holds (per replica).
+        param_bytes: parameter bytes the stage holds (per replica), copies of shared parameters included.
+        shared_param_bytes: the part of ``param_bytes`` that other stages hold too (a tied embedding and
+            output projection; see [Note: shared parameters] in ``distplan.graph``).
+        tied_allreduce_time_s: predicted time to sum the gradients of those shared parameters with the other
+            stages holding them, once per iteration (before the data-parallel all-reduce).
     """
 
     index: int
@@ -185,6 +190,8 @@ class Stage:
     allreduce_time_s: float = 0.0
     memory_bytes: int = 0
     param_bytes: int = 0
+    shared_param_bytes: int = 0
+    tied_allreduce_time_s: float = 0.0
 
     def __post_init__(self) -> None:
         p = f"stage {self.index}"
@@ -198,9 +205,14 @@ class Stage:
             raise _E(f"{p}: has {len(self.devices)} devices but dp*tp = {self.dp * self.tp}")
         if len(set(self.devices)) != len(self.devices):
             raise _E(f"{p}: lists a device twice: {list(self.devices)}")
-        for f in ("fwd_time_s", "bwd_time_s", "send_time_s", "allreduce_time_s"):
+        for f in ("fwd_time_s", "bwd_time_s", "send_time_s", "allreduce_time_s", "tied_allreduce_time_s"):
             if getattr(self, f) < 0:
                 raise _E(f"{p}: {f} must be >= 0, got {getattr(self, f)}")
+        if not 0 <= self.shared_param_bytes <= max(self.param_bytes, 0):
+            raise _E(
+                f"{p}: shared_param_bytes must be between 0 and param_bytes={self.param_bytes}, "
+                f"got {self.shared_param_bytes}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -220,6 +232,8 @@ class Stage:
             "allreduce_time_s": self.allreduce_time_s,
             "memory_bytes": self.memory_bytes,
             "param_bytes": self.param_bytes,
+            "shared_param_bytes": self.shared_param_bytes,
+            "tied_allreduce_time_s": self.tied_allreduce_time_s,
         }
 
     @classmethod
@@ -247,6 +261,8 @@ class Stage:
             allreduce_time_s=get_float(m, "allreduce_time_s", path, _E, 0.0),
             memory_bytes=get_int(m, "memory_bytes", path, _E, 0),
             param_bytes=get_int(m, "param_bytes", path, _E, 0),
+            shared_param_bytes=get_int(m, "shared_param_bytes", path, _E, 0),
+            tied_allreduce_time_s=get_float(m, "tied_allreduce_time_s", path, _E, 0.0),
         )
 
 
@@ -471,9 +487,11 @@ class Plan:
             cap = cluster.kinds[s.kind].usable_memory_bytes
             if s.memory_bytes > cap:
                 raise _E(
-                    f"stage {i} needs {s.memory_bytes / 2**30:.2f} GiB per device but a {s.kind} has "
-                    f"{cap / 2**30:.2f} GiB usable ({(s.memory_bytes - cap) / 2**30:.2f} GiB short)"
+                    f"stage {i} needs {format_bytes(s.memory_bytes)} per device but a {s.kind} has "
+                    f"{format_bytes(cap)} usable ({format_bytes(s.memory_bytes - cap)} short)"
                 )
+        if graph is not None:
+            self._check_shared_params(graph)
         if self.schedule == "1f1b" and self.num_microbatches < len(self.stages):
             raise _E(
                 f"1f1b needs at least as many microbatches as stages: {self.num_microbatches} microbatches, "
@@ -490,6 +508,23 @@ class Plan:
             raise _E(
                 "rank map does not match the stages' devices in host-major order (see [Note: rank order])"
             )
+
+    def _check_shared_params(self, graph: Any) -> None:
+        # A parameter read in several stages is held by each of them (see [Note: shared parameters] in
+        # distplan.graph); a plan that does not count those copies was made without them (an older planner,
+        # or a hand-edited file) and may not fit its devices.
+        for sp in graph.shared_params():
+            holders = [s for s in self.stages if any(s.start <= p < s.end for p in sp.positions)]
+            if len(holders) < 2:
+                continue
+            for s in holders:
+                if s.shared_param_bytes < sp.nbytes:
+                    raise _E(
+                        f"stage {s.index} holds a copy of {', '.join(sp.names)} ({format_bytes(sp.nbytes)}, also "
+                        f"held by stages {', '.join(str(h.index) for h in holders if h is not s)}) but the plan "
+                        f"counts {format_bytes(s.shared_param_bytes)} of shared parameters there; re-plan with "
+                        "this distplan"
+                    )
 
     # ------------------------------------------------------------------ serde
     def to_dict(self) -> dict[str, Any]:

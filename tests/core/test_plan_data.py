@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from distplan.errors import PlanError
@@ -72,3 +74,52 @@ def test_timeline_reads_back_from_its_chrome_trace(tmp_path) -> None:
     f.write_text('{"traceEvents": [], "otherData": {}}')
     with pytest.raises(PlanError, match=r"tl\.json: timeline\.otherData\.devices: missing required field"):
         Timeline.load(f)
+
+
+def test_memory_messages_show_small_budgets_in_a_readable_unit() -> None:
+    c = load_cluster(
+        {
+            "name": "tiny",
+            "kinds": [
+                {
+                    "name": "tiny-cpu",
+                    "memory_gib": 0.00002,
+                    "memory_reserved_gib": 0,
+                    "memory_bandwidth_gbyte_s": 20,
+                    "peak_tflops": {"fp32": 0.16},
+                }
+            ],
+            "hosts": [
+                {"name": "h", "devices": [{"kind": "tiny-cpu", "count": 2}], "link": {"bandwidth_gbyte_s": 5}}
+            ],
+        }
+    )
+    req = PlanRequest("g", "h" * 32, "s" * 32, c, global_batch=2)
+    stages = (
+        Stage(0, 0, 10, (0,), "tiny-cpu", memory_bytes=30_000),
+        Stage(1, 10, 20, (1,), "tiny-cpu", memory_bytes=1_000),
+    )
+    p = Plan(req, stages, 2, 1, "gpipe", build_rank_map(c, [s.devices for s in stages]))
+    with pytest.raises(
+        PlanError,
+        match=r"stage 0 needs 29.3 KiB per device but a tiny-cpu has 21 KiB usable \(8.33 KiB short\)",
+    ):
+        p.check()
+
+
+def test_stage_shared_parameter_fields_round_trip_and_are_checked() -> None:
+    p = make_plan()
+    s0 = dataclasses.replace(p.stages[0], param_bytes=100, shared_param_bytes=40, tied_allreduce_time_s=0.5)
+    q = dataclasses.replace(p, stages=(s0, p.stages[1]))
+    assert Plan.from_json(q.to_json()) == q
+    with pytest.raises(
+        PlanError, match="stage 0: shared_param_bytes must be between 0 and param_bytes=100, got 140"
+    ):
+        dataclasses.replace(s0, shared_param_bytes=140)
+    with pytest.raises(PlanError, match="stage 0: tied_allreduce_time_s must be >= 0"):
+        dataclasses.replace(s0, tied_allreduce_time_s=-1.0)
+    # Plans written before these fields read back with none shared.
+    d = p.to_dict()
+    for st in d["stages"]:
+        del st["shared_param_bytes"], st["tied_allreduce_time_s"]
+    assert Plan.from_dict(d) == p
