@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -277,16 +277,25 @@ def baseline_layouts(
     global_batch: int,
     microbatches: int | None = None,
     schedule: str | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, BaselineLayout | None]:
-    """Every baseline's best layout under ``cost`` (None where it does not fit)."""
+    """Every baseline's best layout under ``cost`` (None where it does not fit). ``stop`` is asked before
+    each baseline; once it answers True the remaining ones are left out of the result (the planner's time
+    limit, see ``search.Budget``)."""
     sched = schedule or "1f1b"
     kw = {"global_batch": global_batch, "microbatches": microbatches, "schedule": sched}
-    return {
-        "equal_layers": _pipeline_baseline(cost, graph, "equal_layers", **kw),  # type: ignore[arg-type]
-        "param_balanced": _pipeline_baseline(cost, graph, "param_balanced", **kw),  # type: ignore[arg-type]
-        "homogeneous_dp": _homogeneous(cost, graph, **kw),  # type: ignore[arg-type]
-        "data_parallel": _data_parallel(cost, graph, **kw),  # type: ignore[arg-type]
+    makers: dict[str, Callable[[], BaselineLayout | None]] = {
+        "equal_layers": lambda: _pipeline_baseline(cost, graph, "equal_layers", **kw),  # type: ignore[arg-type]
+        "param_balanced": lambda: _pipeline_baseline(cost, graph, "param_balanced", **kw),  # type: ignore[arg-type]
+        "homogeneous_dp": lambda: _homogeneous(cost, graph, **kw),  # type: ignore[arg-type]
+        "data_parallel": lambda: _data_parallel(cost, graph, **kw),  # type: ignore[arg-type]
     }
+    out: dict[str, BaselineLayout | None] = {}
+    for name, make in makers.items():
+        if stop is not None and stop():
+            break
+        out[name] = make()
+    return out
 
 
 def baselines(

@@ -14,6 +14,7 @@ from typing import Any
 import typer
 
 from distplan.errors import PlanError
+from distplan.units import format_bytes
 
 __all__ = ["load_graph", "plan_summary", "register"]
 
@@ -65,6 +66,10 @@ def plan_summary(plan: Any, graph: Any | None = None) -> dict[str, Any]:
                 "time_s": s.fwd_time_s + s.bwd_time_s,
                 "memory_bytes": s.memory_bytes,
                 "memory_capacity_bytes": cap,
+                "param_bytes": s.param_bytes,
+                # Parameters other stages hold too (tied weights) and the time to sum their gradients.
+                "shared_param_bytes": s.shared_param_bytes,
+                "tied_allreduce_time_s": s.tied_allreduce_time_s,
             }
         )
     it = pred.iteration_time_s
@@ -107,21 +112,28 @@ def _print_table(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    gib = 2**30
     con = Console()
     t = Table(title=f"{summary['graph']} on {summary['cluster']}: {summary['layout']}")
-    for col in ("stage", "modules", "devices", "dp", "fwd+bwd ms", "send ms", "memory / capacity GiB"):
+    shared = any(s["shared_param_bytes"] for s in summary["stages"])
+    cols = ["stage", "modules", "devices", "dp", "fwd+bwd ms", "send ms", "memory / capacity"]
+    if shared:
+        cols.append("shared params (all-reduce ms)")
+    for col in cols:
         t.add_column(col)
     for s in summary["stages"]:
-        t.add_row(
+        row = [
             str(s["index"]),
             _span(s["modules"]),
             f"{s['kind']} {','.join(str(d) for d in s['devices'])}",
             str(s["dp"]),
             f"{s['time_s'] * 1e3:.2f}",
             f"{s['send_time_s'] * 1e3:.2f}",
-            f"{s['memory_bytes'] / gib:.1f} / {s['memory_capacity_bytes'] / gib:.1f}",
-        )
+            f"{format_bytes(s['memory_bytes'])} / {format_bytes(s['memory_capacity_bytes'])}",
+        ]
+        if shared:
+            b = s["shared_param_bytes"]
+            row.append(f"{format_bytes(b)} ({s['tied_allreduce_time_s'] * 1e3:.2f})" if b else "-")
+        t.add_row(*row)
     con.print(t)
     sv = summary["solver"]
     con.print(
@@ -133,6 +145,8 @@ def _print_table(summary: dict[str, Any]) -> None:
         f"solver {sv['status']}: objective {sv['objective']:.4g} s, bound {sv['bound']:.4g} s, "
         f"gap {sv['gap']:.2%}, {sv['seconds']:.2f} s"
     )
+    for note in sv["notes"][1:]:  # the first one summarises the candidates (in --json)
+        con.print(f"  note: {note}")
     for name, v in summary["baselines"].items():
         if v is None:
             con.print(f"  baseline {name}: does not fit")
@@ -158,7 +172,13 @@ def register(app: typer.Typer) -> None:
         schedule: str | None = typer.Option(None, "--schedule", help="1f1b or gpipe (default: 1f1b)."),
         dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (mixed precision)."),
         optimizer: str = typer.Option("adam", "--optimizer", help="adam, adamw or sgd."),
-        time_limit: float = typer.Option(10.0, "--time-limit", help="Solver time limit in seconds."),
+        time_limit: float = typer.Option(
+            10.0,
+            "--time-limit",
+            help="Wall-clock limit of the whole planning, in seconds; the plan is decided by deterministic work "
+            "sized well inside it, so it does not depend on the machine's load (the report says so if the "
+            "limit was reached first). Default: 10.",
+        ),
         workers: int = typer.Option(2, "--workers", help="CP-SAT worker threads."),
         seq: int | None = typer.Option(
             None, "--seq", help="Sequence length when tracing MODEL (default: 512; ignored for a graph JSON)."

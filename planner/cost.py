@@ -18,10 +18,20 @@ hosts (``streams`` transfers). Gradient all-reduce among ``d`` replicas (ring):
 
 Memory per device = parameters + gradients + optimizer state (:func:`state_bytes_per_param`) + the
 activations of the microbatches the schedule keeps in flight (1F1B: stage ``s`` of ``S`` holds
-``min(S - s, M)``; GPipe: ``M``).
+``min(S - s, M)``; GPipe: ``M``). A stage's parameters are those its nodes read: a parameter read in several
+stages (a tied embedding and output projection) is held, with its gradient and optimizer state, by every
+one of them (see [Note: shared parameters] in ``distplan.graph``); each holder also all-reduces and steps it.
+
+Shared parameters: after the last backward the ``h`` stages holding a copy of shared parameters ``p`` sum
+their gradients (ring all-reduce, ``2 (h-1)/h * grad_bytes(p) / bw + 2 (h-1) * latency``, on the host
+link when every holder of a replica sits on one host, else on the network shared by the ``dp`` replicas'
+rings), before the data-parallel all-reduce. Parameters are priced in groups read at the same node
+positions (``OpGraph.shared_params``); the lowering coalesces groups with the same holders into one
+all-reduce, so the model may count a few latencies more than it pays.
 
 Iteration time (:func:`iteration_time`), with stage ``s`` taking ``f_s``/``b_s`` per microbatch, sending
-``c_s`` each way to stage ``s + 1``, and ``r_s`` for its all-reduce and optimizer step::
+``c_s`` each way to stage ``s + 1``, and ``r_s`` for its all-reduces (shared parameters, then data
+parallel) and optimizer step::
 
     1F1B:  sum_s (f_s + b_s + 2 c_s) + (M - 1) * max_s (f_s + b_s + 2 c_s) + max_s r_s
     GPipe: sum_s (f_s + b_s + 2 c_s) + (M - 1) * (max_s f_s + max_s b_s)   + max_s r_s
@@ -45,7 +55,7 @@ import numpy as np
 
 from distplan.cluster import Cluster, Link
 from distplan.errors import PlanError
-from distplan.graph import OpGraph, dtype_bytes
+from distplan.graph import OpGraph, SharedParam, dtype_bytes
 
 __all__ = [
     "CostModel",
@@ -98,7 +108,12 @@ def optimizer_bytes_per_param(dtype: str, optimizer: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class StageCost:
-    """Predicted costs of one stage (per replica)."""
+    """Predicted costs of one stage (per replica).
+
+    ``param_bytes`` counts every parameter the stage holds (copies of shared ones included);
+    ``shared_param_bytes`` the part other stages of the layout hold too, and ``tied_allreduce_s`` the time
+    to sum those gradients with them (both 0 until the whole layout is known, see ``evaluate.layout_cost``).
+    """
 
     fwd_s: float
     bwd_s: float
@@ -108,6 +123,8 @@ class StageCost:
     memory_bytes: int
     param_bytes: int
     inflight: int
+    shared_param_bytes: int = 0
+    tied_allreduce_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +143,9 @@ def iteration_time(stages: Sequence[StageCost], *, schedule: str, microbatches: 
         steady = (m - 1) * max(s.fwd_s + s.bwd_s + 2 * s.send_s for s in stages)
     else:
         raise PlanError(f"the planner's cost model supports schedules gpipe and 1f1b, not {schedule!r}")
-    tail = max(s.allreduce_s + s.optimizer_s for s in stages)
+    tail = max(s.tied_allreduce_s + s.allreduce_s + s.optimizer_s for s in stages)
     total = fill + steady + tail
-    busy = sum(m * (s.fwd_s + s.bwd_s) + s.allreduce_s + s.optimizer_s for s in stages)
+    busy = sum(m * (s.fwd_s + s.bwd_s) + s.tied_allreduce_s + s.allreduce_s + s.optimizer_s for s in stages)
     bubble = 1.0 - busy / (len(stages) * total) if total > 0 else 0.0
     return IterationCost(total, max(0.0, bubble))
 
@@ -187,6 +204,9 @@ class CostModel:
         )
         self._matmul = np.array([_op_class(n.target) == "matmul" for n in nodes], dtype=bool)
         self.param_prefix = np.concatenate([[0], np.cumsum([n.param_bytes for n in nodes])]).astype(np.int64)
+        # Parameters read in several places: param_prefix charges them to their first reader, every other
+        # stage reading them holds a copy on top (see the module docstring).
+        self.shared: tuple[SharedParam, ...] = graph.shared_params()
         act = np.array([n.activation_bytes for n in nodes], dtype=np.float64) / tb * self.act_scale
         self.act_prefix = np.concatenate([[0.0], np.cumsum(act)])
         cut = np.array(graph.cut_costs(), dtype=np.float64) / tb * self.act_scale
@@ -227,8 +247,22 @@ class CostModel:
         return float(f[end] - f[start]), float(b[end] - b[start])
 
     # ------------------------------------------------------------------ memory
+    def held_shared(self, start: int, end: int) -> list[int]:
+        """Indices into ``self.shared`` of the shared parameter groups nodes ``[start, end)`` read."""
+        return [i for i, sp in enumerate(self.shared) if any(start <= p < end for p in sp.positions)]
+
+    def shared_extra_bytes(self, start: int, end: int) -> int:
+        """Bytes of the shared parameters nodes ``[start, end)`` read although their first reader comes
+        before ``start``: the copies a stage over that range holds beyond ``param_prefix``."""
+        return sum(
+            sp.nbytes
+            for sp in self.shared
+            if sp.positions[0] < start and any(start <= p < end for p in sp.positions)
+        )
+
     def param_bytes(self, start: int, end: int) -> int:
-        return int(self.param_prefix[end] - self.param_prefix[start])
+        """Bytes of every parameter nodes ``[start, end)`` own or read (shared ones included, once)."""
+        return int(self.param_prefix[end] - self.param_prefix[start]) + self.shared_extra_bytes(start, end)
 
     def state_bytes(self, param_bytes: float) -> float:
         """Weights + gradients + optimizer state for ``param_bytes`` of traced parameters."""
@@ -258,12 +292,13 @@ class CostModel:
         nbytes = self.cut_bytes(position, microbatch)
         return link.latency_s + streams * nbytes / link.bandwidth_bytes_s if nbytes > 0 else 0.0
 
-    def allreduce_time(self, param_bytes: float, *, dp: int, link: Link) -> float:
-        """Ring all-reduce of the gradients of ``param_bytes`` traced parameters among ``dp`` replicas."""
+    def allreduce_time(self, param_bytes: float, *, dp: int, link: Link, streams: int = 1) -> float:
+        """Ring all-reduce of the gradients of ``param_bytes`` traced parameters among ``dp`` ranks;
+        ``streams`` such rings share ``link``."""
         if dp <= 1:
             return 0.0
         grad = param_bytes / self.param_elem_bytes * self.grad_bytes_per_param
-        return 2 * (dp - 1) / dp * grad / link.bandwidth_bytes_s + 2 * (dp - 1) * link.latency_s
+        return 2 * (dp - 1) / dp * streams * grad / link.bandwidth_bytes_s + 2 * (dp - 1) * link.latency_s
 
     def optimizer_time(self, param_bytes: float, kind: str) -> float:
         """One optimizer step over ``param_bytes`` of traced parameters (memory-bound)."""

@@ -6,13 +6,14 @@ predicted by the same model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from distplan.cluster import Cluster, Device, Link
 from distplan.errors import InfeasiblePlanError, PlanError
-from distplan.graph import OpGraph
+from distplan.graph import OpGraph, SharedParam
 from distplan.plan import (
     Plan,
     PlanRequest,
@@ -23,12 +24,19 @@ from distplan.plan import (
     parse_layout,
 )
 from distplan.profiles import load_cluster
+from distplan.units import format_bytes
 
 from .cost import CostModel, StageCost, inflight_microbatches, iteration_time
 
-__all__ = ["StageSpec", "build_plan", "evaluate", "layout_cost", "make_request", "stage_modules"]
-
-GIB = 2**30
+__all__ = [
+    "StageSpec",
+    "build_plan",
+    "evaluate",
+    "layout_cost",
+    "make_request",
+    "shared_costs",
+    "stage_modules",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +92,38 @@ def _group_link(cluster: Cluster, devs: Sequence[Device], group: Sequence[int]) 
     return cluster.hosts[next(iter(hosts))].link if len(hosts) == 1 else cluster.network
 
 
+def _holders_link(
+    cluster: Cluster, devs: Sequence[Device], groups: Sequence[Sequence[int]]
+) -> tuple[Link, int]:
+    """The link the holders of a shared parameter sum its gradient on, and how many rings share it: replica
+    ``r``'s ring joins device ``r`` of every holding stage (``groups``); rings that leave a host share the
+    network, rings inside one host use its link (the slowest such host's paces the step)."""
+    rings = [{devs[g[r]].host_index for g in groups} for r in range(len(groups[0]))]
+    crossing = sum(1 for hosts in rings if len(hosts) > 1)
+    if crossing:
+        return cluster.network, crossing
+    links = [cluster.hosts[next(iter(hosts))].link for hosts in rings]
+    return min(links, key=lambda lk: (lk.bandwidth_bytes_s, -lk.latency_s)), 1
+
+
+def shared_costs(cost: CostModel, stages: Sequence[StageSpec]) -> tuple[list[int], list[float]]:
+    """Per stage: bytes of the parameters it shares with other stages of the layout, and the time to sum
+    their gradients with them (see ``cost``'s module docstring)."""
+    devs = cost.cluster.devices()
+    nbytes = [0] * len(stages)
+    seconds = [0.0] * len(stages)
+    for sp in cost.shared:
+        holders = [i for i, st in enumerate(stages) if _reads(sp, st)]
+        if len(holders) < 2:
+            continue
+        link, streams = _holders_link(cost.cluster, devs, [stages[i].devices for i in holders])
+        t = cost.allreduce_time(sp.nbytes, dp=len(holders), link=link, streams=streams)
+        for i in holders:
+            nbytes[i] += sp.nbytes
+            seconds[i] += t
+    return nbytes, seconds
+
+
 def layout_cost(
     cost: CostModel,
     stages: Sequence[StageSpec],
@@ -119,6 +159,12 @@ def layout_cost(
                 send_streams=streams,
             )
         )
+    if cost.shared:
+        shared_b, tied_s = shared_costs(cost, stages)
+        out = [
+            dataclasses.replace(c, shared_param_bytes=b, tied_allreduce_s=t)
+            for c, b, t in zip(out, shared_b, tied_s, strict=True)
+        ]
     it = iteration_time(out, schedule=schedule, microbatches=microbatches)
     return out, it.iteration_time_s, it.bubble_fraction
 
@@ -186,6 +232,10 @@ def _check_layout(graph: OpGraph, cluster: Cluster, stages: Sequence[StageSpec])
         )
 
 
+def _reads(sp: SharedParam, st: StageSpec) -> bool:
+    return any(st.start <= p < st.end for p in sp.positions)
+
+
 def build_plan(
     graph: OpGraph,
     cost: CostModel,
@@ -225,12 +275,23 @@ def build_plan(
         kind = devs[st.devices[0]].kind
         cap = cluster.kinds[kind].usable_memory_bytes
         if c.memory_bytes > cap:
+            shared = ""
+            if c.shared_param_bytes:
+                names = [
+                    ", ".join(sp.names)
+                    for sp in cost.shared
+                    if _reads(sp, st) and any(_reads(sp, o) for o in stages if o is not st)
+                ]
+                shared = (
+                    f", of which {format_bytes(cost.state_bytes(c.shared_param_bytes))} for parameters it "
+                    f"shares with other stages ({'; '.join(names)})"
+                )
             raise InfeasiblePlanError(
-                f"stage {i} (nodes {st.start}..{st.end - 1}) needs {c.memory_bytes / GIB:.2f} GiB per device "
-                f"({cost.state_bytes(c.param_bytes) / GIB:.2f} GiB parameters, gradients and optimizer state + "
-                f"{c.inflight} x {cost.activation_bytes(st.start, st.end, microbatch_size) / GIB:.2f} GiB "
-                f"activations) but a {kind} has {cap / GIB:.2f} GiB usable "
-                f"({(c.memory_bytes - cap) / GIB:.2f} GiB short)"
+                f"stage {i} (nodes {st.start}..{st.end - 1}) needs {format_bytes(c.memory_bytes)} per device "
+                f"({format_bytes(cost.state_bytes(c.param_bytes))} parameters, gradients and optimizer state"
+                f"{shared} + {c.inflight} x "
+                f"{format_bytes(cost.activation_bytes(st.start, st.end, microbatch_size))} activations) but a "
+                f"{kind} has {format_bytes(cap)} usable ({format_bytes(c.memory_bytes - cap)} short)"
             )
         for d in st.devices:
             memory[d] = c.memory_bytes
@@ -250,6 +311,8 @@ def build_plan(
                 allreduce_time_s=c.allreduce_s,
                 memory_bytes=c.memory_bytes,
                 param_bytes=c.param_bytes,
+                shared_param_bytes=c.shared_param_bytes,
+                tied_allreduce_time_s=c.tied_allreduce_s,
             )
         )
     plan = Plan(

@@ -22,13 +22,21 @@ Constraints:
   (d) stage compute time:          ``T[s] >= TFB_k[end[s]] - TFB_k[end[s-1]]``  if stage ``s`` is of kind ``k``
   (e) bottleneck:                  ``Tmax >= T[s] + 2 comm[s]`` (1F1B), ``Fmax >= F[s]``, ``Bmax >= B[s]`` (GPipe)
   (f) communication:               ``comm[s] >= C_h[end[s]]`` if ``same[s, h]`` (both stages on host ``h``),
-      ``comm[s] >= C_net[end[s]]`` if ``net[s]``; ``same[s, h] <= on[s, h], on[s+1, h]``;
-      ``net[s] + sum_h same[s, h] >= used[s+1]``
+      ``comm[s] >= C_net[end[s]]`` if ``net[s]``; ``same[s, h] = on[s, h] and on[s+1, h]``;
+      ``net[s] + sum_h same[s, h] = used[s+1]``
   (g) all-reduce + optimizer:      ``Z >= AR_c[end[s]] - AR_c[end[s-1]] + latency_g``  if ``y[s, g]``
   (h) memory per device:           ``P[s] + v * A[s] <= sum_g cap_g y[s, g]``  if ``used[s + v - 1]``, for
       ``v = 1..min(M, S - s)`` (1F1B: stage ``s`` of ``S`` holds ``min(S - s, M)`` microbatches; the
       constraint for ``v`` is live exactly when at least ``s + v`` stages are used); GPipe: ``v = M``
   (i) symmetry: of two identical hosts, the first hosts at least as many stages.
+  (j) shared parameters (:class:`SharedGroup` ``p``, read in blocks ``R_p``, first ``f_p``; see
+      [Note: shared parameters] in ``distplan.graph``):
+      ``hold[s, p]`` iff stage ``s`` covers a block of ``R_p`` (``hold <= n_p[end[s]] - n_p[end[s-1]] <=
+      |R_p| hold``, ``n_p`` counting readers before a boundary); ``extra[s, p] = hold[s, p] and end[s-1] >
+      f_p`` (a copy beyond the first holder, which ``mem_prefix`` / ``ar_prefix`` already charge): memory
+      (h) gains ``mem_p extra[s, p]``, the all-reduce term (g) ``AR_p,c extra[s, p]``; the holders' gradient
+      sum takes ``G_p[l][H_p]`` with ``H_p = sum_s hold[s, p]`` holders, on the network ``l`` if they sit on
+      two hosts or more (``cross_p``), else on their host's link, and (g) gains it for every holder.
 
 Objective (the cost model's closed form, see ``distplan.planner.cost``):
   1F1B:  ``sum_s T[s] + 2 sum_s comm[s] + (M - 1) Tmax + Z``
@@ -44,7 +52,14 @@ from typing import Any
 
 from ortools.sat.python import cp_model
 
-__all__ = ["GroupType", "SolverProgress", "StageProblem", "StageSolution", "solve_stage_problem"]
+__all__ = [
+    "GroupType",
+    "SharedGroup",
+    "SolverProgress",
+    "StageProblem",
+    "StageSolution",
+    "solve_stage_problem",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +81,22 @@ class GroupType:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedGroup:
+    """Parameters read in several blocks (a tied embedding and output projection): every stage covering one
+    of ``blocks`` holds a copy; ``blocks[0]``'s stage is already charged in ``mem_prefix``/``ar_prefix``.
+
+    ``mem_kib``: one copy's weights, gradients and optimizer state; ``ar``: per all-reduce class (as
+    ``ar_prefix``), one more copy's data-parallel all-reduce (latency apart) and optimizer step; ``tied``:
+    per link (as ``comm_prefix``), the holders' gradient sum by holder count ``0..max_stages`` (0 below two).
+    """
+
+    blocks: tuple[int, ...]
+    mem_kib: int
+    ar: tuple[int, ...]
+    tied: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class StageProblem:
     """Integer data of one (D, M, schedule) model; prefix arrays have ``num_blocks + 1`` entries."""
 
@@ -83,6 +114,7 @@ class StageProblem:
     act_prefix: tuple[int, ...]  # KiB of activations per microbatch
     identical_hosts: tuple[tuple[int, int], ...] = ()
     time_unit_s: float = 1e-6
+    shared: tuple[SharedGroup, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +188,12 @@ def solve_stage_problem(
     t_max = model.new_int_var(0, t_hi, "Tmax")
     comm_hi = max((max(c) for c in p.comm_prefix), default=0) + 1
     comm = [model.new_int_var(0, comm_hi, f"comm[{s}]") for s in range(ns - 1)]
-    z_hi = max((max(a) for a in p.ar_prefix), default=0) + max((g.ar_latency for g in groups), default=0) + 1
+    z_hi = (
+        max((max(a) for a in p.ar_prefix), default=0)
+        + max((g.ar_latency for g in groups), default=0)
+        + sum(max(sh.ar, default=0) + max((max(t) for t in sh.tied), default=0) for sh in p.shared)
+        + 1
+    )
     z = model.new_int_var(0, z_hi, "Z")
 
     # Constraints --------------------------------------------------------------------------------------
@@ -232,32 +269,99 @@ def solve_stage_problem(
             continue
         same = []
         for h in hosts:
+            # Exactly "both stages on host h": two stages of one host talk over its link even where the
+            # network would be cheaper at this cut (the cost model prices it so).
             b = model.new_bool_var(f"same[{s},{h}]")
             model.add(b <= on[s, h])
             model.add(b <= on[s + 1, h])
+            model.add(b >= on[s, h] + on[s + 1, h] - 1)
             model.add(comm[s] >= cvals[host_link[h]][s]).only_enforce_if(b)
             same.append(b)
         net = model.new_bool_var(f"net[{s}]")
-        model.add(net + sum(same) >= used[s + 1])
+        model.add(net + sum(same) == used[s + 1])
         model.add(comm[s] >= cvals[p.net_link][s]).only_enforce_if(net)
+
+    # (j) shared parameters: who holds a copy, the copies beyond the first, the holders' gradient sum.
+    extra_mem: list[Any] = [0] * ns
+    extra_ar: dict[tuple[int, int], Any] = {}
+    tied_s: list[Any] = [0] * ns
+    for pi, sh in enumerate(p.shared):
+        readers = [sum(1 for b in sh.blocks if b < j) for j in range(nb + 1)]
+        r_end = [element(readers, s, f"readers{pi}") for s in range(ns)]
+        hold = []
+        for s in range(ns):
+            holds = model.new_bool_var(f"hold[{s},{pi}]")
+            model.add(span(r_end, s) >= holds)
+            model.add(span(r_end, s) <= len(sh.blocks) * holds)
+            hold.append(holds)
+            if s == 0:
+                continue  # stage 0 holds the first reader's copy if any: already charged
+            after = model.new_bool_var(f"after[{s},{pi}]")
+            model.add(end[s - 1] >= sh.blocks[0] + 1).only_enforce_if(after)
+            model.add(end[s - 1] <= sh.blocks[0]).only_enforce_if(~after)
+            x = model.new_bool_var(f"extra[{s},{pi}]")
+            model.add_bool_and([holds, after]).only_enforce_if(x)
+            model.add_bool_or([~holds, ~after, x])
+            extra_mem[s] = extra_mem[s] + sh.mem_kib * x
+            for c in range(len(sh.ar)):
+                extra_ar[s, c] = extra_ar.get((s, c), 0) + sh.ar[c] * x
+        holders = model.new_int_var(0, ns, f"holders[{pi}]")
+        model.add(holders == sum(hold))
+        t_hi = max(max(t) for t in sh.tied) + 1
+        t_p = model.new_int_var(0, t_hi, f"tied[{pi}]")
+
+        def by_holders(table: Sequence[int], name: str, count: cp_model.IntVar = holders) -> cp_model.IntVar:
+            v = model.new_int_var(min(table), max(table), name)
+            model.add_element(count, list(table), v)
+            return v
+
+        if len(hosts) == 1:
+            model.add(t_p >= by_holders(sh.tied[host_link[hosts[0]]], f"tied_host[{pi}]"))
+        else:
+            hold_on = []
+            for h in hosts:
+                hs = []
+                for s in range(ns):
+                    b = model.new_bool_var(f"hold_on[{s},{pi},{h}]")
+                    model.add(b <= hold[s])
+                    model.add(b <= on[s, h])
+                    model.add(b >= hold[s] + on[s, h] - 1)
+                    hs.append(b)
+                o = model.new_bool_var(f"holds_on[{pi},{h}]")
+                model.add_max_equality(o, hs)
+                hold_on.append(o)
+            cross = model.new_bool_var(f"cross[{pi}]")
+            model.add(2 * cross <= sum(hold_on))
+            model.add(sum(hold_on) <= 1 + len(hosts) * cross)
+            model.add(t_p >= by_holders(sh.tied[p.net_link], f"tied_net[{pi}]")).only_enforce_if(cross)
+            for h, o in zip(hosts, hold_on, strict=True):
+                th = by_holders(sh.tied[host_link[h]], f"tied_host[{pi},{h}]")
+                model.add(t_p >= th).only_enforce_if([o, ~cross])
+        for s in range(ns):
+            ts = model.new_int_var(0, t_hi, f"tied[{s},{pi}]")
+            model.add(ts >= t_p).only_enforce_if(hold[s])
+            tied_s[s] = tied_s[s] + ts
 
     # (g) all-reduce and optimizer step of the slowest stage.
     ar_classes = sorted({g.ar_class for g in groups})
     avals = {c: [element(p.ar_prefix[c], s, f"ar{c}") for s in range(ns)] for c in ar_classes}
     for s in range(ns):
         for gi, g in enumerate(groups):
-            model.add(z >= span(avals[g.ar_class], s) + g.ar_latency).only_enforce_if(y[s, gi])
+            model.add(
+                z >= span(avals[g.ar_class], s) + g.ar_latency + extra_ar.get((s, g.ar_class), 0) + tied_s[s]
+            ).only_enforce_if(y[s, gi])
 
     # (h) memory per device: parameters, gradients, optimizer state + activations in flight.
     mem_end = [element(p.mem_prefix, s, "mem") for s in range(ns)]
     act_end = [element(p.act_prefix, s, "act") for s in range(ns)]
     for s in range(ns):
         cap = sum(g.cap_kib * y[s, gi] for gi, g in enumerate(groups))
+        state = span(mem_end, s) + extra_mem[s]
         if gpipe:
-            model.add(span(mem_end, s) + m * span(act_end, s) <= cap).only_enforce_if(used[s])
+            model.add(state + m * span(act_end, s) <= cap).only_enforce_if(used[s])
         else:
             for v in range(1, min(m, ns - s) + 1):
-                model.add(span(mem_end, s) + v * span(act_end, s) <= cap).only_enforce_if(used[s + v - 1])
+                model.add(state + v * span(act_end, s) <= cap).only_enforce_if(used[s + v - 1])
 
     # (i) symmetry between identical hosts.
     for h1, h2 in p.identical_hosts:
@@ -291,6 +395,11 @@ def solve_stage_problem(
     # Probing in presolve costs seconds on these models (one value encoding per stage and prefix array)
     # and buys little: on Llama-7B x 64 GPUs it was most of the wall time.
     prm.cp_model_probing_level = 0
+    # The core-based (max-SAT) worker ignored the deterministic limit inside interleaved search: the batch
+    # it ran in waited for it until the wall clock stopped the solve (measured: a 6-block, 4-stage model
+    # proved optimal by another worker at 0.04 s returned after the 5 s wall limit; OR-Tools 9.15). Without
+    # it, solves end on their deterministic limit. See [Note: determinism] in distplan.planner.search.
+    prm.ignore_subsolvers.append("core")
     prm.log_search_progress = log
     t0 = time.perf_counter()
     cb = _Progress(progress, p.time_unit_s, label) if progress else None

@@ -7,9 +7,10 @@ bottleneck any layout can have, ``_min_bottleneck``, under an LP and a fluid rel
 warm starts get a local search (``_improve``); the weakest bounds are then tightened by the fill
 relaxation (``_fill_bound``, ``FILL_ROUNDS`` of them). Then, most promising first, up to ``MAX_SOLVES``
 candidates whose bound can still beat the incumbent go to CP-SAT (``ilp.solve_stage_problem``) with the
-warm start as hint, sharing the time limit, unless the incumbent is already within ``GAP_TOLERANCE``. The best layout under the cost model wins (the baselines'
-layouts compete too); the reported bound is the smallest bound over all candidates, so the gap is honest
-even where a candidate was not solved.
+warm start as hint, as many as fit the time limit's share for solving (see [Note: determinism]), unless
+the incumbent is already within ``GAP_TOLERANCE``. The best layout under the cost model wins (the
+baselines' layouts compete too); the reported bound is the smallest bound over all candidates, so the gap
+is honest even where a candidate was not solved.
 
 [Note: where CP-SAT helps]
 Measured on this 2-core machine: the integer program proves optimality in well under a second up to a few
@@ -26,12 +27,27 @@ host run pay the host link, others the network. All bounds are checked against e
 (``tests/planner/test_brute_force.py``), including on raw random integer data.
 
 [Note: determinism]
-A plan depends only on its inputs. CP-SAT runs with a fixed seed, ``interleave_search`` (a deterministic
-portfolio whatever the number of workers) and a *deterministic* work limit derived from ``time_limit_s``;
-the wall-clock limit is only a generous safety net (``SAFETY_FACTOR`` x the solve's share of the time limit;
-if it fires, the report's notes say so and the run may differ). No step is skipped for lack of wall time.
-The greedy, the local search and the bounds are pure functions of the inputs; candidates are visited in a
-fixed order, ties go to the earlier one, devices are handed out in index order.
+A plan and its solver report (wall seconds aside) depend only on the request, not on the machine's load,
+and ``time_limit_s`` bounds the whole planning call's wall time. The two are reconciled so:
+
+- Every decision is a pure function of the inputs: the greedy, the local search, the bounds and the fill
+  relaxation run a fixed amount of work; candidates are visited in a fixed order, ties go to the earlier
+  one, devices are handed out in index order.
+- CP-SAT runs with a fixed seed, ``interleave_search`` (a deterministic portfolio whatever the number of
+  workers) and a *deterministic* work limit that depends on ``time_limit_s`` alone
+  (``DETERMINISTIC_SHARE``). Which candidates it solves is decided from the inputs too: most promising
+  first, while their estimated wall time (``_solve_estimate_s``, from the model's size, measured on this
+  2-core machine under its usual load) adds up to ``SOLVE_SHARE`` of the limit. So on a machine like this
+  one the deterministic work ends well inside the limit, with room for a busy neighbour.
+- The limit itself is a wall-clock budget (:class:`Budget`) started when planning starts: checked between
+  steps, and what is left of it is CP-SAT's wall-clock cap. Only on a machine several times slower than
+  the estimates (or under heavy load) is it reached; then the remaining steps are skipped, the plan is
+  the best found so far (candidates not reached count with bound 0, so the gap stays honest), and the
+  report's notes say where the limit was reached.
+- CP-SAT's ``core`` subsolver is left out: in OR-Tools 9.15 it ignored the deterministic limit inside
+  interleaved search (a 6-block, 4-stage model proved optimal by another worker in 0.04 s ran until the
+  wall clock stopped it, 5-20 s; compare google/or-tools#3958), which made time limits late and plans
+  load-dependent.
 """
 
 from __future__ import annotations
@@ -48,16 +64,18 @@ import numpy as np
 
 from distplan.cluster import Cluster, Link
 from distplan.errors import InfeasiblePlanError, PlanError
-from distplan.graph import OpGraph
+from distplan.graph import OpGraph, SharedParam
 from distplan.plan import Plan, SolverReport
 from distplan.profiles import load_cluster
+from distplan.units import format_bytes
 
 from .coarsen import Blocks, coarsen
 from .cost import CostModel, IterationCost
 from .evaluate import StageSpec, build_plan, layout_cost, make_request
-from .ilp import GroupType, SolverProgress, StageProblem, StageSolution, solve_stage_problem
+from .ilp import GroupType, SharedGroup, SolverProgress, StageProblem, StageSolution, solve_stage_problem
 
 __all__ = [
+    "Budget",
     "Candidate",
     "build_problem",
     "candidate_dp",
@@ -68,7 +86,6 @@ __all__ = [
     "search",
 ]
 
-GIB = 2**30
 KIB = 1024
 #: Resolution of the integer program: the whole model's forward + backward of one microbatch on the
 #: slowest kind is this many time units.
@@ -87,15 +104,73 @@ MAX_SOLVES = 4
 TINY_MODEL = 64
 #: Stage slots x blocks above which the integer program is not attempted (see ``search``).
 LARGE_MODEL = 700
-#: CP-SAT's deterministic work limit per solve, as a fraction of its share of ``time_limit_s`` (measured
-#: here: one deterministic second took 1-5 wall seconds on this shared 2-core machine).
-DETERMINISTIC_SHARE = 0.05
-#: Wall-clock safety net per solve, as a multiple of its share of ``time_limit_s`` (plus half a second).
-SAFETY_FACTOR = 2.0
+#: CP-SAT's deterministic work limit per solve (deterministic seconds), as a fraction of ``time_limit_s``
+#: and clamped to [MIN_DETERMINISTIC_S, MAX_DETERMINISTIC_S] (see [Note: determinism] for the sizing).
+DETERMINISTIC_SHARE = 0.0125
+MIN_DETERMINISTIC_S = 0.05
+MAX_DETERMINISTIC_S = 0.5
+#: Integer programs are solved while their estimated wall time adds up to at most this share of
+#: ``time_limit_s`` (the rest of the limit is margin for a loaded machine; see [Note: determinism]).
+SOLVE_SHARE = 0.2
+#: Estimated wall seconds of one CP-SAT solve (model building, presolve, search) per value of its element
+#: constraints, plus ``SOLVE_S_PER_VALUE_DET`` per value and deterministic second of search: fitted on this
+#: 2-core machine under its usual load (load average 3-5) to solves from 4 stages x 44 blocks to 8 stages
+#: x 160 blocks, 2 workers (measured 0.08-0.25 ms per value at 0.05 deterministic seconds, 0.12-0.25 ms at
+#: 0.125: CP-SAT's interleaved workers load the model for every task, so the model's size dominates).
+SOLVE_S_PER_ELEMENT_VALUE = 1e-4
+SOLVE_S_PER_VALUE_DET = 1e-3
+#: Fraction of ``time_limit_s`` kept back from the last solve's wall-clock cap for building the plan.
+FINISH_RESERVE = 0.05
 #: Integer programs are skipped once the incumbent is provably within this fraction of the optimum.
 GAP_TOLERANCE = 0.005
 #: Candidates whose bound the fill relaxation tightens (weakest first; ~0.1-1 s each on 64 GPUs).
 FILL_ROUNDS = 8
+
+
+class Budget:
+    """The wall-clock budget of one planning call: ``limit_s`` seconds from its creation on ``clock``.
+
+    The planner asks :meth:`expired` between steps (a candidate's warm start and bounds, a round of local
+    search or of the fill relaxation, an integer program) and gives CP-SAT what is left
+    (:meth:`left_for_solve`). Once it has fired, every later step is skipped and :meth:`note` says where
+    (see [Note: determinism]). ``clock`` is injectable so tests can script the passing of time.
+    """
+
+    def __init__(self, limit_s: float, *, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.limit_s = limit_s
+        self.clock = clock
+        self.t0 = clock()
+        self.fired = ""
+        self.fired_at = 0.0
+
+    def elapsed(self) -> float:
+        """Seconds since the budget started."""
+        return self.clock() - self.t0
+
+    def left_for_solve(self) -> float:
+        """Seconds an integer program may take: what is left, less a reserve for building the plan."""
+        return self.limit_s * (1 - FINISH_RESERVE) - self.elapsed()
+
+    def fire(self, during: str) -> None:
+        """Record that the limit was reached during ``during`` (the first time only)."""
+        if not self.fired:
+            self.fired, self.fired_at = during, self.elapsed()
+
+    def expired(self, during: str) -> bool:
+        """Whether the limit is reached; the first time it is, remember ``during`` for the note."""
+        if not self.fired and self.elapsed() >= self.limit_s:
+            self.fire(during)
+        return bool(self.fired)
+
+    def note(self) -> str:
+        """The solver report's note once the limit fired ("" before)."""
+        if not self.fired:
+            return ""
+        return (
+            f"wall-clock limit of {self.limit_s:g} s reached during {self.fired} after {self.fired_at:.1f} s: "
+            "the remaining steps were skipped, so this plan and its bound may differ from a run on a less "
+            "loaded machine (a larger time limit avoids it)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,11 +287,47 @@ def build_problem(
                 for p in params
             ]
     lat_s = [2 * (cand.dp - 1) * lk.latency_s for lk in g.links]
+    # torch.distributed.pipelining's Schedule1F1B needs at least as many microbatches as stages, and a
+    # plan the lowering cannot run is no plan (GPipe has no such limit).
+    total_groups = sum(t.count for t in g.types)
+    max_stages = max(
+        1,
+        min(
+            blocks.num_blocks,
+            total_groups,
+            cand.microbatches if cand.schedule == "1f1b" else total_groups,
+        ),
+    )
+    # Shared parameters read in two blocks or more (see ilp.SharedGroup): one more copy's all-reduce and
+    # optimizer step per class, and the holders' gradient sum by holder count per link (the network is
+    # shared by the dp replicas' rings, as in evaluate.layout_cost).
+    shared_raw: list[tuple[tuple[int, ...], float, list[float], list[list[float]]]] = []
+    for sp in cost.shared:
+        in_blocks = tuple(sorted({bisect.bisect_right(blocks.bounds, x) - 1 for x in sp.positions}))
+        if len(in_blocks) < 2:
+            continue
+        ar_one = [0.0] * len(ar_s)
+        for t in g.types:
+            lk = g.links[t.link]
+            ar_one[t.ar_class] = (
+                cost.allreduce_time(sp.nbytes, dp=cand.dp, link=lk)
+                - (2 * (cand.dp - 1) * lk.latency_s if cand.dp > 1 else 0.0)
+                + cost.optimizer_time(sp.nbytes, g.kinds[t.kind])
+            )
+        tied = [
+            [
+                cost.allreduce_time(sp.nbytes, dp=h, link=lk, streams=cand.dp if li == g.net_link else 1)
+                for h in range(max_stages + 1)
+            ]
+            for li, lk in enumerate(g.links)
+        ]
+        shared_raw.append((in_blocks, cost.state_bytes(sp.nbytes), ar_one, tied))
     # CP-SAT needs bounded integers: where communication dwarfs compute (slow links, tiny models) the unit
     # grows so that no coefficient passes MAX_COEFFICIENT (compute then has fewer than TIME_RESOLUTION
     # steps). Non-finite figures are rejected by name (check_cluster_figures catches the usual causes).
+    sh_times = [x for _, _, ar_one, tied in shared_raw for x in (ar_one, *tied)]
     biggest = max(
-        [float(np.max(np.abs(x))) for x in (*fwd, *bwd, *comm_s, *ar_s.values(), lat_s) if len(x)],
+        [float(np.max(np.abs(x))) for x in (*fwd, *bwd, *comm_s, *ar_s.values(), lat_s, *sh_times) if len(x)],
         default=0.0,
     )
     if not math.isfinite(biggest):
@@ -244,19 +355,18 @@ def build_problem(
             if hosts[h1].devices == hosts[h2].devices and hosts[h1].link == hosts[h2].link:
                 identical.append((h1, h2))
                 break
-    total_groups = sum(t.count for t in types)
+    shared = tuple(
+        SharedGroup(
+            blocks=in_blocks,
+            mem_kib=math.ceil(state / KIB),
+            ar=q(ar_one),
+            tied=tuple(q(t) for t in tied),
+        )
+        for in_blocks, state, ar_one, tied in shared_raw
+    )
     prob = StageProblem(
         num_blocks=blocks.num_blocks,
-        # torch.distributed.pipelining's Schedule1F1B needs at least as many microbatches as stages, and a
-        # plan the lowering cannot run is no plan (GPipe has no such limit).
-        max_stages=max(
-            1,
-            min(
-                blocks.num_blocks,
-                total_groups,
-                cand.microbatches if cand.schedule == "1f1b" else total_groups,
-            ),
-        ),
+        max_stages=max_stages,
         microbatches=cand.microbatches,
         schedule=cand.schedule,
         groups=tuple(types),
@@ -269,8 +379,24 @@ def build_problem(
         act_prefix=act,
         identical_hosts=tuple(identical),
         time_unit_s=unit,
+        shared=shared,
     )
     return prob, g
+
+
+def _solve_estimate_s(p: StageProblem, deterministic_s: float) -> float:
+    """Estimated wall seconds to build and solve ``p`` with a deterministic limit of ``deterministic_s``
+    (see ``SOLVE_S_PER_ELEMENT_VALUE``): CP-SAT's time here goes mostly into its element constraints, one
+    per stage slot and prefix array, each expanded into one literal per block boundary."""
+    arrays = (
+        len(p.fwd_prefix) * (2 if p.schedule == "gpipe" else 1)
+        + len(p.comm_prefix)
+        + len(p.ar_prefix)
+        + 2
+        + len(p.shared)
+    )
+    values = p.max_stages * (p.num_blocks + 1) * arrays
+    return values * (SOLVE_S_PER_ELEMENT_VALUE + deterministic_s * SOLVE_S_PER_VALUE_DET)
 
 
 def int_objective(p: StageProblem, stages: Sequence[tuple[int, int, int]]) -> int | None:
@@ -282,6 +408,17 @@ def int_objective(p: StageProblem, stages: Sequence[tuple[int, int, int]]) -> in
     n = len(stages)
     total_t, comm, z = 0, 0, 0
     t_max = f_max = b_max = 0
+    # Shared parameters (ilp (j)): the holders of each group, and their gradient sum's time.
+    held: list[list[int]] = [
+        [k for k, sh in enumerate(p.shared) if any(a <= b < e for b in sh.blocks)] if p.shared else []
+        for a, e, _ in stages
+    ]
+    tied = []
+    for k, sh in enumerate(p.shared):
+        holders = [s for s in range(n) if k in held[s]]
+        hosts = {p.groups[stages[s][2]].host for s in holders}
+        lk = p.net_link if len(hosts) > 1 else (p.groups[stages[holders[0]][2]].link if holders else 0)
+        tied.append(sh.tied[lk][len(holders)])
     for s, (a, e, gi) in enumerate(stages):
         if e <= a or (s and stages[s - 1][1] != a):
             return None
@@ -294,10 +431,23 @@ def int_objective(p: StageProblem, stages: Sequence[tuple[int, int, int]]) -> in
         total_t += f + bw
         t_max, f_max, b_max = max(t_max, f + bw), max(f_max, f), max(b_max, bw)
         inflight = p.microbatches if p.schedule == "gpipe" else min(n - s, p.microbatches)
-        mem = p.mem_prefix[e] - p.mem_prefix[a] + inflight * (p.act_prefix[e] - p.act_prefix[a])
+        copies = [k for k in held[s] if a > p.shared[k].blocks[0]]
+        mem = (
+            p.mem_prefix[e]
+            - p.mem_prefix[a]
+            + sum(p.shared[k].mem_kib for k in copies)
+            + inflight * (p.act_prefix[e] - p.act_prefix[a])
+        )
         if mem > g.cap_kib:
             return None
-        z = max(z, p.ar_prefix[g.ar_class][e] - p.ar_prefix[g.ar_class][a] + g.ar_latency)
+        z = max(
+            z,
+            p.ar_prefix[g.ar_class][e]
+            - p.ar_prefix[g.ar_class][a]
+            + g.ar_latency
+            + sum(p.shared[k].ar[g.ar_class] for k in copies)
+            + sum(tied[k] for k in held[s]),
+        )
         if s + 1 < n:
             nxt = p.groups[stages[s + 1][2]]
             lk = g.link if nxt.host == g.host else p.net_link
@@ -306,6 +456,11 @@ def int_objective(p: StageProblem, stages: Sequence[tuple[int, int, int]]) -> in
     m = p.microbatches
     steady = (m - 1) * (f_max + b_max) if p.schedule == "gpipe" else (m - 1) * t_max
     return total_t + steady + 2 * comm + z
+
+
+def _copies_kib(p: StageProblem, a: int, e: int) -> int:
+    """KiB of shared-parameter copies a stage over blocks ``[a, e)`` holds beyond ``mem_prefix``."""
+    return sum(sh.mem_kib for sh in p.shared if sh.blocks[0] < a and any(a <= b < e for b in sh.blocks))
 
 
 def _greedy(p: StageProblem) -> tuple[int, tuple[tuple[int, int, int], ...]] | None:
@@ -352,6 +507,9 @@ def _greedy(p: StageProblem) -> tuple[int, tuple[tuple[int, int, int], ...]] | N
             v = p.microbatches if p.schedule == "gpipe" else max(1, min(n_guess - s, p.microbatches))
             r = room(v)
             e = min(e, bisect.bisect_right(r, r[a] + g.cap_kib) - 1, nb)
+            # Copies of shared parameters whose first reader lies before the stage (ilp (j)).
+            while p.shared and e > a and r[e] - r[a] + _copies_kib(p, a, e) > g.cap_kib:
+                e -= 1
             if p.schedule == "1f1b" and s + 1 < len(slots):
                 # Leave room for this stage's round trip to the next one (it rides on the bottleneck).
                 lk = g.link if p.groups[slots[s + 1]].host == g.host else p.net_link
@@ -620,8 +778,8 @@ class _Relaxation:
         self.caps = caps
         self.max_stages = max_stages
 
-        # feasible() keeps only the smallest start per state, which dominates only if a cut's price never
-        # falls as the cut moves left: it uses the suffix minimum of each price (a relaxation of it).
+        # feasible() relies on a stage's earliest start never falling as its end moves right: it prices each
+        # cut at the suffix minimum of its price (a relaxation of it).
         def env(x: np.ndarray) -> np.ndarray:
             if nb < 2:
                 return x
@@ -630,76 +788,125 @@ class _Relaxation:
 
         self.rt_net_env = env(rt_net)
         self.pair_env = {key: (run, env(price)) for key, (run, price) in pair.items()}
+        # _feasible_pooled's price of a stage's cut: the cheapest link a stage of that kind can use (its
+        # host's, where the host has another group; else the network).
+        self.rt_kind = []
+        for k in kinds:
+            price = rt_net.copy()
+            if nb > 1 and sum(counts.values()) > 1:
+                for h in sorted({g.host for g in p.groups if g.kind == k}):
+                    if sum(g.count for g in p.groups if g.host == h) >= 2:
+                        link = next(g.link for g in p.groups if g.host == h)
+                        price = np.minimum(price, 2 * np.array(p.comm_prefix[link], dtype=np.int64))
+            self.rt_kind.append(env(price))
 
-    def feasible(self, limit: int) -> bool:
-        """Whether some relaxed layout has bottleneck <= ``limit``."""
-        nb = self.nb
-        m = self.m
-        kinds = self.kinds
-        nk = self.nk
-        tfb = self.tfb
-        mem = self.mem
-        act = self.act
-        gpipe = self.gpipe
-        zero = self.zero
-        pair = self.pair_env
-        rt_net = self.rt_net_env
-        rmax = self.rmax
-        radix = self.radix
-        span = self.span
-        caps = self.caps
-        max_stages = self.max_stages
+    def feasible(self, limit: int, *, runs: bool = False) -> bool:
+        """Whether some relaxed layout has bottleneck <= ``limit`` (see :func:`_min_bottleneck`).
+
+        With ``runs`` a walk from the last stage backwards whose state is (stages per kind, kind and length
+        of the current host run) and which keeps, per state, every boundary its suffix can start at;
+        without, the cheaper walk of :meth:`_feasible_pooled`."""
+        if not runs:
+            return self._feasible_pooled(limit)
+        nb, m, kinds, nk, tfb = self.nb, self.m, self.kinds, self.nk, self.tfb
+        idx = np.arange(nb + 1)
         cnt = np.zeros((1, len(kinds)), dtype=np.int64)
-        start = np.array([nb], dtype=np.int64)
         cur = np.array([-1], dtype=np.int64)
         run = np.array([0], dtype=np.int64)
-        for r in range(max_stages):
-            v = m if gpipe else min(r + 1, m)
-            room = mem + v * act
+        reach = np.zeros((1, nb + 1), dtype=bool)
+        reach[0, nb] = True
+        for r in range(self.max_stages):
+            v = m if self.gpipe else min(r + 1, m)
+            room = self.mem + v * self.act
             parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
             for i, k in enumerate(kinds):
                 ok = cnt[:, i] < nk[i]
                 if not ok.any():
                     continue
-                f = start[ok]
-                a_mem = np.searchsorted(room, room[f] - caps[k], side="left")
-                # (right stage's kind to continue a run with, or -1 for a new run; cut price): the last
-                # stage has no cut.
-                options = [(-1, zero)] if r == 0 else [(-1, rt_net)]
+                a_mem = np.searchsorted(room, room - self.caps[k], side="left")
+                # (kind of the stage to the right that a host run continues with, or -1 for a new run; cut
+                # price); the last stage sends nothing.
+                options = [(-1, self.zero)] if r == 0 else [(-1, self.rt_net_env)]
                 if r > 0:
-                    options += [(j, pair[i, j][1]) for j in range(len(kinds)) if (i, j) in pair]
+                    options += [
+                        (j, self.pair_env[i, j][1]) for j in range(len(kinds)) if (i, j) in self.pair_env
+                    ]
                 for j, rt in options:
-                    sel = (
-                        (cur[ok] == j) & (run[ok] < pair[i, j][0]) if j >= 0 else np.ones(len(f), dtype=bool)
-                    )
+                    sel = ok & ((cur == j) & (run < self.pair_env[i, j][0]) if j >= 0 else True)
                     if not sel.any():
                         continue
-                    fs = f[sel]
-                    on_t = zero if gpipe else rt
-                    a_time = np.searchsorted(tfb[i], tfb[i][fs] + on_t[fs] - limit, side="left")
-                    a = np.maximum(a_mem[sel], a_time)
-                    grow = a < fs
-                    if not grow.any():
-                        continue
-                    if (a[grow] == 0).any():
+                    on_t = self.zero if self.gpipe else rt
+                    # Stage [a, f) fits iff a >= a_min[f]; a_min never falls as f grows (prices are suffix
+                    # minima), so a is reachable iff the first reachable f above it admits it.
+                    a_min = np.maximum(a_mem, np.searchsorted(tfb[i], tfb[i] + on_t - limit, side="left"))
+                    marked = np.where(reach[sel], idx, nb + 1)
+                    nxt = np.minimum.accumulate(marked[:, ::-1], axis=1)[:, ::-1]
+                    above = np.concatenate([nxt[:, 1:], np.full((len(nxt), 1), nb + 1)], axis=1)
+                    new = (above <= nb) & (a_min[np.minimum(above, nb)] <= idx)
+                    if new[:, 0].any():
                         return True
-                    c2 = cnt[ok][sel][grow].copy()
+                    live = new.any(axis=1)
+                    if not live.any():
+                        continue
+                    c2 = cnt[sel][live].copy()
                     c2[:, i] += 1
-                    r2 = run[ok][sel][grow] + 1 if j >= 0 else np.ones(int(grow.sum()), dtype=np.int64)
-                    parts.append((c2, a[grow], np.full(len(r2), i, dtype=np.int64), r2))
+                    r2 = run[sel][live] + 1 if j >= 0 else np.ones(int(live.sum()), dtype=np.int64)
+                    parts.append((c2, np.full(len(r2), i, dtype=np.int64), r2, new[live]))
+            if not parts:
+                return False
+            cnt_all = np.concatenate([x[0] for x in parts])
+            cur_all = np.concatenate([x[1] for x in parts])
+            run_all = np.concatenate([x[2] for x in parts])
+            reach_all = np.concatenate([x[3] for x in parts])
+            keys = cnt_all @ self.radix + self.span * (cur_all * self.rmax + run_all)
+            order = np.argsort(keys, kind="stable")
+            keys = keys[order]
+            heads = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+            first = order[heads]
+            reach = np.logical_or.reduceat(reach_all[order], heads, axis=0)
+            cnt, cur, run = cnt_all[first], cur_all[first], run_all[first]
+        return False
+
+    def _feasible_pooled(self, limit: int) -> bool:
+        """:meth:`feasible` with each stage's cut priced by the stage alone (its kind and position: the
+        cheapest link a stage of that kind can reach a neighbour over, as a suffix minimum). Then a state
+        is the number of stages per kind and only its smallest start matters: any continuation from a later
+        start, cut short at an earlier one, keeps or drops stages with no more time, memory or cut price.
+        A relaxation of the host runs (its prices are never higher), so its answer is never above theirs."""
+        nb, m, kinds, nk, tfb = self.nb, self.m, self.kinds, self.nk, self.tfb
+        cnt = np.zeros((1, len(kinds)), dtype=np.int64)
+        start = np.array([nb], dtype=np.int64)
+        for r in range(self.max_stages):
+            v = m if self.gpipe else min(r + 1, m)
+            room = self.mem + v * self.act
+            parts: list[tuple[np.ndarray, np.ndarray]] = []
+            for i, k in enumerate(kinds):
+                ok = cnt[:, i] < nk[i]
+                if not ok.any():
+                    continue
+                f = start[ok]
+                a_mem = np.searchsorted(room, room[f] - self.caps[k], side="left")
+                on_t = self.zero if (self.gpipe or r == 0) else self.rt_kind[i]
+                a_time = np.searchsorted(tfb[i], tfb[i][f] + on_t[f] - limit, side="left")
+                a = np.maximum(a_mem, a_time)
+                grow = a < f
+                if not grow.any():
+                    continue
+                if (a[grow] == 0).any():
+                    return True
+                c2 = cnt[ok][grow].copy()
+                c2[:, i] += 1
+                parts.append((c2, a[grow]))
             if not parts:
                 return False
             cnt_all = np.concatenate([x[0] for x in parts])
             st_all = np.concatenate([x[1] for x in parts])
-            cur_all = np.concatenate([x[2] for x in parts])
-            run_all = np.concatenate([x[3] for x in parts])
-            keys = cnt_all @ radix + span * (cur_all * rmax + run_all)
-            uniq, inv = np.unique(keys, return_inverse=True)
+            uniq, inv = np.unique(cnt_all @ self.radix, return_inverse=True)
             best = np.full(len(uniq), nb, dtype=np.int64)
             np.minimum.at(best, inv, st_all)
             first = np.zeros(len(uniq), dtype=np.int64)
             first[inv[::-1]] = np.arange(len(inv))[::-1]
-            cnt, start, cur, run = cnt_all[first], best, cur_all[first], run_all[first]
+            cnt, start = cnt_all[first], best
         return False
 
     def min_fill(self, limit: int) -> float:
@@ -798,7 +1005,7 @@ def _fill_bound(p: StageProblem, t_star: int, upper: int, cells: int = 3) -> int
     return min(upper, math.floor(best))
 
 
-def _min_bottleneck(p: StageProblem, upper: int | None = None) -> int | None:
+def _min_bottleneck(p: StageProblem, upper: int | None = None, *, runs: bool = False) -> int | None:
     """A lower bound on the bottleneck of every layout (1F1B: ``max_s T_s + 2 c_s``; GPipe: ``Fmax + Bmax``
     >= ``max_s T_s``), or None if no layout fits memory.
 
@@ -807,19 +1014,31 @@ def _min_bottleneck(p: StageProblem, upper: int | None = None) -> int | None:
     under 1F1B (``M`` under GPipe) whatever the stage count, so memory is checked exactly. Each kind's groups
     are pooled (kind-``k`` stages at most ``n_k``); under 1F1B a cut between two stages of one host (a
     *run*, at most as long as a host offering both kinds has groups) pays the cheapest such host's link,
-    any other cut the network. A state is (stages per kind, kind and length of the current run); its value
-    the smallest boundary the suffix can start at (a stage can only grow leftwards while time and memory
-    allow, so the smallest start dominates once each cut price is replaced by its suffix minimum). ``T`` is feasible if some state reaches boundary 0.
-    ``upper``: a bottleneck known to be feasible (saves steps).
+    any other cut the network, each price replaced by its suffix minimum. A state is (stages per kind, kind
+    and length of the current run) and keeps *every* boundary its suffix can start at: keeping only the
+    smallest is not safe, because a shorter suffix may have to drop a stage, which changes who neighbours
+    whom and so the price of a cut (found by the brute-force test). ``T`` is feasible if some state reaches
+    boundary 0. ``upper``: a bottleneck known to be feasible (saves steps). Shared parameters' extra copies
+    are left out (more memory only), so the bound stays a bound.
     """
     rel = _Relaxation(p)
-    tfb, feasible = rel.tfb, rel.feasible
+    tfb = rel.tfb
+
+    def feasible(limit: int) -> bool:
+        return rel.feasible(limit, runs=runs)
+
     hi = int(max(int(t[-1]) for t in tfb) + 2 * int(max(max(c) for c in p.comm_prefix)) + 1)
     if upper is not None and upper < hi and feasible(upper):
         hi = upper
     elif not feasible(hi):
         return None
-    lo = 0
+    # Every layout has a stage holding the largest block (on its fastest kind): no smaller bottleneck is
+    # feasible, so the search may start there (same answer, fewer steps); with host runs, no bottleneck
+    # below the pooled relaxation's is either.
+    lo = min(hi, max(int(min(t[j + 1] - t[j] for t in tfb)) for j in range(p.num_blocks)))
+    if runs:
+        pooled = _min_bottleneck(p, hi)
+        lo = max(lo, pooled if pooled is not None else hi)
     while lo < hi:
         mid = (lo + hi) // 2
         if feasible(mid):
@@ -888,21 +1107,36 @@ def _lp_bound(p: StageProblem, c_min: float, c_fill: float = 0.0, t_min: int = 0
     t_lo = float(max(t_min, max(min(t[k][j] for k in kinds) for j in range(nb))))
     bottleneck = solver.NumVar(t_lo, max(big, t_lo), "T")
     z = solver.NumVar(lat_min, solver.infinity(), "Z")
+    # Rows are built coefficient by coefficient: the natural (operator) API took most of the planner's
+    # preparation time on 160-block models.
+    inf = solver.infinity()
     for j in range(nb):
-        solver.Add(sum(x[j, k] for k in kinds) == 1)
+        row = solver.Constraint(1.0, 1.0)
+        for k in kinds:
+            row.SetCoefficient(x[j, k], 1.0)
     for k in kinds:
-        solver.Add(
-            sum(t[k][j] * x[j, k] for j in range(nb)) <= counts[k] * (bottleneck - 2 * c_min) + 2 * c_min
-        )
-        solver.Add(sum(mem[j] * x[j, k] for j in range(nb)) <= caps[k])
-        solver.Add(sum(mem[j] * x[j, k] for j in range(nb)) <= n[k] * cap_max[k])
-        solver.Add(counts[k] * (z - lat_min) >= sum(ar[k][j] * x[j, k] for j in range(nb)))
-    solver.Minimize(
-        sum(t[k][j] * x[j, k] for j in range(nb) for k in kinds)
-        + (m - 1) * bottleneck
-        + 2 * c_fill * (sum(n.values()) - 1)
-        + z
-    )
+        time_row = solver.Constraint(-inf, 2 * c_min * (1 - counts[k]))
+        cap_row = solver.Constraint(-inf, float(caps[k]))
+        stages_row = solver.Constraint(-inf, 0.0)
+        ar_row = solver.Constraint(counts[k] * lat_min, inf)
+        for j in range(nb):
+            time_row.SetCoefficient(x[j, k], float(t[k][j]))
+            cap_row.SetCoefficient(x[j, k], float(mem[j]))
+            stages_row.SetCoefficient(x[j, k], float(mem[j]))
+            ar_row.SetCoefficient(x[j, k], -float(ar[k][j]))
+        time_row.SetCoefficient(bottleneck, -float(counts[k]))
+        stages_row.SetCoefficient(n[k], -float(cap_max[k]))
+        ar_row.SetCoefficient(z, float(counts[k]))
+    obj = solver.Objective()
+    for j in range(nb):
+        for k in kinds:
+            obj.SetCoefficient(x[j, k], float(t[k][j]))
+    obj.SetCoefficient(bottleneck, float(m - 1))
+    for k in kinds:
+        obj.SetCoefficient(n[k], 2 * c_fill)
+    obj.SetCoefficient(z, 1.0)
+    obj.SetOffset(-2 * c_fill)
+    obj.SetMinimization()
     status = solver.Solve()
     if status == pywraplp.Solver.INFEASIBLE:
         return math.inf
@@ -935,24 +1169,28 @@ class SearchResult:
 def _precheck(cost: CostModel, cluster: Cluster, blocks: Blocks) -> None:
     """Fail early, and precisely, when no layout can fit whatever the batch split."""
     g = cost.graph
-    need = cost.state_bytes(g.param_bytes or int(cost.param_prefix[-1]))
+    biggest = max(k.usable_memory_bytes for k in cluster.kinds.values())
+    forced = _forced_copies(cost, biggest)
+    copies = sum(cost.state_bytes(sp.nbytes) for sp, _ in forced)
+    need = cost.state_bytes(g.param_bytes or int(cost.param_prefix[-1])) + copies
     have = cluster.total_memory_bytes()
     per = cost.state_per_param
     if need > have:
         raise InfeasiblePlanError(
-            f"model {g.name!r} needs at least {need / GIB:.1f} GiB across devices for parameters, gradients "
-            f"and optimizer state ({per} bytes per parameter with {cost.dtype} {cost.optimizer}); cluster "
-            f"{cluster.name!r} has {have / GIB:.1f} GiB usable ({(need - have) / GIB:.1f} GiB short)"
+            f"model {g.name!r} needs at least {format_bytes(need)} across devices for parameters, gradients "
+            f"and optimizer state ({per} bytes per parameter with {cost.dtype} {cost.optimizer}"
+            + (f"; {format_bytes(copies)} of it for second copies of shared parameters" if forced else "")
+            + f"); cluster {cluster.name!r} has {format_bytes(have)} usable ({format_bytes(need - have)} short)"
+            + ("; " + _copies_text(cost, forced, biggest) if forced else "")
         )
-    biggest = max(k.usable_memory_bytes for k in cluster.kinds.values())
     for i in range(blocks.num_blocks):
         a, e = blocks.bounds[i], blocks.bounds[i + 1]
         m = cost.stage_memory(a, e, microbatch=1, inflight=1)
         if m > biggest:
             raise InfeasiblePlanError(
-                f"block {i} ({blocks.labels[i]}, nodes {a}..{e - 1}) alone needs {m / GIB:.2f} GiB (state and "
-                f"one sample's activations) but the largest device has {biggest / GIB:.2f} GiB usable "
-                f"({(m - biggest) / GIB:.2f} GiB short); cuts fall only between blocks"
+                f"block {i} ({blocks.labels[i]}, nodes {a}..{e - 1}) alone needs {format_bytes(m)} (state and "
+                f"one sample's activations) but the largest device has {format_bytes(biggest)} usable "
+                f"({format_bytes(m - biggest)} short); cuts fall only between blocks"
             )
 
 
@@ -968,10 +1206,12 @@ def search(
     progress: Callable[[SolverProgress], None] | None = None,
     max_blocks: int = 160,
     extra: Sequence[tuple[str, Sequence[StageSpec], Candidate]] = (),
+    budget: Budget | None = None,
 ) -> SearchResult:
     """Find the best layout over all candidates (see module docstring). ``extra`` layouts (e.g. the
-    baselines) compete too, so the result is never worse than any of them."""
-    t0 = time.perf_counter()
+    baselines) compete too, so the result is never worse than any of them. ``budget``: the wall-clock
+    budget of the whole planning call (by default ``time_limit_s`` from now; see [Note: determinism])."""
+    budget = budget or Budget(time_limit_s)
     cluster = cost.cluster
     check_cluster_figures(cluster, dtype=cost.dtype)
     blocks = coarsen(graph, max_blocks=max_blocks)
@@ -981,6 +1221,7 @@ def search(
     scheds = [schedule] if schedule else ["1f1b", "gpipe"]
     cands: list[tuple[Candidate, StageProblem, _Groups, int, tuple[int, tuple] | None]] = []
     memory_short = 0
+    unexplored = 0  # candidates the wall-clock limit left out (their bound is unknown: 0)
     for dp, sched in itertools.product(candidate_dp(cluster, global_batch, microbatches), scheds):
         groups = _groups(cluster, dp)
         total_groups = sum(t.count for t in groups.types)
@@ -988,6 +1229,9 @@ def search(
         for m in candidate_microbatches(
             per, max_stages=min(blocks.num_blocks, total_groups), fixed=microbatches
         ):
+            if budget.expired("the warm starts and bounds of the candidates"):
+                unexplored += 1
+                continue
             cand = Candidate(dp, m, per // m, sched)
             prob, _ = build_problem(cost, blocks, cand, groups)
             # Every replica holds its stage's whole state: if all groups together cannot hold one copy of
@@ -997,12 +1241,12 @@ def search(
                 continue
             gr = _greedy(prob)
             cands.append((cand, prob, groups, _lower_bound(prob, gr[0] if gr else None), gr))
-    if not cands and memory_short:
+    if not cands and memory_short and not unexplored:
         raise InfeasiblePlanError(
             (schedule == "1f1b" and _why_1f1b(cost, blocks, global_batch, microbatches))
             or _why_infeasible(cost, cluster, blocks, global_batch)
         )
-    if not cands:
+    if not cands and not unexplored:
         raise PlanError(
             f"no data-parallel degree and microbatch count divide global_batch {global_batch}"
             + (f" into {microbatches} microbatches" if microbatches else "")
@@ -1020,6 +1264,8 @@ def search(
         key=lambda i: (cands[i][4][0] * cands[i][1].time_unit_s, i),  # type: ignore[index]
     )
     for i in first[:IMPROVE_TOP]:
+        if budget.expired("the local search"):
+            break
         cand, prob, groups, lb, gr = cands[i]
         cands[i] = (cand, prob, groups, lb, _improve(prob, gr))  # type: ignore[arg-type]
     best: tuple[float, list[StageSpec], Candidate, IterationCost, str, int, float] | None = None
@@ -1040,7 +1286,7 @@ def search(
     # rounds, not a clock, so the plan and its report do not depend on the machine's load.
     tightened: set[int] = set()
     for _ in range(FILL_ROUNDS):
-        if best is None:
+        if best is None or budget.expired("the fill relaxation"):
             break
         open_ = [i for i in range(len(cands)) if cands[i][3] < INFEASIBLE_BOUND and lb_s(i) < best[0]]
         if not open_:
@@ -1051,7 +1297,7 @@ def search(
         tightened.add(i)
         cand, prob, groups, lb, gr = cands[i]
         upper = math.floor(best[0] / prob.time_unit_s)
-        t_star = _min_bottleneck(prob, upper // max(1, prob.microbatches) + 1)
+        t_star = _min_bottleneck(prob, upper // max(1, prob.microbatches) + 1, runs=True)
         new_lb = INFEASIBLE_BOUND if t_star is None else _fill_bound(prob, t_star, upper)
         cands[i] = (cand, prob, groups, max(lb, new_lb), gr)
 
@@ -1066,9 +1312,23 @@ def search(
     promising = [i for i in small if best is None or lb_s(i) < best[0]]
     # Tiny models (brute-force sizes) take milliseconds: solve them all; the rest share the time limit.
     tiny = [i for i in promising if cands[i][1].max_stages * cands[i][1].num_blocks <= TINY_MODEL]
-    to_solve = tiny + [i for i in promising if i not in tiny][:MAX_SOLVES]
-    share = time_limit_s / max(1, len(to_solve))
-    bounds: list[float] = []
+    # The others, most promising first, while their estimated wall time fits SOLVE_SHARE of the limit: a
+    # decision from the inputs alone, so a loaded machine solves the same programs (see [Note: determinism]).
+    det_each = min(MAX_DETERMINISTIC_S, max(MIN_DETERMINISTIC_S, DETERMINISTIC_SHARE * time_limit_s))
+    allowance = SOLVE_SHARE * time_limit_s - sum(_solve_estimate_s(cands[i][1], det_each) for i in tiny)
+    chosen: list[int] = []
+    over_budget = 0
+    for i in [i for i in promising if i not in tiny][:MAX_SOLVES]:
+        est = _solve_estimate_s(cands[i][1], det_each)
+        if est > allowance:
+            over_budget += 1
+            continue
+        chosen.append(i)
+        allowance -= est
+    to_solve = tiny + chosen
+    # The integer programs' deterministic work depends on the time limit alone (the same on any load); the
+    # wall clock only caps it (see [Note: determinism]).
+    bounds: list[float] = [0.0] if unexplored else []
     statuses: dict[str, int] = {}
     notes: list[str] = []
     # The bound over all candidates before any solve: once the incumbent is within GAP_TOLERANCE of it, the
@@ -1100,21 +1360,28 @@ def search(
                 key = "TOO_LARGE"
             statuses[key] = statuses.get(key, 0) + 1
             continue
-        # Only the deterministic work limit decides (same plan on any load); the wall-clock limit is a
-        # generous safety net against a runaway solve, and the notes say when it fired.
-        left = SAFETY_FACTOR * share + 0.5
+        label = f"dp={cand.dp} m={cand.microbatches} {cand.schedule}"
+        left = budget.left_for_solve()
+        if left <= 0:
+            budget.fire(f"the integer programs (before {label})")
+        if budget.expired(f"the integer programs (before {label})"):
+            bounds.append(lb * unit)
+            statuses["NOT_SOLVED"] = statuses.get("NOT_SOLVED", 0) + 1
+            continue
+        # Only the deterministic work limit decides (same plan on any load); the wall clock is what is left
+        # of the time limit, and the notes say when it cut a solve short.
         sol: StageSolution = solve_stage_problem(
             prob,
             hint=gr[1] if gr else None,
             workers=workers,
-            deterministic_time=max(0.05, DETERMINISTIC_SHARE * share),
+            deterministic_time=det_each,
             time_limit_s=left,
             progress=progress,
-            label=f"dp={cand.dp} m={cand.microbatches}",
+            label=label,
         )
         statuses[sol.status] = statuses.get(sol.status, 0) + 1
         if sol.seconds >= left * 0.98:
-            notes.append(f"dp={cand.dp} m={cand.microbatches}: stopped by the wall-clock safety limit")
+            budget.fire(f"the integer program {label}")
         proven = sol.status in ("OPTIMAL", "FEASIBLE", "INFEASIBLE")
         if sol.status == "INFEASIBLE" and proven:
             continue
@@ -1127,12 +1394,21 @@ def search(
             best = (it.iteration_time_s, specs, cand, it, "cp-sat", sol.objective, unit)
     for name, specs_x, cand_x in extra:
         it = seconds(cand_x, specs_x)
-        if best is not None and it.iteration_time_s < best[0] - 1e-12:
+        if best is None and math.isfinite(it.iteration_time_s):
+            # Only a baseline fits (its devices in rank order may span hosts, outside the search's scope),
+            # or the time limit stopped the search first.
+            notes.append(f"the {name} layout is the only one found ({it.iteration_time_s:.4g} s)")
+            best = (it.iteration_time_s, list(specs_x), cand_x, it, name, 0, 0.0)
+            bounds.append(0.0)  # nothing proven about layouts the search did not reach
+            statuses["NO_SEARCH_LAYOUT"] = 1
+        elif best is not None and it.iteration_time_s < best[0] - 1e-12:
             notes.append(
                 f"the {name} layout beat the solver's ({it.iteration_time_s:.4g} s < {best[0]:.4g} s)"
             )
             best = (it.iteration_time_s, list(specs_x), cand_x, it, name, 0, 0.0)
-    elapsed = time.perf_counter() - t0
+    elapsed = budget.elapsed()
+    if best is None and budget.fired:
+        raise PlanError(f"no plan found within the time limit of {budget.limit_s:g} s: {budget.note()}")
     if best is None:
         raise InfeasiblePlanError(
             (schedule == "1f1b" and _why_1f1b(cost, blocks, global_batch, microbatches))
@@ -1142,14 +1418,33 @@ def search(
     bound = min(bounds) if bounds else total
     bound = min(bound, total)
     gap = max(0.0, (total - bound) / total) if total > 0 else 0.0
-    exact = all(k in ("OPTIMAL", "INFEASIBLE", "LP_INFEASIBLE", "PRUNED") for k in statuses)
+    exact = not unexplored and all(
+        k in ("OPTIMAL", "INFEASIBLE", "LP_INFEASIBLE", "PRUNED") for k in statuses
+    )
     status = "OPTIMAL" if exact else "FEASIBLE"
     summary = ", ".join(f"{k.lower()} {v}" for k, v in sorted(statuses.items()))
     notes.insert(
         0,
-        f"{len(cands)} candidates (dp x microbatches x schedule): {summary}; best from {source}"
+        f"{len(cands) + unexplored} candidates (dp x microbatches x schedule): {summary}"
+        + (f", unexplored {unexplored}" if unexplored else "")
+        + f"; best from {source}"
         + (f"; {memory_short} more cannot hold the model's state" if memory_short else ""),
     )
+    if over_budget:
+        notes.append(
+            f"{over_budget} integer program(s) left to the warm start: their estimated solve time does not "
+            f"fit {SOLVE_SHARE:.0%} of the {time_limit_s:g} s time limit (a larger limit solves them)"
+        )
+    if budget.fired:
+        notes.append(budget.note())
+    unsized = cost.graph.unsized_shared_names()
+    if unsized:
+        notes.append(
+            f"the graph gives no parameter sizes (schema 1 or hand-built): {len(unsized)} names read by "
+            f"several nodes ({', '.join(unsized[:3])}{', ...' if len(unsized) > 3 else ''}) are counted once, "
+            "in the stage of their first reader; a stage that reads a parameter holds a copy of it, so "
+            "re-trace the model with this distplan to price those copies"
+        )
     report = SolverReport(
         solver="cp-sat",
         status=status,
@@ -1193,22 +1488,58 @@ def _why_1f1b(cost: CostModel, blocks: Blocks, global_batch: int, microbatches: 
     return None
 
 
+def _forced_copies(cost: CostModel, biggest: int) -> list[tuple[SharedParam, int]]:
+    """Shared parameters that no single stage can hold with all their readers (nodes first..last of them
+    need more than the largest device with one sample in flight): every layout holds them at least twice.
+    Each comes with that one-stage need."""
+    out = []
+    for sp in cost.shared:
+        together = cost.stage_memory(sp.positions[0], sp.positions[-1] + 1, microbatch=1, inflight=1)
+        if together > biggest:
+            out.append((sp, together))
+    return out
+
+
+def _copies_text(cost: CostModel, forced: Sequence[tuple[SharedParam, int]], biggest: int) -> str:
+    nodes = cost.graph.nodes
+    parts = []
+    for sp, together in forced:
+        where = " and ".join(f"{p} ({nodes[p].name})" for p in sp.positions[:3])
+        more = f" and {len(sp.positions) - 3} more" if len(sp.positions) > 3 else ""
+        parts.append(
+            f"{', '.join(sp.names)} ({format_bytes(sp.nbytes)}; {format_bytes(cost.state_bytes(sp.nbytes))} "
+            f"with gradients and optimizer state) is read by nodes {where}{more}: one stage holding all of them "
+            f"needs at least {format_bytes(together)} (largest device {format_bytes(biggest)}), so at least two "
+            "stages hold a copy"
+        )
+    return "; ".join(parts)
+
+
 def _why_infeasible(cost: CostModel, cluster: Cluster, blocks: Blocks, global_batch: int) -> str:
-    """The smallest shortfall: every device filled to capacity, one sample in flight per stage."""
-    need = cost.state_bytes(int(cost.param_prefix[-1])) + float(cost.act_prefix[-1])
+    """The smallest shortfall: every device filled to capacity, one sample in flight per stage, and a second
+    copy of every shared parameter no single stage can hold with its readers."""
+    biggest = max(k.usable_memory_bytes for k in cluster.kinds.values())
+    forced = _forced_copies(cost, biggest)
+    copies = sum(cost.state_bytes(sp.nbytes) for sp, _ in forced)
+    need = cost.state_bytes(int(cost.param_prefix[-1])) + float(cost.act_prefix[-1]) + copies
     have = cluster.total_memory_bytes()
     msg = (
         f"no layout of {cost.graph.name!r} fits cluster {cluster.name!r}: parameters, gradients, optimizer "
-        f"state and one sample's activations need at least {need / GIB:.1f} GiB, the cluster has "
-        f"{have / GIB:.1f} GiB usable"
+        f"state and one sample's activations need at least {format_bytes(need)}"
+        + (f" (with {format_bytes(copies)} for second copies of shared parameters)" if forced else "")
+        + f", the cluster has {format_bytes(have)} usable"
     )
     if need > have:
-        return msg + f" ({(need - have) / GIB:.1f} GiB short)"
-    return msg + (
-        "; the stages cannot be balanced into the devices' memory "
-        f"(largest device {max(k.usable_memory_bytes for k in cluster.kinds.values()) / GIB:.1f} GiB, "
-        f"{blocks.num_blocks} blocks); try a larger global batch split, bf16, or more devices"
-    )
+        msg += f" ({format_bytes(need - have)} short)"
+    else:
+        msg += (
+            "; the stages cannot be balanced into the devices' memory "
+            f"(largest device {format_bytes(biggest)}, {blocks.num_blocks} blocks); try a larger global batch "
+            "split, bf16, or more devices"
+        )
+    if forced:
+        msg += "; " + _copies_text(cost, forced, biggest)
+    return msg
 
 
 #: Figures the planner accepts (per device / link); outside them the integer program's units degenerate.
@@ -1281,6 +1612,7 @@ def plan(
     workers: int = 2,
     progress: Callable[[SolverProgress], None] | None = None,
     baselines: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Plan:
     """The fastest plan the search finds for ``graph`` on ``cluster`` (checked, deterministic).
 
@@ -1291,6 +1623,12 @@ def plan(
     The plan's ``solver`` report carries status, objective, bound, gap and seconds; ``baselines`` maps
     each baseline's name to its predicted iteration time (None where it does not fit).
 
+    ``time_limit_s`` bounds the whole call's wall time (baselines, warm starts, bounds, integer programs);
+    the answer is decided by deterministic work limits sized well inside it, so the same request gives the
+    same plan and report on a quiet or a busy machine. Only if the machine is so slow that the limit is
+    reached does the search stop early, and the report's notes say so (see [Note: determinism]).
+    ``clock``: the wall clock the limit is measured on (tests script it).
+
         >>> from distplan.planner.synthetic import synthetic_transformer
         >>> g = synthetic_transformer(layers=4, hidden=512, heads=8, seq=256, vocab=1000)
         >>> p = plan(g, cluster="a100x4-t4x4", global_batch=8, time_limit_s=2)
@@ -1298,6 +1636,7 @@ def plan(
     """
     from .baselines import baseline_layouts
 
+    budget = Budget(time_limit_s, clock=clock)
     _validate(global_batch, microbatches, schedule, time_limit_s, workers)
     if not graph.nodes:
         raise PlanError(f"graph {graph.name!r} has no nodes")
@@ -1315,7 +1654,14 @@ def plan(
     )
     cost = CostModel(graph, c, dtype=dtype, optimizer=optimizer)
     base = (
-        baseline_layouts(graph, cost, global_batch=global_batch, microbatches=microbatches, schedule=schedule)
+        baseline_layouts(
+            graph,
+            cost,
+            global_batch=global_batch,
+            microbatches=microbatches,
+            schedule=schedule,
+            stop=lambda: budget.expired("the baselines"),
+        )
         if baselines
         else {}
     )
@@ -1330,6 +1676,7 @@ def plan(
         workers=workers,
         progress=progress,
         extra=extra,
+        budget=budget,
     )
     cand = res.candidate
     return build_plan(

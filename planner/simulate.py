@@ -8,8 +8,9 @@ Each stage runs its schedule's fixed order of forward (F) and backward (B) steps
 
 A step starts when its device is free and its input has arrived: ``F(s, j)`` needs ``F(s-1, j)`` plus the
 activation send, ``B(s, j)`` needs ``B(s+1, j)`` plus the gradient send. Sends are asynchronous (they
-delay the receiver, they do not block the sender). After its last backward a stage all-reduces its
-gradients among its replicas and runs the optimizer step. All replicas of a stage run in lockstep.
+delay the receiver, they do not block the sender). After its last backward a stage sums the gradients of
+parameters it shares with other stages (tied weights), all-reduces its gradients among its replicas and
+runs the optimizer step. All replicas of a stage run in lockstep.
 
 The closed form of ``cost.iteration_time`` (the plan's prediction and the integer program's objective)
 bounds this simulation from above: GPipe's phases are exact flow shops, and the only slack is the tail
@@ -99,9 +100,11 @@ def simulate(plan: Plan, graph: OpGraph | None = None) -> Timeline:
             raise PlanError("the schedule deadlocks (no stage can make progress); this is a distplan bug")
     for s, st in enumerate(stages):
         t = free[s]
-        if st.allreduce_time_s > 0:
-            raw.append((s, "allreduce", -1, t, t + st.allreduce_time_s))
-            t += st.allreduce_time_s
+        # The shared-parameter (tied) all-reduce runs first, then the data-parallel one: one event.
+        ar = st.tied_allreduce_time_s + st.allreduce_time_s
+        if ar > 0:
+            raw.append((s, "allreduce", -1, t, t + ar))
+            t += ar
         kind = cluster.kinds[st.kind]
         opt = st.param_bytes / elem * per_param / kind.memory_bandwidth_bytes_s
         raw.append((s, "optimizer", -1, t, t + opt))

@@ -11,6 +11,7 @@ across each layer as a skip connection).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -116,12 +117,16 @@ def synthetic_transformer(
         t(batch, seq, hidden),
         bytes_moved=2 * x_bytes,
         param_bytes=emb_params,
+        params=("model.embed_tokens.weight",),
         activation_bytes=tokens * 8,
     )
+
+    sizes: dict[str, int] = {"model.embed_tokens.weight": emb_params}
 
     def linear(nm: str, module: str, src: str, fin: int, fout: int) -> str:
         w = fin * fout * _F32
         flops = 2 * tokens * fin * fout
+        sizes[f"{module}.weight"] = w
         return add(
             nm,
             module,
@@ -132,10 +137,12 @@ def synthetic_transformer(
             bwd_flops=2 * flops,
             bytes_moved=w + tokens * (fin + fout) * _F32,
             param_bytes=w,
+            params=(f"{module}.weight",),
             activation_bytes=tokens * fin * _F32,
         )
 
     def norm(nm: str, module: str, src: str) -> str:
+        sizes[f"{module}.weight"] = 2 * hidden * _F32  # weight and bias, one name for both
         return add(
             nm,
             module,
@@ -146,6 +153,7 @@ def synthetic_transformer(
             bwd_flops=10 * tokens * hidden,
             bytes_moved=2 * x_bytes,
             param_bytes=2 * hidden * _F32,
+            params=(f"{module}.weight",),
             activation_bytes=x_bytes,
         )
 
@@ -199,7 +207,11 @@ def synthetic_transformer(
             bytes_moved=3 * x_bytes,
         )
     h = norm("final_norm", "model.norm", x)
+    # Tied: the head reads the embedding matrix (its first reader, the embedding, carries the bytes).
     head_params = 0 if tied_embeddings else vocab * hidden * _F32
+    head_name = "model.embed_tokens.weight" if tied_embeddings else "lm_head.weight"
+    if not tied_embeddings:
+        sizes[head_name] = head_params
     logits_flops = 2 * tokens * hidden * vocab
     logits = add(
         "lm_head",
@@ -211,6 +223,7 @@ def synthetic_transformer(
         bwd_flops=2 * logits_flops,
         bytes_moved=vocab * hidden * _F32 + tokens * (hidden + vocab) * _F32,
         param_bytes=head_params,
+        params=(head_name,),
         activation_bytes=x_bytes,
     )
     loss = add(
@@ -231,12 +244,20 @@ def synthetic_transformer(
         outputs=(loss,),
         num_params=total // _F32,
         meta={"batch": batch, "seq": seq, "tracer": "synthetic"},
+        param_sizes=sizes,
     )
 
 
-def random_chain_graph(seed: int, *, nodes: int = 6, skip_prob: float = 0.3, scale: float = 1.0) -> OpGraph:
+def random_chain_graph(
+    seed: int, *, nodes: int = 6, skip_prob: float = 0.3, scale: float = 1.0, shared: int = 0
+) -> OpGraph:
     """A random chain of ``nodes`` ops (each its own module, so each is one block), with random FLOPs,
-    parameters, activations and occasional skip connections; sizes are GPU-scale (GFLOPs, hundreds of MB)."""
+    parameters, activations and occasional skip connections; sizes are GPU-scale (GFLOPs, hundreds of MB).
+
+    ``shared`` parameters (``s0``, ``s1``, ...) are each read by 2-3 random ops, like a tied embedding and
+    output projection; their first reader carries their bytes (see [Note: shared parameters] in
+    ``distplan.graph``). They are drawn after everything else, so a graph's other figures do not depend on
+    ``shared``."""
     rng = random.Random(seed)
     out: list[OpNode] = []
     for i in range(nodes):
@@ -262,9 +283,25 @@ def random_chain_graph(seed: int, *, nodes: int = 6, skip_prob: float = 0.3, sca
                 activation_bytes=int(rng.uniform(0.05, 2.0) * 2**30 * scale) if i else 0,
             )
         )
+    sizes: dict[str, int] = {}
+    extra = random.Random(seed + 7919)
+    for k in range(shared):
+        readers = sorted(extra.sample(range(1, nodes), min(nodes - 1, extra.choice((2, 2, 3)))))
+        name = f"s{k}"
+        sizes[name] = int(extra.uniform(0.1, 2.0) * 2**30 * scale)
+        for j, i in enumerate(readers):
+            n = out[i]
+            out[i] = dataclasses.replace(
+                n, params=(*n.params, name), param_bytes=n.param_bytes + (sizes[name] if j == 0 else 0)
+            )
     total = sum(n.param_bytes for n in out)
     return make_graph(
-        f"random-{seed}", out, outputs=(out[-1].name,), num_params=total // 4, meta={"batch": 1}
+        f"random-{seed}",
+        out,
+        outputs=(out[-1].name,),
+        num_params=total // 4,
+        meta={"batch": 1},
+        param_sizes=sizes if shared else None,
     )
 
 

@@ -4,7 +4,10 @@ Two levels: (1) each candidate's CP-SAT model (``ilp.solve_stage_problem``) reac
 of its own integer data, enumerated over every partition and every assignment of group types;
 (2) the whole planner's plan is as fast as the best of every layout in its scope (stages of ``dp``
 same-kind devices on one host, each device once, every dp and microbatch count), priced by the float
-cost model, within the integer program's rounding.
+cost model, within the integer program's rounding. Both levels run again on graphs with shared
+parameters (a weight read in several places, like a tied embedding and output projection: every stage
+reading it holds a copy and sums its gradient with the others), and every bound the search reports is
+checked to stay below the exhaustive optimum.
 """
 
 from __future__ import annotations
@@ -33,6 +36,15 @@ from distplan.planner.search import (
 from distplan.planner.synthetic import random_chain_graph, random_cluster
 
 SEEDS = range(24)
+#: Graphs with 1-2 shared parameters whose optimum (per candidate) holds one in two stages or more, so the
+#: copies and the holders' gradient sum are really priced; each test asserts that it happens.
+SHARED_SEEDS = (204, 205, 206, 209, 213, 215, 222, 223, 225, 226, 228, 229, 230, 231, 233, 235)
+#: The same for whole plans (level 2): the plan found holds a shared parameter in two stages or more.
+SHARED_PLAN_SEEDS = (403, 404, 407, 410, 412, 414, 415, 426)
+
+
+def _holders(prob, stages, k: int) -> int:
+    return sum(any(a <= b < e for b in prob.shared[k].blocks) for a, e, _ in stages)
 
 
 def _compositions(nb: int, parts: int):
@@ -74,15 +86,15 @@ def _brute_bottleneck(prob) -> int | None:
     return best
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_integer_program_matches_exhaustive_search(seed: int) -> None:
-    graph = random_chain_graph(seed, nodes=7 + seed % 2, scale=0.4)
+@pytest.mark.parametrize(("seed", "shared"), [(s, 0) for s in SEEDS] + [(s, 1 + s % 2) for s in SHARED_SEEDS])
+def test_integer_program_matches_exhaustive_search(seed: int, shared: int) -> None:
+    graph = random_chain_graph(seed, nodes=7 + seed % 2, scale=0.4, shared=shared)
     cluster = random_cluster(seed)
     cost = CostModel(graph, cluster, dtype="bf16" if seed % 3 == 0 else "fp32")
     blocks = coarsen(graph, max_blocks=8)
     assert blocks.num_blocks <= 8
     global_batch = 4
-    checked = 0
+    checked = split = 0
     for dp in candidate_dp(cluster, global_batch):
         for m in candidate_microbatches(global_batch // dp, max_stages=4):
             schedule = "gpipe" if (seed + m) % 4 == 0 else "1f1b"
@@ -91,21 +103,28 @@ def test_integer_program_matches_exhaustive_search(seed: int) -> None:
             expected = _brute_int(prob)
             sol = solve_stage_problem(prob, workers=1, deterministic_time=20.0, time_limit_s=60.0)
             t_star = _min_bottleneck(prob)
+            t_runs = _min_bottleneck(prob, runs=True)
             if expected is None:
                 assert sol.status == "INFEASIBLE", (dp, m)
                 continue
-            # the bottleneck bound is a bound, and proves infeasibility only where nothing fits
-            assert t_star is not None and t_star <= _brute_bottleneck(prob), (dp, m, t_star)
+            # the bottleneck bounds are bounds (host runs the tighter), and prove infeasibility only where
+            # nothing fits
+            assert t_star is not None and t_runs is not None, (dp, m)
+            assert t_star <= t_runs <= _brute_bottleneck(prob), (dp, m, t_star, t_runs)
             # the fill relaxation's bound too, whatever incumbent it is given
             for upper in (expected, expected + 1, 2 * expected, 10 * expected):
-                assert _fill_bound(prob, t_star, upper) <= expected, (dp, m, upper)
+                assert _fill_bound(prob, t_runs, upper) <= expected, (dp, m, upper)
             # the bounds the search reports must be bounds: LP/fluid relaxation <= the true optimum
             assert _lower_bound(prob) <= expected, (dp, m)
             assert sol.status == "OPTIMAL", (dp, m, sol.status)
             assert sol.objective == expected, (dp, m, sol.objective, expected)
             assert int_objective(prob, sol.stages) == expected
             checked += 1
+            split += any(_holders(prob, sol.stages, k) > 1 for k in range(len(prob.shared)))
     assert checked >= 1
+    if shared:
+        assert sum(len(sp.names) for sp in cost.shared) == shared
+        assert split >= 1, "no optimum held a shared parameter twice: the seed no longer tests it"
 
 
 def _scope_layouts(cluster, nb_bounds, dp):
@@ -136,10 +155,12 @@ def _scope_layouts(cluster, nb_bounds, dp):
                     yield stages
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_plan_is_as_fast_as_every_layout_in_scope(seed: int) -> None:
-    graph = random_chain_graph(100 + seed, nodes=6, scale=0.4)
-    cluster = random_cluster(100 + seed)
+@pytest.mark.parametrize(
+    ("seed", "shared"), [(100 + s, 0) for s in range(12)] + [(s, 1 + s % 2) for s in SHARED_PLAN_SEEDS]
+)
+def test_plan_is_as_fast_as_every_layout_in_scope(seed: int, shared: int) -> None:
+    graph = random_chain_graph(seed, nodes=6, scale=0.4, shared=shared)
+    cluster = random_cluster(seed)
     global_batch = 4
     cost = CostModel(graph, cluster)
     bounds = coarsen(graph, max_blocks=8).bounds
@@ -169,6 +190,12 @@ def test_plan_is_as_fast_as_every_layout_in_scope(seed: int) -> None:
     assert got >= best * (1 - 1e-9)
     assert p.solver.status == "OPTIMAL"
     assert p.solver.gap <= 1e-4
+    if shared:
+        # Every holder carries the copy and the gradient sum; the plan says so per stage.
+        holders = [s for s in p.stages if s.shared_param_bytes > 0]
+        assert len(holders) >= 2, p.layout
+        assert all(s.tied_allreduce_time_s > 0 for s in holders)
+        p.check(graph)
 
 
 def test_1f1b_plans_never_have_more_stages_than_microbatches() -> None:
@@ -194,7 +221,7 @@ def _random_problem(seed: int):
     along the model, hosts mixing kinds, tight memory."""
     import random
 
-    from distplan.planner.ilp import GroupType, StageProblem
+    from distplan.planner.ilp import GroupType, SharedGroup, StageProblem
 
     rng = random.Random(seed)
     nb = rng.randint(3, 6)
@@ -219,9 +246,26 @@ def _random_problem(seed: int):
     m = rng.choice((1, 2, 3, 4))
     schedule = rng.choice(("1f1b", "gpipe"))
     total = sum(g.count for g in groups)
+    max_stages = max(1, min(nb, total, m if schedule == "1f1b" else total))
+    shared = []
+    # Shared parameters (ilp.SharedGroup): copies cost memory and all-reduce time; holders sum gradients.
+    for _ in range(rng.choice((0, 1, 1, 2))):
+        readers = tuple(sorted(rng.sample(range(nb), rng.randint(2, min(3, nb)))))
+        per_h = rng.randint(1, 30)
+        shared.append(
+            SharedGroup(
+                blocks=readers,
+                mem_kib=rng.randint(1, 60),
+                ar=tuple(rng.randint(0, 8) for _ in groups),
+                tied=tuple(
+                    tuple(0 if h < 2 else per_h * (h - 1) + rng.randint(0, 4) for h in range(max_stages + 1))
+                    for _ in range(hosts + 1)
+                ),
+            )
+        )
     return StageProblem(
         num_blocks=nb,
-        max_stages=max(1, min(nb, total, m if schedule == "1f1b" else total)),
+        max_stages=max_stages,
         microbatches=m,
         schedule=schedule,
         groups=tuple(groups),
@@ -232,6 +276,7 @@ def _random_problem(seed: int):
         net_link=hosts,
         mem_prefix=prefix(5, 40),
         act_prefix=prefix(1, 20),
+        shared=tuple(shared),
     )
 
 
@@ -239,12 +284,18 @@ def _random_problem(seed: int):
 def test_bounds_hold_on_raw_integer_data(seed: int) -> None:
     prob = _random_problem(seed)
     expected = _brute_int(prob)
+    if expected is not None:
+        # The integer program agrees with the exhaustive search on this data too (shared groups included).
+        sol = solve_stage_problem(prob, workers=1, deterministic_time=20.0, time_limit_s=60.0)
+        assert (sol.status, sol.objective) == ("OPTIMAL", expected)
     t_star = _min_bottleneck(prob)
     if expected is None:
         assert _lower_bound(prob) >= 0
         return
-    assert t_star is not None and t_star <= _brute_bottleneck(prob), (t_star, _brute_bottleneck(prob))
+    t_runs = _min_bottleneck(prob, runs=True)
+    assert t_star is not None and t_runs is not None
+    assert t_star <= t_runs <= _brute_bottleneck(prob), (t_star, t_runs, _brute_bottleneck(prob))
     assert _lower_bound(prob) <= expected
     assert _lower_bound(prob, expected) <= expected
     for upper in (expected, expected + 1, 3 * expected):
-        assert _fill_bound(prob, t_star, upper) <= expected, upper
+        assert _fill_bound(prob, t_runs, upper) <= expected, upper

@@ -7,6 +7,7 @@ import pytest
 from distplan.errors import InfeasiblePlanError, PlanError
 from distplan.planner import plan
 from distplan.planner.synthetic import synthetic_transformer
+from distplan.units import format_bytes
 
 GRAPH = synthetic_transformer(layers=2, hidden=256, heads=4, seq=64, vocab=500)
 KIND = {"name": "x", "memory_gib": 80, "memory_bandwidth_gbyte_s": 2000, "peak_tflops": {"fp32": 100}}
@@ -59,8 +60,13 @@ def test_absurd_figures_are_named(cluster: dict, words: str) -> None:
 
 
 def test_one_byte_of_memory_is_infeasible_with_the_shortfall() -> None:
-    with pytest.raises(InfeasiblePlanError, match="GiB short"):
+    # Sizes in the unit that shows them (not "0.0 GiB"): 16 bytes per fp32 Adam parameter, 4 devices x 1 B.
+    need = format_bytes(4 * GRAPH.param_bytes)
+    with pytest.raises(InfeasiblePlanError) as e:
         plan(GRAPH, cluster=_cluster(kind=_kind(memory_bytes=1)), global_batch=4, time_limit_s=2)
+    assert f"needs at least {need} across devices" in str(e.value)
+    assert f"has 4 B usable ({format_bytes(4 * GRAPH.param_bytes - 4)} short)" in str(e.value)
+    assert need.endswith(" MiB")
 
 
 @pytest.mark.parametrize(

@@ -34,15 +34,17 @@ def test_planner_never_imports_torch() -> None:
 
 
 def test_plan_is_checked_and_beats_baselines_on_a_mixed_cluster(gpt2_xl) -> None:
-    p = plan(gpt2_xl, cluster="a100x4-t4x4", global_batch=32, time_limit_s=5)
+    p = plan(gpt2_xl, cluster="a100x4-t4x4", global_batch=32)
     p.check(gpt2_xl)
     assert set(p.baselines) == set(BASELINES)
     fitted = [v for v in p.baselines.values() if v is not None]
     assert fitted, "some baseline should fit 4 A100 + 4 T4"
     # A100 vs T4 differ ~3x in fp32: the planner balances by speed, the rank-order pipelines cannot, and
-    # adding 4 T4 to 4 A100 adds at most a third of compute over pure data parallelism on the A100s.
+    # adding 4 T4 to 4 A100 adds at most a third of compute over pure data parallelism on the A100s. GPT-2
+    # ties its embedding and output projection: a pipeline holds that matrix twice (and sums its gradient
+    # between the two holders), which data parallelism does not, so the gain is smaller than a third.
     assert p.predictions.iteration_time_s * 1.5 <= p.baselines["equal_layers"]
-    assert p.predictions.iteration_time_s * 1.1 <= min(fitted)
+    assert p.predictions.iteration_time_s * 1.05 <= min(fitted)
     assert p.solver.objective_s == pytest.approx(p.predictions.iteration_time_s)
     assert p.solver.bound_s <= p.solver.objective_s * (1 + 1e-9)
     assert 0.0 <= p.solver.gap <= 0.05
@@ -57,8 +59,7 @@ def test_homogeneous_cluster_never_slower_than_any_baseline(small_transformer) -
 
 
 def test_plan_is_deterministic(gpt2_xl) -> None:
-    # A generous limit: CP-SAT stops on its deterministic work limit (a fraction of it), long before the
-    # wall-clock safety net could cut it short on a loaded CI machine.
+    # CP-SAT stops on its deterministic work limit, long before the wall-clock limit could cut it short.
     a = plan(gpt2_xl, cluster="a100x8-v100x8", global_batch=32, time_limit_s=20, workers=2)
     b = plan(gpt2_xl, cluster="a100x8-v100x8", global_batch=32, time_limit_s=20, workers=2)
     assert _stable(a) == _stable(b)
@@ -116,8 +117,8 @@ def test_infeasible_model_names_the_shortfall() -> None:
     huge = synthetic_transformer("llama-13b", seq=512)
     with pytest.raises(
         InfeasiblePlanError,
-        match=r"needs at least 1\d\d\.\d GiB across devices for parameters, gradients and optimizer state "
-        r"\(16 bytes per parameter with fp32 adam\); cluster 'cpu-local' has 88\.0 GiB usable \(\d+\.\d GiB short\)",
+        match=r"needs at least 1\d\d GiB across devices for parameters, gradients and optimizer state "
+        r"\(16 bytes per parameter with fp32 adam\); cluster 'cpu-local' has 88 GiB usable \(\d+(\.\d)? GiB short\)",
     ):
         plan(huge, cluster="cpu-local", global_batch=8)
 
@@ -283,20 +284,117 @@ def _burn(seconds: float) -> None:
 
 
 def test_plan_is_deterministic_on_a_loaded_machine(small_transformer) -> None:
-    # A short limit, and the second run competes with two busy processes: only CP-SAT's deterministic work
-    # limit may decide, never the wall clock.
+    # The default time limit, and the second run competes with two busy processes: the deterministic work
+    # (sized well inside the limit) decides, never the wall clock, so plan and solver report are equal.
     import multiprocessing as mp
 
-    a = plan(small_transformer, cluster="mixed-4host", global_batch=16, time_limit_s=2, workers=2)
+    a = plan(small_transformer, cluster="mixed-4host", global_batch=16, workers=2)
     ctx = mp.get_context("spawn")
-    hogs = [ctx.Process(target=_burn, args=(20.0,)) for _ in range(2)]
+    hogs = [ctx.Process(target=_burn, args=(60.0,)) for _ in range(2)]
     for h in hogs:
         h.start()
     try:
-        b = plan(small_transformer, cluster="mixed-4host", global_batch=16, time_limit_s=2, workers=2)
+        b = plan(small_transformer, cluster="mixed-4host", global_batch=16, workers=2)
     finally:
         for h in hogs:
             h.terminate()
             h.join()
     assert _stable(a) == _stable(b)
-    assert not any("safety" in n for n in a.solver.notes + b.solver.notes)
+    assert not any("wall-clock limit" in n for n in a.solver.notes + b.solver.notes)
+
+
+class _ScriptedClock:
+    """A wall clock that advances ``step`` seconds each time it is read (the planner reads it between
+    steps), so a test can make the time limit run out at a known point, whatever the machine's speed."""
+
+    def __init__(self, step: float) -> None:
+        self.t = 0.0
+        self.step = step
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        self.t += self.step
+        return self.t
+
+
+def test_a_time_limit_reached_early_stops_the_search_and_says_so(gpt2_xl) -> None:
+    from distplan.planner import ilp, search
+
+    solves = []
+    real = search.solve_stage_problem
+
+    def counting(*a, **kw):  # type: ignore[no-untyped-def]
+        solves.append(kw["time_limit_s"])
+        return real(*a, **kw)
+
+    # 20 reads of the clock make the 2 s limit: one per baseline (4), then one per candidate's warm start
+    # and bounds, so it runs out about half-way through the 34 candidates.
+    clock = _ScriptedClock(0.1)
+    search.solve_stage_problem = counting  # type: ignore[assignment]
+    try:
+        p = plan(gpt2_xl, cluster="mixed-4host", global_batch=64, time_limit_s=2, clock=clock)
+    finally:
+        search.solve_stage_problem = real  # type: ignore[assignment]
+    assert ilp.solve_stage_problem is real
+    p.check(gpt2_xl)
+    assert solves == [], "no integer program starts once the limit is reached"
+    assert p.solver.status == "FEASIBLE"
+    (note,) = [n for n in p.solver.notes if "wall-clock limit" in n]
+    assert note.startswith(
+        "wall-clock limit of 2 s reached during the warm starts and bounds of the candidates"
+    )
+    assert "may differ from a run on a less loaded machine" in note
+    import re
+
+    unexplored = re.search(r"unexplored (\d+)", p.solver.notes[0])
+    assert p.solver.notes[0].startswith("34 candidates") and unexplored, p.solver.notes[0]
+    assert 10 < int(unexplored.group(1)) < 34
+    # Candidates the search did not reach have no bound: the gap says nothing is proven about them.
+    assert p.solver.bound_s == 0.0 and p.solver.gap == 1.0
+
+
+def test_a_stopped_clock_never_cuts_the_deterministic_work_short(small_transformer) -> None:
+    # Frozen time: the limit is never reached, and the plan equals the one made on the real clock.
+    frozen = plan(small_transformer, cluster="mixed-4host", global_batch=16, clock=lambda: 0.0)
+    real = plan(small_transformer, cluster="mixed-4host", global_batch=16)
+    assert _stable(frozen) | {"solver": None} == _stable(real) | {"solver": None}
+    assert {k: v for k, v in frozen.solver.to_dict().items() if k != "seconds"} == {
+        k: v for k, v in real.solver.to_dict().items() if k != "seconds"
+    }
+
+
+def test_the_time_limit_bounds_the_whole_planning_call(gpt2_xl) -> None:
+    # gpt2-xl on 16 GPUs takes several seconds of deterministic work; a 1 s limit stops it. The slack
+    # covers the one step that may be running when the limit passes (well under a second here, even on a
+    # loaded machine).
+    import time
+
+    t0 = time.perf_counter()
+    p = plan(gpt2_xl, cluster="mixed-4host", global_batch=64, time_limit_s=1)
+    wall = time.perf_counter() - t0
+    assert wall < 1 + 2.0, wall
+    assert any("wall-clock limit of 1 s reached" in n for n in p.solver.notes)
+    p.check(gpt2_xl)
+
+
+def test_a_small_model_ends_on_its_deterministic_limit() -> None:
+    # The 6-block model of the report: CP-SAT proves it optimal in well under a second (it used to run
+    # until the wall clock stopped it, 5-20 s, and then gave the same plan: a worker ignored its
+    # deterministic limit). A wall limit of 30 s per solve and a 15 s check leave room for any load.
+    from distplan.planner.synthetic import random_chain_graph, random_cluster
+
+    graph, cluster = random_chain_graph(102, nodes=6, scale=0.4), random_cluster(102)
+    p = plan(graph, cluster=cluster, global_batch=4, baselines=False, time_limit_s=100)
+    assert p.solver.status == "OPTIMAL" and p.solver.gap == 0.0
+    assert p.solver.seconds < 15, p.solver.seconds
+    assert not any("wall-clock limit" in n for n in p.solver.notes)
+
+
+def test_short_limits_solve_fewer_integer_programs_deterministically(gpt2_xl) -> None:
+    # Which programs are solved follows from the request (their estimated cost against the limit), not
+    # from the clock: a 1 s budget leaves gpt2-xl's 160-block programs to the warm start, and says so.
+    p = plan(gpt2_xl, cluster="a100x8-v100x8", global_batch=32, time_limit_s=1, clock=lambda: 0.0)
+    assert any("left to the warm start" in n for n in p.solver.notes)
+    q = plan(gpt2_xl, cluster="a100x8-v100x8", global_batch=32, time_limit_s=1, clock=lambda: 0.0)
+    assert _stable(p) == _stable(q)
