@@ -74,7 +74,8 @@ class PlanRequest:
         dtype: compute dtype; ``bf16``/``fp16`` mean mixed precision with fp32 master weights.
         optimizer: optimizer whose state is counted in memory.
         microbatches / schedule: fixed by the user, or ``None`` for the planner to choose.
-        time_limit_s: solver time limit.
+        time_limit_s: wall-clock limit of the whole planning call, in seconds (the planner sizes its
+            deterministic work well inside it; see [Note: determinism] in ``distplan.planner.search``).
     """
 
     graph_name: str
