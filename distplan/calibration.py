@@ -203,6 +203,11 @@ class DeviceCalibration:
         matmul / attention: per matmul precision (:data:`PRECISIONS`) the forward and backward seconds of
             a matrix multiply / fused attention against forward FLOPs. A precision not listed was not
             measured: the cost model prices it from the datasheet and says so.
+        stream: forward and backward seconds of a one-token linear against bytes moved, its weights read
+            from memory (not from a cache): how fast weights stream. A matmul costs at least this for its
+            bytes, which decides small-batch matmuls (see ``distplan.profiler.compute``, [Note: cold weights]).
+        cache_bytes: the last-level cache one rank has (a GPU's L2; a CPU socket's last level over the ranks
+            sharing it), for reference.
         attention_kernel: the scaled-dot-product-attention kernel the device ran (:data:`ATTENTION_KERNELS`);
             ``math`` stores the score matrix for the backward.
         microbatch_fwd_s / microbatch_bwd_s: the pipeline runtime's fixed cost of one microbatch's forward /
@@ -217,6 +222,8 @@ class DeviceCalibration:
     ops: Mapping[str, OpTimes]
     matmul: Mapping[str, OpTimes]
     attention: Mapping[str, OpTimes] = field(default_factory=dict)
+    stream: OpTimes | None = None
+    cache_bytes: int = 0
     attention_kernel: str = "math"
     microbatch_fwd_s: float = 0.0
     microbatch_bwd_s: float = 0.0
@@ -246,6 +253,8 @@ class DeviceCalibration:
                 raise _E(f"{f}: expected a number >= 0, got {v!r}")
         if self.threads < 1:
             raise _E(f"threads: expected an integer >= 1, got {self.threads}")
+        if self.cache_bytes < 0:
+            raise _E(f"cache_bytes: expected an integer >= 0, got {self.cache_bytes}")
 
     @property
     def fused_attention(self) -> bool:
@@ -269,6 +278,8 @@ class DeviceCalibration:
             "ops": {k: v.to_dict() for k, v in self.ops.items()},
             "matmul": {k: v.to_dict() for k, v in self.matmul.items()},
             "attention": {k: v.to_dict() for k, v in self.attention.items()},
+            "stream": None if self.stream is None else self.stream.to_dict(),
+            "cache_bytes": self.cache_bytes,
             "attention_kernel": self.attention_kernel,
             "microbatch_fwd_s": self.microbatch_fwd_s,
             "microbatch_bwd_s": self.microbatch_bwd_s,
@@ -294,6 +305,8 @@ class DeviceCalibration:
                 ops=table("ops", True),
                 matmul=table("matmul", True),
                 attention=table("attention", False),
+                stream=None if m.get("stream") is None else OpTimes.from_dict(m["stream"], f"{path}.stream"),
+                cache_bytes=get_int(m, "cache_bytes", path, _E, 0),
                 attention_kernel=get_str(m, "attention_kernel", path, _E, "math"),
                 microbatch_fwd_s=get_float(m, "microbatch_fwd_s", path, _E, 0.0),
                 microbatch_bwd_s=get_float(m, "microbatch_bwd_s", path, _E, 0.0),

@@ -280,9 +280,10 @@ def measure(
     config_overrides: Mapping[str, Any] | None = None,
     threads: int = 1,
     max_ranks: int | None = None,
+    device: str = "cpu",
     timeout_s: float = 600.0,
 ) -> MeasuredRun:
-    """Run ``plan`` for real on this host's CPU, one process per rank over gloo, and measure it.
+    """Run ``plan`` for real on this host, one process per rank (gloo on CPU, NCCL on CUDA), and measure it.
 
     Each rank lowers the plan (:func:`distplan.lowering.lower`), trains ``warmup + steps`` iterations on a
     seeded batch, the ranks starting each iteration together (a barrier), and keeps what each measured
@@ -295,8 +296,9 @@ def measure(
         steps / warmup: measured and discarded iterations.
         config_overrides: config fields replaced when building the model.
         threads: compute threads per rank (``OMP_NUM_THREADS``, ``torch.set_num_threads``).
-        max_ranks: the most processes to start; default the CPU cores / ``threads``, so that ranks do not
-            share a core (times measured under contention say nothing about the plan).
+        max_ranks: the most processes to start; default the CPU cores / ``threads`` (on CUDA the GPUs), so
+            that ranks do not share a core (times measured under contention say nothing about the plan).
+        device: ``cpu`` or ``cuda`` (rank ``r`` on GPU ``r``).
         timeout_s: limit for the whole run.
 
     Returns:
@@ -307,14 +309,22 @@ def measure(
     """
     if steps < 1 or warmup < 0:
         raise LoweringError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if device not in ("cpu", "cuda"):
+        raise LoweringError(f"device must be 'cpu' or 'cuda', got {device!r}")
     world = plan.world_size
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    limit = max_ranks if max_ranks is not None else max(1, cores // max(1, threads))
-    if world > limit:
-        raise LoweringError(
-            f"the plan has {world} ranks but this host runs at most {limit} without sharing a core "
-            f"({cores} cores, {threads} thread(s) per rank); measure a smaller plan or pass max_ranks"
-        )
+    if device == "cuda":
+        gpus = torch.cuda.device_count()
+        limit = max_ranks if max_ranks is not None else gpus
+        if world > min(limit, gpus):
+            raise LoweringError(f"the plan has {world} ranks but this host has {gpus} GPU(s), one per rank")
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        limit = max_ranks if max_ranks is not None else max(1, cores // max(1, threads))
+        if world > limit:
+            raise LoweringError(
+                f"the plan has {world} ranks but this host runs at most {limit} without sharing a core "
+                f"({cores} cores, {threads} thread(s) per rank); measure a smaller plan or pass max_ranks"
+            )
     import distplan
 
     with tempfile.TemporaryDirectory(prefix="distplan-measure-") as tmp:
@@ -327,6 +337,7 @@ def measure(
             "warmup": warmup,
             "config_overrides": dict(config_overrides or {}),
             "threads": threads,
+            "device": device,
             "out": str(d / "times.json"),
             "timeout_s": timeout_s,
         }
@@ -401,12 +412,16 @@ def _rank_main(config_path: str) -> int:
     cfg = json.loads(Path(config_path).read_text())
     torch.set_num_threads(int(cfg["threads"]))
     plan = Plan.from_dict(cfg["plan"])
-    dist.init_process_group("gloo", timeout=timedelta(seconds=float(cfg["timeout_s"])))
+    device = cfg.get("device", "cpu")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=float(cfg["timeout_s"])))
     kw: dict[str, Any] = {"seq": cfg["seq"]} if cfg["seq"] is not None else {}
     runner = lower(
         plan,
         cfg["model"],
-        device="cpu",
+        device=device,
         check_graph=False,
         config_overrides=cfg["config_overrides"] or None,
         timeout_s=float(cfg["timeout_s"]),

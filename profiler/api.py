@@ -51,10 +51,11 @@ def profile(
 ) -> Calibration:
     """Measure what the cost model needs on this machine and return it as a :class:`Calibration`.
 
-    The compute part (matmul and attention per precision, memory-bound ops, fixed per-op and per-microbatch
-    costs, optimizer steps; see ``distplan.profiler.compute``) is measured in this process; the link part
-    (point-to-point, all-reduce, all-gather, reduce-scatter; ``distplan.profiler.links``) between ``ranks``
-    processes started on this host over the backend distplan uses there (NCCL on CUDA, gloo on CPU).
+    The compute part (matmul and attention per precision, weight streaming, memory-bound ops, fixed per-op
+    and per-microbatch costs, optimizer steps; see ``distplan.profiler.compute``) and the link part
+    (point-to-point, all-reduce, all-gather, reduce-scatter; ``distplan.profiler.links``) are measured on
+    ``ranks`` processes started on this host, all computing at once as a plan's ranks do, over the backend
+    distplan uses there (NCCL on CUDA, gloo on CPU); with one rank, in this process and without a link.
 
     Args:
         kind: the device-kind name the calibration is for, as the cluster YAML names it (e.g.
@@ -76,7 +77,7 @@ def profile(
     import torch
 
     from .compute import _cpu_name, measure_device
-    from .links import measure_link
+    from .ranks import measure_ranks
 
     if mode not in MODES:
         raise CalibrationError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -104,12 +105,26 @@ def profile(
     created = time.strftime("%Y-%m-%dT%H:%M:%S")
     source = f"distplan profile ({mode}) on {host}, {created}" + (f", {Path(out).name}" if out else "")
     t0 = time.perf_counter()
-    dev = measure_device(
-        device=device, budget=budget, precisions=precisions, threads=threads, progress=progress, source=source
-    )
     link = None
-    if ranks >= 2:
-        link = measure_link(world=ranks, device=device, budget=budget, progress=progress, source=source)
+    if ranks >= 2 and threads in (None, 1):
+        dev, link = measure_ranks(
+            world=ranks, device=device, budget=budget, precisions=precisions, progress=progress, source=source
+        )
+        assert dev is not None
+    else:
+        # One rank, or ranks of several threads each: measure the device here, the link on its own.
+        dev = measure_device(
+            device=device,
+            budget=budget,
+            precisions=precisions,
+            threads=threads,
+            progress=progress,
+            source=source,
+        )
+        if ranks >= 2:
+            _, link = measure_ranks(
+                world=ranks, device=device, budget=budget, with_device=False, progress=progress, source=source
+            )
     cal = Calibration(
         kind=kind,
         device=dev,

@@ -11,14 +11,26 @@ number a graph node carries: forward FLOPs ``2 T K N`` of a linear and ``4 B H S
 bytes moved = distinct inputs (weights included) + outputs. Memory-bound ops are timed in short chains
 (``CHAIN`` ops from one leaf) and divided, so the single gradient accumulation into the leaf is shared as
 it is in a real graph, where most ops feed other ops rather than leaves.
+
+[Note: cold weights]
+A layer's weights are read once per microbatch's forward and once in its backward, with every other
+layer's data in between: in a model larger than the cache they come from memory, not from the cache. So
+ops that read weights (linear, embedding, the one-token "stream" linear) rotate over a pool of distinct
+weight tensors holding together at least twice the last-level cache (:func:`cache_bytes`; at most
+``POOL_MAX`` tensors), forward and backward alike; activations stay as they are in a real graph, warm from
+the op that produced them. The one-token linear measures how fast weights stream (a matrix-vector
+product is bound by reading the matrix): the cost model prices a matmul at the slower of its FLOP curve and
+this streaming curve, which is what decides small-batch matmuls.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,10 +42,20 @@ from distplan.errors import CalibrationError
 
 from .budget import Budget
 
-__all__ = ["CHAIN", "Progress", "attention_kernel", "measure_device", "precisions_for"]
+__all__ = [
+    "CHAIN",
+    "POOL_MAX",
+    "Progress",
+    "attention_kernel",
+    "cache_bytes",
+    "measure_device",
+    "precisions_for",
+]
 
 #: Memory-bound ops per timed chain.
 CHAIN = 4
+#: Most distinct weight tensors a measurement rotates over (see [Note: cold weights]).
+POOL_MAX = 64
 #: Progress callback: (what is being measured, steps done, steps in all).
 Progress = Callable[[str, int, int], None]
 
@@ -111,27 +133,63 @@ def attention_kernel(device: torch.device, precision: str = "fp32") -> str:
     return names.get(choice, "math")
 
 
+def cache_bytes(device: torch.device) -> int:
+    """The last-level cache of ``device`` in bytes: the largest CPU cache level sysfs lists (whole socket),
+    or a GPU's L2; 32 MiB when it cannot be read."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 32 << 20)
+    best = 0
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for d in base.glob("index*"):
+        try:
+            text = (d / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best, int(digits) * mult)
+    return best or 32 << 20
+
+
+def _pool(nbytes_each: float, llc: int) -> int:
+    """How many distinct weights of ``nbytes_each`` to rotate over (see [Note: cold weights])."""
+    return max(1, min(POOL_MAX, math.ceil(2 * llc / max(nbytes_each, 1.0))))
+
+
 def _fwd_bwd(
-    fwd: Callable[[], torch.Tensor],
+    fwd: Callable[[], torch.Tensor] | Sequence[Callable[[], torch.Tensor]],
     budget: Budget,
     ctx: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     per: int = 1,
 ) -> tuple[float, float]:
-    """Forward and backward seconds of the op(s) ``fwd`` runs, divided by the ``per`` ops it chains."""
+    """Forward and backward seconds of the op(s) ``fwd`` runs, divided by the ``per`` ops it chains.
+
+    Given several callables (one per weight of a pool), successive calls rotate over them, forward and
+    backward alike (see [Note: cold weights])."""
+    fns = list(fwd) if isinstance(fwd, Sequence) else [fwd]
+    turn = itertools.cycle(range(len(fns)))
+
+    def one_fwd() -> torch.Tensor:
+        return fns[next(turn)]()
+
     with ctx():
-        tf = _median_s(fwd, budget)
-        out = fwd()
-    grad = torch.ones_like(out)
+        tf = _median_s(one_fwd, budget)
+        outs = [fn() for fn in fns]
+    grads = [torch.ones_like(o) for o in outs]
 
     def bwd() -> None:
-        torch.autograd.backward(out, grad, retain_graph=True)
+        i = next(turn)
+        torch.autograd.backward(outs[i], grads[i], retain_graph=True)
 
     tb = _median_s(bwd, budget)
     return tf / per, tb / per
 
 
 # ---------------------------------------------------------------------------------------------- classes
-def _matmul(device: torch.device, precision: str, budget: Budget, tick: Callable[[], None]) -> OpTimes:
+def _matmul(
+    device: torch.device, precision: str, budget: Budget, tick: Callable[[], None], llc: int
+) -> OpTimes:
     fwd_pts, bwd_pts = [], []
     prec = functools.partial(matmul_precision, precision, device)
     for target in _geometric(1e4, 1e14, budget.points_per_decade):
@@ -140,8 +198,8 @@ def _matmul(device: torch.device, precision: str, budget: Budget, tick: Callable
         h = max(4, round((target / 12) ** (1 / 3) / 4) * 4)
         t, k, n = 2 * h, h, 3 * h
         x = torch.randn(t, k, device=device, requires_grad=True)
-        w = torch.randn(n, k, device=device, requires_grad=True)
-        tf, tb = _fwd_bwd(functools.partial(F.linear, x, w), budget, prec)
+        ws = [torch.randn(n, k, device=device, requires_grad=True) for _ in range(_pool(4.0 * n * k, llc))]
+        tf, tb = _fwd_bwd([functools.partial(F.linear, x, w) for w in ws], budget, prec)
         flops = 2.0 * t * k * n
         fwd_pts.append((flops, tf))
         bwd_pts.append((flops, tb))
@@ -163,6 +221,24 @@ def _attention(device: torch.device, precision: str, budget: Budget, tick: Calla
         flops = 4.0 * heads * s * s * dim  # torch's FlopCounter formula for SDPA's forward (QK^T and PV)
         fwd_pts.append((flops, tf))
         bwd_pts.append((flops, tb))
+        tick()
+        if tf > budget.max_op_s:
+            break
+    return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
+
+
+def _stream(device: torch.device, budget: Budget, tick: Callable[[], None], llc: int) -> OpTimes:
+    """A one-token linear (matrix-vector product) against bytes moved (input + weight + output): how fast
+    cold weights stream, forward and backward (see [Note: cold weights])."""
+    fwd_pts, bwd_pts = [], []
+    for target in _geometric(1e3, 1e11, budget.points_per_decade):
+        k = max(4, round(math.sqrt(target / 4) / 4) * 4)
+        x = torch.randn(1, k, device=device, requires_grad=True)
+        ws = [torch.randn(k, k, device=device, requires_grad=True) for _ in range(_pool(4.0 * k * k, llc))]
+        tf, tb = _fwd_bwd([functools.partial(F.linear, x, w) for w in ws], budget)
+        nbytes = 4.0 * (k * k + 2 * k)
+        fwd_pts.append((nbytes, tf))
+        bwd_pts.append((nbytes, tb))
         tick()
         if tf > budget.max_op_s:
             break
@@ -271,7 +347,7 @@ def _norm_ops(device: torch.device) -> list[tuple[str, _Build]]:
     return [("layer_norm", layer_norm), ("softmax", softmax)]
 
 
-def _embedding(device: torch.device, budget: Budget, tick: Callable[[], None]) -> OpTimes:
+def _embedding(device: torch.device, budget: Budget, tick: Callable[[], None], llc: int) -> OpTimes:
     """Embedding: the forward reads only the gathered rows (keyed by output bytes); the backward writes a
     dense gradient as large as the table (keyed by bytes moved, the table included, as the tracer counts)."""
     fwd_pts, bwd_pts = [], []
@@ -279,9 +355,12 @@ def _embedding(device: torch.device, budget: Budget, tick: Callable[[], None]) -
     for target in _geometric(256, 1e10, budget.points_per_decade):
         tokens = max(1, int(target) // (4 * dim))
         vocab = 16 * tokens
-        w = torch.randn(vocab, dim, device=device, requires_grad=True)
         idx = torch.randint(0, vocab, (1, tokens), device=device)
-        tf, tb = _fwd_bwd(functools.partial(F.embedding, idx, w), budget)
+        tables = [
+            torch.randn(vocab, dim, device=device, requires_grad=True)
+            for _ in range(_pool(4.0 * vocab * dim, llc))
+        ]
+        tf, tb = _fwd_bwd([functools.partial(F.embedding, idx, w) for w in tables], budget)
         out_bytes = 4.0 * tokens * dim
         fwd_pts.append((out_bytes, tf))
         bwd_pts.append((4.0 * vocab * dim + 8.0 * tokens + out_bytes, tb))
@@ -333,17 +412,22 @@ def _microbatch_overhead(device: torch.device, budget: Budget) -> tuple[float, f
     A one-stage ``torch.distributed.pipelining`` schedule over a tiny module runs 1 and 8 microbatches,
     forward only (``eval``) and forward + backward (``step``); the slope per microbatch minus the module's
     and the loss's own op times is what the schedule adds (chunking, stage bookkeeping, autograd set-up).
-    Needs a process group of one rank; when this process already belongs to a larger group it is skipped.
+    The schedule runs in a process group of this rank alone: a fresh one-rank gloo group, or, inside a
+    larger job (every rank measuring at once), a one-rank subgroup per rank (every rank creates them all).
     """
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
     created = False
+    group = None
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         created = True
-    elif dist.get_world_size() != 1:
-        return 0.0, 0.0
+    elif dist.get_world_size() > 1:
+        for r in range(dist.get_world_size()):
+            g = dist.new_group([r])
+            if r == dist.get_rank():
+                group = g
     try:
         mod = torch.nn.Linear(8, 8).to(device)
 
@@ -353,7 +437,7 @@ def _microbatch_overhead(device: torch.device, budget: Budget) -> tuple[float, f
         def per_microbatch(forward_only: bool) -> float:
             times = []
             for m in (1, 8):
-                stage = PipelineStage(mod, 0, 1, device)
+                stage = PipelineStage(mod, 0, 1, device, group=group)
                 sched = ScheduleGPipe(stage, n_microbatches=m, loss_fn=loss_fn)
                 x = torch.randn(m, 8, device=device)
                 y = torch.randn(m, 8, device=device)
@@ -389,6 +473,8 @@ def measure_device(
     optimizers: Sequence[str] = ("adam", "adamw", "sgd"),
     progress: Progress | None = None,
     source: str = "",
+    barrier: Callable[[], None] | None = None,
+    sharing: int = 1,
 ) -> DeviceCalibration:
     """Measure this machine's ``device`` (``cpu``, ``cuda`` or ``cuda:N``) for the cost model.
 
@@ -401,6 +487,10 @@ def measure_device(
         optimizers: optimizers whose per-tensor step is measured.
         progress: called with (what, done, total) as measurements finish.
         source: provenance written into the result.
+        barrier: called before each op class, when several ranks measure at once (they start each class
+            together, so every measurement runs beside the others, as the ranks of a plan do).
+        sharing: ranks sharing this device's last-level cache while measuring (the CPU cores of a host);
+            the calibration records the cache per rank.
 
     Returns:
         The :class:`DeviceCalibration`.
@@ -431,7 +521,9 @@ def measure_device(
     torch.set_num_threads(threads)
     steps = {"n": 0}
     per_curve = max(2, math.ceil(10 * budget.points_per_decade))
-    total = per_curve * (2 * len(precs) + 3 + len(optimizers)) + 2
+    total = per_curve * (2 * len(precs) + 4 + len(optimizers)) + 2
+    llc = cache_bytes(dev)
+    sync = barrier or (lambda: None)
 
     def ticker(what: str) -> Callable[[], None]:
         def tick() -> None:
@@ -444,16 +536,29 @@ def measure_device(
     try:
         torch.manual_seed(0)
         with torch.random.fork_rng(devices=[]):
-            matmul = {p: _matmul(dev, p, budget, ticker(f"matmul {p}")) for p in precs}
-            attention = {p: _attention(dev, p, budget, ticker(f"attention {p}")) for p in precs}
-            ops = {
-                "elementwise": _memory_class(dev, budget, ticker("elementwise"), _elementwise_ops(dev)),
-                "norm": _memory_class(dev, budget, ticker("norm"), _norm_ops(dev)),
-                "embedding": _embedding(dev, budget, ticker("embedding")),
-                "view": _view(dev, budget),
-            }
-            opt = {name: _optimizer(dev, name, budget, ticker(f"optimizer {name}")) for name in optimizers}
+            matmul, attention = {}, {}
+            for p in precs:
+                sync()
+                matmul[p] = _matmul(dev, p, budget, ticker(f"matmul {p}"), llc)
+                sync()
+                attention[p] = _attention(dev, p, budget, ticker(f"attention {p}"))
+            sync()
+            stream = _stream(dev, budget, ticker("weight streaming"), llc)
+            ops = {}
+            sync()
+            ops["elementwise"] = _memory_class(dev, budget, ticker("elementwise"), _elementwise_ops(dev))
+            sync()
+            ops["norm"] = _memory_class(dev, budget, ticker("norm"), _norm_ops(dev))
+            sync()
+            ops["embedding"] = _embedding(dev, budget, ticker("embedding"), llc)
+            sync()
+            ops["view"] = _view(dev, budget)
+            opt = {}
+            for name in optimizers:
+                sync()
+                opt[name] = _optimizer(dev, name, budget, ticker(f"optimizer {name}"))
             ticker("pipeline overhead")()
+            sync()
             mb_f, mb_b = _microbatch_overhead(dev, budget)
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
         kernel = attention_kernel(dev, precs[0])
@@ -463,6 +568,8 @@ def measure_device(
             ops=ops,
             matmul=matmul,
             attention=attention,
+            stream=stream,
+            cache_bytes=llc // max(1, sharing),
             attention_kernel=kernel,
             microbatch_fwd_s=mb_f,
             microbatch_bwd_s=mb_b,

@@ -1,8 +1,8 @@
 """Measure the link between ranks: point-to-point and collective times over the backend in use.
 
-:func:`measure_link` starts ``world`` processes on this host (``python -m distplan.profiler.links
-CONFIG``), one per rank (one CPU thread each, or one GPU each), which measure together and write the
-result. The same entry point runs under an external launcher across hosts::
+:func:`link_part` runs on every rank of an initialised process group (the ranks ``distplan profile``
+starts on this host, see ``distplan.profiler.ranks``). This module's entry point runs it under an external
+launcher across hosts::
 
     torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         -m distplan.profiler.links --out net.json --kind a100-sxm-80g
@@ -20,27 +20,20 @@ point-to-point time is half a ping-pong (rank 0 sends, rank 1 sends back).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import json
 import os
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from distplan.calibration import Curve, LinkCalibration
-from distplan.errors import CalibrationError
 
 from .budget import MODES, Budget
 
-__all__ = ["measure_link"]
+__all__ = ["link_part", "main"]
 
 Progress = Callable[[str, int, int], None]
 
@@ -54,128 +47,16 @@ def _geometric_bytes(hi: int, per_decade: float) -> list[int]:
     return out
 
 
-def _free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def measure_link(
-    *,
-    world: int,
-    device: str,
-    budget: Budget,
-    backend: str | None = None,
-    timeout_s: float = 600.0,
-    progress: Progress | None = None,
-    source: str = "",
-) -> LinkCalibration:
-    """Measure the link between ``world`` ranks on this host (one process each).
-
-    Args:
-        world: ranks to start (>= 2); on a CPU, at most the cores, so that ranks do not share one.
-        device: ``cpu`` or ``cuda`` (rank ``r`` uses GPU ``r``).
-        budget: the mode.
-        backend: ``gloo`` or ``nccl``; default NCCL on CUDA, gloo on CPU.
-        timeout_s: limit for the whole measurement; the ranks are killed after it.
-        progress: called with (what, done, total).
-        source: provenance written into the result.
-
-    Returns:
-        The :class:`LinkCalibration` (scope ``intra-host``).
-
-    Raises:
-        CalibrationError: fewer than 2 ranks, a rank that failed (its error), or the timeout.
-    """
-    if world < 2:
-        raise CalibrationError(f"a link needs at least 2 ranks, got {world}")
-    dev = device.split(":")[0]
-    backend = backend or ("nccl" if dev == "cuda" else "gloo")
-    with tempfile.TemporaryDirectory(prefix="distplan-profile-") as tmp:
-        d = Path(tmp)
-        out = d / "link.json"
-        cfg = {"device": dev, "backend": backend, "mode": budget.name, "out": str(out), "source": source}
-        (d / "config.json").write_text(json.dumps(cfg))
-        env = dict(os.environ)
-        import distplan
-
-        root = str(Path(distplan.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(x for x in (root, env.get("PYTHONPATH", "")) if x)
-        env.update(
-            {
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(_free_port()),
-                "WORLD_SIZE": str(world),
-                "OMP_NUM_THREADS": "1",
-                "TORCH_CPP_LOG_LEVEL": "ERROR",
-            }
-        )
-        procs = []
-        for r in range(world):
-            e = dict(env, RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world))
-            log = open(d / f"rank{r}.log", "wb")  # noqa: SIM115 - closed when the process is reaped
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "distplan.profiler.links", "--config", str(d / "config.json")],
-                    env=e,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-            log.close()
-        deadline = time.monotonic() + timeout_s
-        progress_file = d / "progress.json"
-        try:
-            while any(p.poll() is None for p in procs):
-                if any(p.poll() not in (None, 0) for p in procs):
-                    break
-                if time.monotonic() > deadline:
-                    raise CalibrationError(
-                        f"the link measurement between {world} ranks did not finish in {timeout_s:.0f} s"
-                    )
-                if progress is not None and progress_file.exists():
-                    with contextlib.suppress(ValueError, OSError):
-                        done, total = json.loads(progress_file.read_text())
-                        progress("link", int(done), int(total))
-                time.sleep(0.2)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(p.pid, signal.SIGKILL)
-            for p in procs:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(timeout=10)
-        failed = [r for r, p in enumerate(procs) if p.returncode != 0]
-        if failed or not out.exists():
-            r = failed[0] if failed else 0
-            tail = (d / f"rank{r}.log").read_text(errors="replace").strip().splitlines()[-5:]
-            raise CalibrationError(
-                f"the link measurement failed on rank {r} (exit code {procs[r].returncode}): "
-                + " | ".join(tail)[-800:]
-            )
-        return LinkCalibration.from_dict(json.loads(out.read_text()), "link")
-
-
 # ---------------------------------------------------------------------------------------------- ranks
-def _run_rank(
-    device: str, backend: str, budget: Budget, source: str, progress_file: Path | None
+def link_part(
+    dev: Any, backend: str, budget: Budget, source: str, progress: Progress | None = None
 ) -> dict[str, Any] | None:
-    """One rank's share of the measurement; rank 0 returns the LinkCalibration as a dict."""
+    """This rank's share of the link measurement (every rank of the default group calls it); rank 0
+    returns the :class:`LinkCalibration` as a dict, the others None."""
     import torch
     import torch.distributed as dist
     from torch.utils.benchmark import Timer
 
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    else:
-        torch.set_num_threads(1)
-        dev = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     names: list[Any] = [None] * world
     dist.all_gather_object(names, socket.gethostname())
@@ -188,8 +69,8 @@ def _run_rank(
     def tick() -> None:
         nonlocal done
         done += 1
-        if rank == 0 and progress_file is not None:
-            progress_file.write_text(json.dumps([done, total]))
+        if rank == 0 and progress is not None:
+            progress("link", done, total)
 
     def timed(fn: Callable[[], None], members: int) -> float:
         """Seconds per call of ``fn`` on ranks ``< members`` (others idle), lock-stepped; the slowest
@@ -266,48 +147,38 @@ def _run_rank(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of one rank (started by :func:`measure_link`, or by ``torchrun`` across hosts)."""
+    """Entry point of one rank under ``torchrun`` (see the module docstring); rank 0 writes the file."""
     ap = argparse.ArgumentParser(
-        prog="python -m distplan.profiler.links", description=__doc__.split("\n\n")[0]
+        prog="python -m distplan.profiler.links", description=(__doc__ or "").split("\n\n")[0]
     )
-    ap.add_argument("--config", help="JSON written by measure_link (internal)")
-    ap.add_argument("--out", help="calibration file to write (rank 0), when run under torchrun")
-    ap.add_argument("--kind", default="", help="device kind the link belongs to, when run under torchrun")
+    ap.add_argument("--out", required=True, help="calibration file to write (rank 0)")
+    ap.add_argument("--kind", required=True, help="the device kind whose hosts this link joins")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--mode", default="default", choices=sorted(MODES))
     args = ap.parse_args(argv)
-    import torch.distributed as dist
-
-    if args.config:
-        cfg = json.loads(Path(args.config).read_text())
-        result = _run_rank(
-            cfg["device"],
-            cfg["backend"],
-            MODES[cfg["mode"]],
-            cfg["source"],
-            Path(cfg["out"]).parent / "progress.json",
-        )
-        if result is not None:
-            Path(cfg["out"]).write_text(json.dumps(result))
-        dist.destroy_process_group()
-        return 0
     import torch
+    import torch.distributed as dist
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backend = "nccl" if device == "cuda" else "gloo"
-    result = _run_rank(device, backend, MODES[args.mode], "", None)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        torch.set_num_threads(1)
+        dev = torch.device("cpu")
+    dist.init_process_group(backend, timeout=timedelta(seconds=300))
+    result = link_part(dev, backend, MODES[args.mode], "")
     if result is not None:
         from distplan.calibration import Calibration
 
         cal = Calibration(
-            kind=args.kind or "unknown",
+            kind=args.kind,
             link=LinkCalibration.from_dict(result),
             meta={"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "mode": args.mode},
         )
-        if args.out:
-            cal.save(args.out)
-        else:
-            print(cal.to_json())
+        cal.save(args.out)
     dist.destroy_process_group()
     return 0
 
