@@ -27,7 +27,16 @@ from distplan.lowering.effects import preserved_state
 from distplan.lowering.outputs import select_output
 from distplan.plan import Plan
 
-__all__ = ["Batch", "CapturedModel", "ModelSource", "capture_model", "check_plan_graph", "resolve_source"]
+__all__ = [
+    "Batch",
+    "CapturedModel",
+    "ModelSource",
+    "as_meta",
+    "capture_model",
+    "check_plan_graph",
+    "on_meta",
+    "resolve_source",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +64,9 @@ class ModelSource:
         bundle: the tracer's ``ModelBundle``, if any.
         output: the output selector (see [Note: output selector]); ``None`` for the default rule.
         layout: which inputs have a batch dimension (see [Note: keyword inputs]).
+        rebuild: ``() -> nn.Module`` building the model again on ``meta`` (spec strings), used to replay
+            the constructor of tensors no initialisation writes ([Note: reproducible initialisation] in
+            ``distplan.lowering.init``); ``None`` when the model cannot be rebuilt.
     """
 
     module: nn.Module
@@ -66,6 +78,7 @@ class ModelSource:
     bundle: Any = None
     output: str | None = None
     layout: InputLayout | None = None
+    rebuild: Callable[[], nn.Module] | None = None
 
     def __post_init__(self) -> None:
         if self.layout is None:
@@ -106,6 +119,7 @@ def resolve_source(
 ) -> ModelSource:
     """Turn a spec string, ``ModelBundle`` or ``nn.Module`` into a :class:`ModelSource`.
 
+    A spec string is built on ``device`` (``"meta"``: no memory, as :func:`~distplan.lowering.lower` does).
     ``output`` selects the output the loss reads (see [Note: output selector]); ``example_kwargs`` are the
     keyword inputs of a plain module's example call.
 
@@ -126,7 +140,25 @@ def resolve_source(
         if seq is not None:
             kw["seq"] = seq
         bundle = resolve_model(model, **kw)
-        return _from_bundle(bundle, spec=model, output=output)
+        if _any_meta(bundle.example_kwargs):
+            # A factory returning its example call builds it on meta too, but keyword values are data the
+            # batch maker reuses whole (see [Note: keyword inputs]): build the call again with its small
+            # tensors on the CPU.
+            from distplan.lowering.init import SmallOnCPU
+
+            with SmallOnCPU(limit=_EXAMPLE_BYTES, budget=4 * _EXAMPLE_BYTES):
+                again = resolve_model(model, **kw)
+            if _any_meta(again.example_kwargs):
+                raise LoweringError(
+                    f"the keyword inputs of {model!r}'s example call are too large to rebuild off 'meta' "
+                    f"(over {_EXAMPLE_BYTES >> 20} MiB); pass the model as a module with example_kwargs"
+                )
+            bundle = dataclasses.replace(
+                bundle, example_args=again.example_args, example_kwargs=again.example_kwargs
+            )
+        source = _from_bundle(bundle, spec=model, output=output)
+        source.rebuild = lambda: resolve_model(model, **{**kw, "device": "meta"}).module
+        return source
     if isinstance(model, nn.Module):
         if example_inputs is None or loss_fn is None:
             raise LoweringError(
@@ -148,15 +180,15 @@ def resolve_source(
 
 
 def _from_bundle(bundle: Any, *, spec: str | None, output: str | None) -> ModelSource:
-    if (
-        getattr(bundle, "kind", None) == "regression"
-        and getattr(bundle, "_target_shape", ()) is None
-        and str(getattr(bundle, "device", "cpu")) != "meta"
-    ):
+    if getattr(bundle, "kind", None) == "regression" and getattr(bundle, "_target_shape", ()) is None:
         # The tracer's batch maker learns a factory model's target shape by running its forward, which
         # reads one tensor output and advances the module's state (BatchNorm counters). Learn the shape of
-        # the selected output here, with the state put back, and hand it to the batch maker.
-        shape = _output_shape(bundle.module, bundle.example_args, bundle.example_kwargs, output)
+        # the selected output here, with the state put back, and hand it to the batch maker (a model on
+        # meta with its example inputs on meta too: a factory makes them on the CPU).
+        args, kwargs = bundle.example_args, bundle.example_kwargs
+        if on_meta(bundle.module):
+            args, kwargs = as_meta(args), as_meta(kwargs)
+        shape = _output_shape(bundle.module, args, kwargs, output)
         bundle = dataclasses.replace(bundle, _target_shape=shape)
     return ModelSource(
         module=bundle.module,
@@ -235,6 +267,24 @@ class CapturedModel:
         args, kwargs = self.example
         with preserved_state(self.module):
             return graph_from_capture(self.capture, self.module, args, kwargs, name=name)  # type: ignore[no-any-return]
+
+
+_EXAMPLE_BYTES = 64 << 20
+
+
+def _any_meta(x: Any) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in pytree.tree_leaves(x))
+
+
+def on_meta(module: nn.Module) -> bool:
+    """Whether the module was built on ``meta`` (any of its parameters or buffers has no value)."""
+    return any(t.device.type == "meta" for t in (*module.parameters(), *module.buffers()))
+
+
+def as_meta(x: Any) -> Any:
+    """``x`` (a tensor, or a structure of them) with every tensor on ``meta``: example inputs of a model
+    built on ``meta``, captured as the tracer captures it."""
+    return pytree.tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, x)
 
 
 def capture_model(source: ModelSource, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CapturedModel:

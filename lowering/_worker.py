@@ -1,8 +1,9 @@
 """One rank of a validation run (``python -m distplan.lowering._worker CONFIG``); started by
 :func:`distplan.lowering.validate`, not by users.
 
-It rebuilds the model from its spec, loads the parent's initial weights and buffers, runs the plan's steps
-through :func:`distplan.lowering.lower` on the parent's batches (under ``PinnedRandom`` when the parent
+It lowers the plan from the model's spec (built on ``meta``; the width-reduced copy on the CPU) with the
+reproducible initialisation the parent's reference uses, runs the plan's steps through
+:func:`distplan.lowering.lower` on the parent's batches (under ``PinnedRandom`` when the parent
 found random ops) and writes the loss, the gradients, the updated parameters and the buffers of its stages
 (by original FQN) to ``rank<R>.pt``. On any error it writes ``rank<R>.error.json``
 and exits non-zero at once, so the parent can report it and stop the other ranks.
@@ -63,24 +64,23 @@ def main(config_path: str) -> int:
         torch.manual_seed(cfg["seed"])
         plan = Plan.from_dict(cfg["plan"])
         over = cfg.get("config_overrides") or {}
-        # A width-reduced copy is derived from the meta-built full model (never allocated here).
-        bundle = resolve_model(
-            cfg["model"],
-            batch=plan.microbatch_size,
-            seq=cfg["seq"],
-            device="meta" if cfg["width_reduced"] else "cpu",
-            seed=cfg["seed"],
-            config_overrides=over,
-        )
+        model: Any = cfg["model"]  # full width: lower() builds it on meta, this rank's tensors only
         if cfg["width_reduced"]:
-            reduced = bundle.width_reduced(max_hidden=cfg["max_hidden"])
-            assert reduced is not None  # the parent checked that the model can be reduced
-            bundle = reduced
-        state = torch.load(out / "weights.pt", weights_only=True)
+            # A width-reduced copy is derived from the meta-built full model (never allocated here).
+            full = resolve_model(
+                cfg["model"],
+                batch=plan.microbatch_size,
+                seq=cfg["seq"],
+                device="meta",
+                seed=cfg["seed"],
+                config_overrides=over,
+            )
+            model = full.width_reduced(max_hidden=cfg["max_hidden"])
+            assert model is not None  # the parent checked that the model can be reduced
         data = torch.load(out / "data.pt", weights_only=True)
         runner = lower(
             plan,
-            bundle,
+            model,
             seq=cfg["seq"],
             check_graph=False,  # the parent checked the structure hash before starting the ranks
             optimizer=cfg["optimizer"],
@@ -88,7 +88,8 @@ def main(config_path: str) -> int:
             device="cpu",
             timeout_s=cfg["timeout_s"],
             seed=cfg["seed"],
-            state_dict=state,
+            init="reproducible",  # the parent's reference starts from the same values
+            config_overrides=over or None,
             output=cfg.get("output"),
         )
         fault = cfg.get("fault")

@@ -35,7 +35,8 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -46,16 +47,23 @@ from distplan.graph import OpGraph
 from distplan.lowering._model import (
     CapturedModel,
     ModelSource,
+    as_meta,
     capture_model,
     check_node_names,
     check_plan_graph,
+    on_meta,
     resolve_source,
 )
 from distplan.lowering.batching import check_kwargs
 from distplan.lowering.effects import preserved_state
+from distplan.lowering.init import tensor_slots
+from distplan.lowering.materialize import materialize
 from distplan.lowering.split import StageModule, split_graph
 from distplan.lowering.timing import RegionClock, StepTimes, step_times, timed_p2p_waits, timed_stage_class
 from distplan.plan import Plan
+
+if TYPE_CHECKING:
+    from distplan.lowering.checkpoint import CheckpointInfo
 
 __all__ = ["RankInfo", "Runner", "lower", "plan_layout"]
 
@@ -394,6 +402,24 @@ class Runner:
         self.optimizer_step()
         return loss
 
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str | Path, *, step: int | None = None) -> None:
+        """Save this rank's weights and optimizer state into the ``torch.distributed.checkpoint`` folder
+        ``path``; every rank calls it (see [Note: saving and resuming] in ``distplan.lowering.checkpoint``).
+        ``step``: training steps done so far, returned by :meth:`load`."""
+        from distplan.lowering.checkpoint import save
+
+        save(self, path, step=step)
+
+    def load(self, path: str | Path) -> CheckpointInfo:
+        """Resume from a folder written by :meth:`save`, under this plan even if it was saved under another
+        (other stages, replicas or world size: DCP reshards by parameter name); every rank calls it.
+        Returns what was saved with it (``.step``). Raises ``LoweringError`` naming the tensors this rank
+        needs that the checkpoint lacks."""
+        from distplan.lowering.checkpoint import load
+
+        return load(self, path)
+
 
 def _to(x: Any, device: torch.device) -> Any:
     return x.to(device) if isinstance(x, torch.Tensor) else x
@@ -470,6 +496,8 @@ def lower(
     seed: int = 0,
     eval_mode: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
+    checkpoint: str | Path | None = None,
+    init: str = "auto",
     host_index: int | None = None,
     config_overrides: dict[str, Any] | None = None,
     example_kwargs: dict[str, Any] | None = None,
@@ -479,9 +507,11 @@ def lower(
 
     Args:
         plan: the plan; the launch must have ``plan.world_size`` processes.
-        model: a spec string (as for ``distplan trace``), a ``ModelBundle``, or an ``nn.Module`` together
-            with ``example_inputs`` (one microbatch) and ``loss_fn``. Every rank must build identical
-            weights (same spec and ``seed``); replicas of a stage are also synchronised from replica 0.
+        model: a spec string (as for ``distplan trace``; built on ``meta``), a ``ModelBundle``, or an
+            ``nn.Module`` together with ``example_inputs`` (one microbatch) and ``loss_fn``. A module may be
+            built on ``meta`` (``with torch.device("meta")``) or with values; either way only this rank's
+            stage tensors are given values on its device (see [Note: materialisation] in
+            ``distplan.lowering.materialize``). Replicas of a stage are also synchronised from replica 0.
         seq: sequence length for spec strings (the tracer's default when ``None``).
         graph: the traced ``OpGraph`` the plan was made from; when ``None`` and ``check_graph``, this rank's
             capture is annotated into one (the tracer's ``graph_from_capture``) to check
@@ -491,7 +521,16 @@ def lower(
         device: ``"cpu"`` or ``"cuda"``; default CUDA (NCCL) when available, else CPU (gloo).
         timeout_s: timeout of every collective and of process-group creation.
         eval_mode: capture and run the model in eval mode (no dropout), as the validation does.
-        state_dict: weights to load into the model before splitting.
+        state_dict: weights by parameter name (the model's ``state_dict`` keys); each rank takes its own.
+        checkpoint: pretrained weights to load by parameter name, each rank reading only its tensors: a
+            Hugging Face folder (``model.safetensors`` or sharded with ``model.safetensors.index.json``) or
+            a ``torch.distributed.checkpoint`` folder (see [Note: checkpoint formats] in
+            ``distplan.lowering.checkpoint``). To resume training (optimizer state too), use
+            :meth:`Runner.load` instead.
+        init: where tensors not loaded get their values: ``"auto"`` (the module's own where it has values,
+            else the reproducible initialisation of [Note: reproducible initialisation] in
+            ``distplan.lowering.init``, drawn from ``seed``), ``"reproducible"`` (always that
+            initialisation: the same values whatever the plan) or ``"module"`` (the module's own).
         host_index: the cluster host index this process runs on (as in the plan's rank map; also read from
             ``DISTPLAN_HOST_INDEX``); with it the plan rank is that host's rank for ``LOCAL_RANK``, whatever
             global rank the rendezvous gave (see [Note: rank translation]). Without it, ``RANK`` is the plan
@@ -503,7 +542,9 @@ def lower(
             ``logits`` or the first tensor.
 
     The set-up (example batches, capture, annotation) runs the model's forward with its state put back
-    afterwards: ``lower`` leaves the module's buffers as it found them.
+    afterwards: ``lower`` leaves the module's buffers as it found them. ``runner.source.module`` then holds
+    this rank's tensors (the very objects its stages train) and ``meta`` tensors elsewhere when the model
+    was built on ``meta``.
 
     Returns:
         A :class:`Runner`.
@@ -551,9 +592,8 @@ def lower(
         config_overrides=config_overrides,
         example_kwargs=example_kwargs,
         output=output,
+        device="meta",  # a spec string: only this rank's tensors ever get memory (below)
     )
-    if state_dict is not None:
-        source.module.load_state_dict(state_dict)
     if eval_mode:
         # Before tracing and capturing: the mode can change the graph (dropout nodes).
         source.module.eval()
@@ -563,6 +603,8 @@ def lower(
             ex_args, ex_kwargs = ex.args, ex.kwargs
         else:
             ex_args, ex_kwargs = source.example_args, source.example_kwargs
+        if on_meta(source.module):
+            ex_args, ex_kwargs = as_meta(ex_args), as_meta(ex_kwargs)
         captured = capture_model(source, ex_args, ex_kwargs)
         if graph is None and check_graph:
             graph = captured.graph()
@@ -578,12 +620,26 @@ def lower(
             output=source.output,
         )
 
+    # ---- this rank's tensors, and only those, get values on its device (see [Note: materialisation])
+    slots = tensor_slots(source.module)
+    materialize(
+        source.module,
+        [all_stages[s].module for s in layout.stages_of(rank)],
+        device=dev,
+        seed=seed,
+        init=init,
+        checkpoint=checkpoint,
+        state_dict=state_dict,
+        rebuild=source.rebuild,
+    )
+
     # ---- which parameters each stage holds, by original FQN
     canonical: dict[int, str] = {}
     for name, p in source.module.named_parameters():
         canonical.setdefault(id(p), name)
+    alias = {a: sl.name for sl in slots.values() for a in sl.aliases}
     for name, p in captured.gm.named_parameters(remove_duplicate=False):
-        canonical.setdefault(id(p), name)
+        canonical.setdefault(id(p), alias.get(name, name))
     holders: dict[str, list[int]] = {}
     for st in all_stages:
         for p in st.module.parameters():

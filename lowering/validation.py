@@ -42,8 +42,12 @@ each step with the same steps run on one process from the same initial weights.
   how far the whole-batch single-device loss is from it -- the effect of microbatching on the model,
   reported and not judged. Replicas do not average buffers (as DDP with ``broadcast_buffers=False``), so
   each replica's buffers are compared with its own reference.
+- *Initial weights*: the reference and every rank start from the reproducible initialisation of [Note:
+  reproducible initialisation] (``distplan.lowering.init``) drawn from ``seed``: each rank builds the model
+  on ``meta`` (or the width-reduced copy) and draws only its own tensors, which equal the reference's by
+  name whatever the plan. Nothing is shipped from the parent but the batches.
 - *Model state*: setting up the run (batches, capture, the recorded forward) never changes the model's
-  buffers; the ranks start from the parent's initial weights and buffers.
+  buffers.
 - *Failures*: a rank that raises, dies or exceeds ``timeout_s`` fails the run at once with that rank's error;
   every other rank is killed. Collectives carry the same timeout, so nothing waits on a dead peer for long.
 """
@@ -78,6 +82,7 @@ from distplan.lowering._model import (
 )
 from distplan.lowering.batching import input_flags, take_samples
 from distplan.lowering.effects import PinnedRandom, preserved_state, scan_forward
+from distplan.lowering.init import initialize, replay_constructor
 from distplan.lowering.outputs import graph_output
 from distplan.lowering.runtime import plan_layout
 from distplan.plan import Plan, build_rank_map
@@ -399,6 +404,21 @@ def validate(
         )
     else:
         bundle = resolve_model(spec, batch=mb, seq=seq, device="cpu", seed=seed, config_overrides=overrides)
+    # The reference starts from the reproducible initialisation every rank draws its own tensors from
+    # ([Note: reproducible initialisation]): same values whatever the plan. A full-width model's ranks
+    # build it on meta and replay its constructor for tensors no init writes; so does the reference.
+    replay = None
+    if not reduced:
+
+        def rebuild() -> torch.nn.Module:
+            return resolve_model(  # type: ignore[no-any-return]
+                spec, batch=mb, seq=seq, device="meta", seed=seed, config_overrides=overrides
+            ).module
+
+        def replay(wanted: dict[str, Any]) -> dict[str, torch.Tensor]:
+            return replay_constructor(rebuild, wanted)
+
+    initialize(bundle.module, seed=seed, replay=replay)
     source = resolve_source(bundle, batch=mb, seq=seq, output=output)
     with preserved_state(bundle.module):  # nothing below may advance the model's state
         ex = source.sample(mb, seed=seed)
@@ -459,7 +479,6 @@ def validate(
     reference = copy.deepcopy(bundle.module)
     with tempfile.TemporaryDirectory(prefix="distplan-validate-") as tmp:
         d = Path(tmp)
-        torch.save(bundle.module.state_dict(), d / "weights.pt")
         torch.save([(list(b.args), b.kwargs, b.target) for b in batches], d / "data.pt")
         cfg = {
             "dir": str(d),

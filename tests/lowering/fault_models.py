@@ -262,3 +262,30 @@ def conv_bn() -> nn.Module:
 
 
 conv_bn.example_inputs = _inputs((3, 5, 5))  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------- constructor values
+class CausalMixer(nn.Module):
+    """Tensors no ``reset_parameters`` sets, made by the constructor: a causal-mask buffer
+    (``tril(ones)``), a gain made with ``torch.ones`` and a step counter; the initialisation must keep
+    their constructor values."""
+
+    def __init__(self, seq: int = 6) -> None:
+        super().__init__()
+        self.inp = nn.Linear(W, W)
+        self.gain = nn.Parameter(torch.ones(W) * 0.5)
+        self.register_buffer("mask", torch.tril(torch.ones(seq, seq)))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.out = nn.Linear(W, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x) * self.gain
+        h = torch.einsum("st,btw->bsw", self.mask / self.mask.sum(1, keepdim=True), h)
+        return self.out(torch.tanh(h))
+
+
+def causal_mixer() -> nn.Module:
+    return CausalMixer()
+
+
+causal_mixer.example_inputs = _inputs((6, W))  # type: ignore[attr-defined]
