@@ -67,12 +67,16 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(
             ..., "--out", "-o", help="Folder to write plan.json, train.py, launch.sh, commands.txt."
         ),
-        steps: int = typer.Option(5, "--steps", help="Training steps train.py runs by default. Default: 5."),
-        seq: int = typer.Option(
-            512, "--seq", "-s", help="Sequence length train.py uses by default. Default: 512."
-        ),
-        lr: float = typer.Option(
-            1e-3, "--lr", help="Learning rate train.py uses by default. Default: 0.001."
+        steps: int = typer.Option(5, "--steps", help="Training steps the commands run. Default: 5."),
+        seq: int = typer.Option(512, "--seq", "-s", help="Sequence length the commands use. Default: 512."),
+        lr: float = typer.Option(1e-3, "--lr", help="Learning rate the commands use. Default: 0.001."),
+        checkpoint: str | None = typer.Option(
+            None,
+            "--checkpoint",
+            help=(
+                "Pretrained weights every command fine-tunes: a Hugging Face safetensors folder or a "
+                "torch.distributed.checkpoint folder, as seen from the hosts. Default: none (fresh start)."
+            ),
         ),
         port: int = typer.Option(29500, "--port", help="Rendezvous port on the first host. Default: 29500."),
         overrides: list[str] = typer.Option(
@@ -103,7 +107,9 @@ def register(app: typer.Typer) -> None:
         plan = Plan.load(plan_path)
         if check:
             _check_model(plan, model, seq=seq, overrides=_parse_overrides(overrides), output=output)
-        files = emit_launcher(plan, model, out, steps=steps, seq=seq, lr=lr, port=port, output=output)
+        files = emit_launcher(
+            plan, model, out, steps=steps, seq=seq, lr=lr, port=port, output=output, checkpoint=checkpoint
+        )
         if json_out:
             typer.echo(json.dumps(files.to_dict()))
             return

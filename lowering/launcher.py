@@ -1,21 +1,26 @@
 """Emit a self-contained launcher for a plan: ``plan.json``, ``train.py``, ``launch.sh``, ``commands.txt``.
 
-``train.py`` imports distplan, rebuilds the model from its spec, calls :func:`distplan.lower` and trains on
-synthetic seeded data, printing the loss per step on the last stage. The ``torchrun`` command of each host
-passes that host's index (``--host-index``), so ranks follow the plan whatever order the ``c10d`` rendezvous
-numbers the hosts in (see [Note: rank translation] in ``distplan.lowering.runtime``).
+``train.py`` is the package's own entry point, :mod:`distplan.lowering.train`, copied as it is (a real,
+tested module, configured by its arguments and the plan file; copied so it can be edited in place, e.g.
+its data loader). The ``torchrun`` command of each host passes that host's index (``--host-index``), so
+ranks follow the plan whatever order the ``c10d`` rendezvous numbers the hosts in (see [Note: rank
+translation] in ``distplan.lowering.runtime``), the model spec, and the options that differ from
+``train.py``'s defaults. ``launch.sh`` passes extra options on: ``./launch.sh 0 --checkpoint weights/``
+fine-tunes, ``--resume ckpt/`` continues a run saved with ``--save ckpt/``.
 """
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from distplan.errors import LoweringError
 from distplan.plan import Plan
 
-__all__ = ["HostCommand", "LauncherFiles", "emit_launcher", "host_commands"]
+__all__ = ["HostCommand", "LauncherFiles", "emit_launcher", "host_commands", "train_args"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +68,11 @@ class LauncherFiles:
         }
 
 
-def host_commands(plan: Plan, *, port: int = 29500, script: str = "train.py") -> tuple[HostCommand, ...]:
-    """One ``torchrun`` line per host of the plan (host-major, see [Note: rank order] in ``distplan.plan``)."""
+def host_commands(
+    plan: Plan, *, port: int = 29500, script: str = "train.py", args: str = ""
+) -> tuple[HostCommand, ...]:
+    """One ``torchrun`` line per host of the plan (host-major, see [Note: rank order] in ``distplan.plan``);
+    ``args`` follow ``--host-index``."""
     hosts: dict[int, tuple[str, int]] = {}
     for r in plan.rank_map:
         name, n = hosts.get(r.host_index, (r.host, 0))
@@ -77,81 +85,34 @@ def host_commands(plan: Plan, *, port: int = 29500, script: str = "train.py") ->
         cmd = (
             f"torchrun --nnodes {len(order)} --node-rank {node_rank} --nproc-per-node {n} "
             f"--rdzv-backend c10d --rdzv-endpoint {endpoint} --rdzv-id distplan-{plan.id[:12]} "
-            f"{script} --host-index {h}"
+            f"{script} --host-index {h}" + (f" {args}" if args else "")
         )
         out.append(HostCommand(node_rank, h, name, n, cmd))
     return tuple(out)
 
 
-_TRAIN_PY = '''\
-"""Train {model_doc} with the distplan plan in plan.json (written by `distplan lower`).
+def train_args(
+    model_spec: str,
+    *,
+    steps: int = 5,
+    seq: int = 512,
+    lr: float = 1e-3,
+    optimizer: str | None = None,
+    output: str | None = None,
+    checkpoint: str | None = None,
+) -> str:
+    """The ``train.py`` options of a launch, shell-quoted: ``--model`` and every option whose value differs
+    from :data:`distplan.lowering.train.DEFAULTS`."""
+    from distplan.lowering.train import DEFAULTS
 
-Plan: {layout}
-Ranks: {world} ({hosts} host(s)). Launch with the torchrun line of each host in commands.txt, or on one
-machine's CPU: torchrun --standalone --nproc-per-node {world} train.py --device cpu
-
-Every rank builds the model from the same spec and seed (identical weights), takes its stage(s) from
-distplan.lower and trains on one fixed synthetic batch, so the printed loss falls step by step.
-"""
-
-from __future__ import annotations
-
-import argparse
-import sys
-from pathlib import Path
-
-import torch.distributed as dist
-
-import distplan
-from distplan.plan import Plan
-
-HERE = Path(__file__).resolve().parent
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(description="distplan training entry point")
-    p.add_argument("--plan", default=str(HERE / "plan.json"), help="plan JSON (default: plan.json here)")
-    p.add_argument("--model", default={model!r}, help="model spec (default: %(default)s)")
-    p.add_argument("--steps", type=int, default={steps}, help="training steps (default: %(default)s)")
-    p.add_argument("--seq", type=int, default={seq}, help="sequence length (default: %(default)s)")
-    p.add_argument("--lr", type=float, default={lr}, help="learning rate (default: %(default)s)")
-    p.add_argument("--optimizer", default={optimizer!r}, help="sgd, adam or adamw (default: %(default)s)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: CUDA if present")
-    p.add_argument("--host-index", type=int, default=None, help="this host's index in the plan (multi-host)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights and data (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=600.0, help="collective timeout, s (default: %(default)s)")
-    p.add_argument("--output", default={output!r}, help="model output the loss reads (default: %(default)s)")
-    args = p.parse_args()
-
-    model = args.model
-    if (HERE / model).is_file():  # a config.json shipped next to this script
-        model = str(HERE / model)
-    plan = Plan.load(args.plan)
-    runner = distplan.lower(
-        plan,
-        model,
-        seq=args.seq,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        device=None if args.device == "auto" else args.device,
-        host_index=args.host_index,
-        timeout_s=args.timeout,
-        seed=args.seed,
-        output=args.output,
-    )
-    info = runner.rank_info
-    batch = runner.source.sample(plan.request.global_batch, seed=args.seed + 1)
-    for step in range(args.steps):
-        loss = runner.train_step(batch.args, batch.target, batch.kwargs)
-        if loss is not None and info.replica == 0:
-            print(f"step {{step}} loss {{loss:.6f}} (rank {{info.rank}}, stage {{info.stages[-1]}})", flush=True)
-    dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-'''
+    given: dict[str, Any] = {"steps": steps, "seq": seq, "lr": lr, "optimizer": optimizer, "output": output}
+    parts = ["--model", model_spec]
+    for key, value in given.items():
+        if value is not None and value != DEFAULTS[key]:
+            parts += [f"--{key}", str(value)]
+    if checkpoint is not None:
+        parts += ["--checkpoint", checkpoint]
+    return shlex.join(parts)
 
 
 def emit_launcher(
@@ -165,17 +126,25 @@ def emit_launcher(
     optimizer: str | None = None,
     port: int = 29500,
     output: str | None = None,
+    checkpoint: str | None = None,
 ) -> LauncherFiles:
     """Write the launcher of ``plan`` for ``model_spec`` into ``out_dir`` (created if missing).
 
-    A ``model_spec`` that is an existing file (an HF ``config.json``) is copied next to ``train.py``.
-    ``output`` is the output selector ``train.py`` passes to :func:`distplan.lower` (its ``--output``
-    default; see [Note: output selector] in ``distplan.lowering.outputs``).
+    ``train.py`` is :mod:`distplan.lowering.train` copied; the commands give it ``--model``, the options
+    that differ from its defaults (``steps``, ``seq``, ``lr``, ``optimizer``: the plan's when ``None``;
+    ``output``: the output selector, see [Note: output selector] in ``distplan.lowering.outputs``) and
+    ``--checkpoint`` when given (pretrained weights every launch fine-tunes). A ``model_spec`` that is an
+    existing file (an HF ``config.json``) is copied next to ``train.py`` and named by its file name.
+
+    Raises:
+        LoweringError: ``steps`` < 1, an empty spec, a folder that cannot be created.
 
         >>> files = emit_launcher(plan, "gpt-tiny", "run/")          # doctest: +SKIP
         >>> print(files.commands[0])                                 # doctest: +SKIP
-        torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint ...
+        torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 ... train.py --host-index 0 --model gpt-tiny
     """
+    from distplan.lowering import train
+
     if steps < 1:
         raise LoweringError(f"steps must be >= 1, got {steps}")
     if not model_spec:
@@ -192,26 +161,16 @@ def emit_launcher(
         if src.resolve() != target.resolve():
             shutil.copyfile(src, target)
         spec = src.name
-    hosts = host_commands(plan, port=port)
+    args = train_args(
+        spec, steps=steps, seq=seq, lr=lr, optimizer=optimizer, output=output, checkpoint=checkpoint
+    )
+    hosts = host_commands(plan, port=port, args=args)
     world = plan.world_size
-    local = f"torchrun --standalone --nproc-per-node {world} train.py --device cpu"
+    local = f"torchrun --standalone --nproc-per-node {world} train.py --device cpu {args}"
     plan_json = out / "plan.json"
     plan.save(plan_json)
     train_py = out / "train.py"
-    train_py.write_text(
-        _TRAIN_PY.format(
-            model_doc=spec,
-            model=spec,
-            layout=plan.layout,
-            world=world,
-            hosts=len(hosts),
-            steps=steps,
-            seq=seq,
-            lr=lr,
-            optimizer=optimizer or plan.request.optimizer,
-            output=output,
-        )
-    )
+    shutil.copyfile(train.__file__, train_py)
     lines = [
         f"# {plan.layout}",
         f"# {world} ranks on {len(hosts)} host(s). Run in this folder on each host (replace the rendezvous host",
@@ -220,14 +179,22 @@ def emit_launcher(
     for h in hosts:
         lines.append(f"# host {h.host} (index {h.host_index}, {h.nproc} processes):")
         lines.append(h.command)
-    lines += ["# all ranks on this machine's CPU (test):", local, ""]
+    lines += [
+        "# Append to any line: --save DIR (a torch.distributed.checkpoint folder after the last step),",
+        "# --resume DIR (continue it, under this plan or another), --checkpoint DIR (fine-tune pretrained",
+        "# weights: a Hugging Face safetensors folder or a DCP folder). See: python train.py --help",
+        "# all ranks on this machine's CPU (test):",
+        local,
+        "",
+    ]
     commands_txt = out / "commands.txt"
     commands_txt.write_text("\n".join(lines))
-    cases = "\n".join(f'  {h.host_index}) exec {h.command} "$@" ;;  # {h.host}' for h in hosts)
+    cases = "\n".join(f'  {h.host_index}) shift; exec {h.command} "$@" ;;  # {h.host}' for h in hosts)
     launch = f"""#!/usr/bin/env bash
 # Launch the plan {plan.id[:12]} ({plan.layout}).
 # On each host:  ./launch.sh HOST_INDEX [train.py options]     (host indices: {", ".join(str(h.host_index) for h in hosts)})
 # On one machine's CPU, all {world} ranks:  ./launch.sh local [train.py options]
+# Options: --save DIR, --resume DIR, --checkpoint DIR (fine-tune), --steps N, ... (python train.py --help)
 set -euo pipefail
 cd "$(dirname "$0")"
 case "${{1:-}}" in
@@ -236,8 +203,6 @@ case "${{1:-}}" in
   *) echo "usage: $0 HOST_INDEX|local [train.py options]" >&2; exit 2 ;;
 esac
 """
-    # `shift` before exec for host cases too, so extra options reach train.py.
-    launch = launch.replace(") exec torchrun --nnodes", ") shift; exec torchrun --nnodes")
     launch_sh = out / "launch.sh"
     launch_sh.write_text(launch)
     launch_sh.chmod(0o755)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import py_compile
 import re
 import shlex
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 from lowering_helpers import PYTHON, cli_env, cut, hand_plan, layout_plan
 
 from distplan.errors import LoweringError
-from distplan.lowering import emit_launcher, lower
+from distplan.lowering import emit_launcher, lower, train
 from distplan.lowering.runtime import _plan_rank, plan_layout
 from distplan.plan import Plan
 
@@ -33,13 +32,17 @@ def test_emit_launcher_writes_one_command_per_host(tmp_path: Path) -> None:
     plan = _two_host_plan()
     files = emit_launcher(plan, "gpt-tiny", tmp_path / "run", steps=3, seq=32)
     assert [h.host_index for h in files.hosts] == [0, 1]
+    # Only the options that differ from train.py's defaults follow the model spec.
     assert files.commands[0] == (
         "torchrun --nnodes 2 --node-rank 0 --nproc-per-node 2 --rdzv-backend c10d "
-        f"--rdzv-endpoint a100-node:29500 --rdzv-id distplan-{plan.id[:12]} train.py --host-index 0"
+        f"--rdzv-endpoint a100-node:29500 --rdzv-id distplan-{plan.id[:12]} train.py --host-index 0 "
+        "--model gpt-tiny --steps 3 --seq 32"
     )
     assert "--nnodes 2 --node-rank 1 --nproc-per-node 2" in files.commands[1]
-    assert files.commands[1].endswith("--host-index 1")
-    assert files.local_command == "torchrun --standalone --nproc-per-node 4 train.py --device cpu"
+    assert files.commands[1].endswith("--host-index 1 --model gpt-tiny --steps 3 --seq 32")
+    assert files.local_command == (
+        "torchrun --standalone --nproc-per-node 4 train.py --device cpu --model gpt-tiny --steps 3 --seq 32"
+    )
     assert Plan.load(files.plan_json) == plan
     text = files.commands_txt.read_text()
     for c in (*files.commands, files.local_command):
@@ -47,17 +50,34 @@ def test_emit_launcher_writes_one_command_per_host(tmp_path: Path) -> None:
     launch = files.launch_sh.read_text()
     assert os.access(files.launch_sh, os.X_OK)
     assert "0) shift; exec torchrun --nnodes 2 --node-rank 0" in launch and "local) shift; exec" in launch
-    py_compile.compile(str(files.train_py), doraise=True)
-    train = files.train_py.read_text()
-    assert "default='gpt-tiny'" in train and "default=3," in train and "default=32," in train
+    # train.py is the package's entry point itself, not text generated for this plan.
+    assert files.train_py.read_text() == Path(train.__file__).read_text()
+    # Its options parse as the commands give them.
+    args = train.parse_args(shlex.split(files.commands[0].split(" train.py ", 1)[1]))
+    assert (args.model, args.steps, args.seq, args.lr, args.host_index) == ("gpt-tiny", 3, 32, 1e-3, 0)
 
 
 def test_config_json_model_is_copied_next_to_train_py(tmp_path: Path) -> None:
     cfg = tmp_path / "config.json"
     cfg.write_text('{"model_type": "gpt2"}')
-    files = emit_launcher(_two_host_plan(), str(cfg), tmp_path / "run")
+    files = emit_launcher(
+        _two_host_plan(), str(cfg), tmp_path / "run", checkpoint="/data/my weights", optimizer="adam"
+    )
     assert (tmp_path / "run" / "config.json").read_text() == cfg.read_text()
-    assert "default='config.json'" in files.train_py.read_text()
+    assert files.local_command.endswith(
+        "train.py --device cpu --model config.json --optimizer adam --checkpoint '/data/my weights'"
+    )
+    args = train.parse_args(shlex.split(files.local_command.split(" train.py ", 1)[1]))
+    assert (args.model, args.optimizer, args.checkpoint) == ("config.json", "adam", "/data/my weights")
+
+
+def test_train_options_are_checked() -> None:
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "gpt-tiny", "--checkpoint", "a", "--resume", "b"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "gpt-tiny", "--steps", "-1"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--steps", "2"])  # no model
 
 
 def test_plan_rank_from_host_index_and_local_rank() -> None:
@@ -126,7 +146,9 @@ def test_end_to_end_trace_plan_lower_torchrun(tmp_path: Path) -> None:
     plan = Plan.load(tmp_path / "plan.json")
     # The single-host CPU test command, exactly as emitted (last line of commands.txt).
     command = (tmp_path / "run" / "commands.txt").read_text().strip().splitlines()[-1]
-    assert command == f"torchrun --standalone --nproc-per-node {plan.world_size} train.py --device cpu"
+    assert command == (
+        f"torchrun --standalone --nproc-per-node {plan.world_size} train.py --device cpu --model gpt-tiny --seq 32"
+    )
     proc = _run(shlex.split(command), tmp_path / "run", timeout=400)
     losses = [float(m) for m in re.findall(r"^step \d+ loss ([0-9.]+)", proc.stdout, flags=re.M)]
     assert len(losses) == 5, proc.stdout
