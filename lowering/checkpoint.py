@@ -35,9 +35,11 @@ are the resumed run's own; the state tensors are restored.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,7 +145,16 @@ def _dcp_load(state: dict[str, Any], path: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
     # Collective when a process group exists (every rank calls it, each with its own tensors).
-    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    with _single_process_is_meant():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+
+
+@contextlib.contextmanager
+def _single_process_is_meant() -> Iterator[None]:
+    """DCP warns that it 'assumes' a single process when none is initialised; here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def open_weights(path: str | Path) -> WeightsFile:
@@ -378,7 +389,8 @@ def save(runner: Runner, path: str | Path, *, step: int | None = None) -> None:
     if optim:
         state["optim"] = optim
     try:
-        dcp.save(state, checkpoint_id=str(p), no_dist=not dist.is_initialized())
+        with _single_process_is_meant():
+            dcp.save(state, checkpoint_id=str(p), no_dist=not dist.is_initialized())
     except OSError as e:
         raise LoweringError(f"cannot write checkpoint {str(p)!r}: {e.strerror or e}") from e
     if not dist.is_initialized() or dist.get_rank() == 0:
