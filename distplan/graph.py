@@ -32,6 +32,7 @@ from typing import Any
 
 from distplan._serde import canonical_hash, get_int, get_list, get_map, get_str, load_json, read_json_file
 from distplan.errors import GraphError
+from distplan.tensor_parallel import TensorParallelAnnotation
 
 __all__ = ["GRAPH_SCHEMA_VERSION", "READABLE_GRAPH_SCHEMAS", "OpGraph", "OpNode", "SharedParam", "TensorMeta"]
 
@@ -204,6 +205,9 @@ class OpGraph:
         param_sizes: bytes of each trainable parameter by the FQN the nodes' ``params`` use (a tied parameter
             once, under one name); parameters not listed are private to the node carrying their bytes. None
             when the producer did not record it (schema 1, hand-built graphs). See [Note: shared parameters].
+        tensor_parallel: what a tensor-parallel group can split (see [Note: tensor-parallel regions] in
+            ``distplan.tensor_parallel``); None when the producer did not look (older graphs, hand-built
+            ones), an annotation with no regions when it looked and found none.
     """
 
     name: str
@@ -214,6 +218,7 @@ class OpGraph:
     param_dtype: str = "float32"
     meta: Mapping[str, Any] = field(default_factory=dict)
     param_sizes: Mapping[str, int] | None = None
+    tensor_parallel: TensorParallelAnnotation | None = None
     schema_version: int = GRAPH_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -255,6 +260,8 @@ class OpGraph:
             )
         if self.param_sizes is not None:
             self._lint_param_sizes(self.param_sizes)
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.lint(self)
 
     def _lint_param_sizes(self, sizes: Mapping[str, int]) -> None:
         # The first reader of a named parameter carries its bytes (see [Note: shared parameters]): the
@@ -396,6 +403,7 @@ class OpGraph:
             "outputs": list(self.outputs),
             "meta": dict(self.meta),
             **({} if self.param_sizes is None else {"param_sizes": dict(sorted(self.param_sizes.items()))}),
+            **({} if self.tensor_parallel is None else {"tensor_parallel": self.tensor_parallel.to_dict()}),
             "nodes": [n.to_dict() for n in self.nodes],
         }
 
@@ -431,6 +439,9 @@ class OpGraph:
             param_dtype=get_str(m, "param_dtype", "graph", GraphError, "float32"),
             meta=dict(meta),
             param_sizes=sizes,
+            tensor_parallel=None
+            if m.get("tensor_parallel") is None
+            else TensorParallelAnnotation.from_dict(m["tensor_parallel"], "graph.tensor_parallel"),
         )
         g.lint()
         return g
