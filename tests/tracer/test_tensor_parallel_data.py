@@ -144,7 +144,10 @@ def test_a_region_checks_itself(change: dict[str, object], message: str) -> None
     ("regions", "message"),
     [
         ((_region(nodes=("up", "act", "down", "gone")),), "node 'gone' is not in the graph"),
-        ((_region(), _region(nodes=("down",), fwd_flops=1000, bwd_flops=2000)), "node 'down' is also in region 0"),
+        (
+            (_region(), _region(nodes=("down",), fwd_flops=1000, bwd_flops=2000)),
+            "node 'down' is also in region 0",
+        ),
         ((_region(fwd_flops=7),), "fwd_flops is 7 but its nodes sum to 2000"),
         ((_region(params=_region().params[:2]),), "node 'down' reads parameter 'down.bias', not listed"),
         (
