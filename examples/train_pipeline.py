@@ -1,24 +1,37 @@
 """Train a model split by distplan, inside an ordinary torchrun training script.
 
-Run on this machine's CPU with two processes (gloo):
+Run on this machine's CPU with two processes (gloo), from scratch, saving a checkpoint at the end:
 
-    torchrun --standalone --nproc-per-node 2 examples/train_pipeline.py
+    torchrun --standalone --nproc-per-node 2 examples/train_pipeline.py --save ckpt/
 
-or with a plan made earlier (``distplan plan MODEL --cluster ... --out plan.json``), on the cluster it was
-made for (one torchrun per host; ``distplan lower`` prints the exact commands):
+then fine-tune from that folder (weights only, a fresh optimizer), or continue the run (weights, optimizer
+state, step count), under the same plan or another:
+
+    torchrun --standalone --nproc-per-node 2 examples/train_pipeline.py --checkpoint ckpt/
+    torchrun --standalone --nproc-per-node 2 examples/train_pipeline.py --resume ckpt/
+
+``--checkpoint`` also takes a Hugging Face folder (``model.safetensors``, or shards with
+``model.safetensors.index.json``) for a model of the same architecture, e.g. ``--model gpt2 --checkpoint
+./gpt2`` after ``huggingface-cli download gpt2 --local-dir ./gpt2``. With a plan made earlier (``distplan
+plan MODEL --cluster ... --out plan.json``), on the cluster it was made for:
 
     torchrun --standalone --nproc-per-node 2 examples/train_pipeline.py --plan plan.json
 
 What it does, in the order a training script would:
 
-1. build the model (a built-in name here; any ``nn.Module`` works with ``distplan.lower``'s
-   ``example_inputs``/``loss_fn``),
-2. rank 0 traces it and asks the planner for a plan on a cluster of ``WORLD_SIZE`` devices of this
-   machine's kind, then sends the plan to every rank (one plan, even if a solver were to time out
-   differently on two ranks),
-3. ``distplan.lower(plan, model)`` gives each rank its stage(s) and its data-parallel group,
-4. each step feeds the same global batch to every rank (each rank takes what its stage needs) and the
-   ranks running the last stage print the loss (one fixed batch here, so the loss visibly falls).
+1. rank 0 traces the model (a built-in name here) on the meta device and asks the planner for a plan on a
+   cluster of ``WORLD_SIZE`` devices of this machine's kind, then sends the plan to every rank (one plan,
+   even if a solver were to time out differently on two ranks),
+2. ``distplan.lower(plan, spec)`` builds the model on the meta device and gives each rank its stage(s),
+   materialised on its device and nothing else (from the checkpoint, or from the reproducible
+   initialisation: the same weights whatever the plan), and its data-parallel group,
+3. each step feeds the same global batch to every rank (each rank takes what its stage needs) and the
+   ranks running the last stage print the loss (one fixed batch here, so the loss visibly falls),
+4. ``runner.save`` / ``runner.load`` write and read a ``torch.distributed.checkpoint`` folder.
+
+It is deliberately a standalone script rather than the launcher's entry point
+(``distplan.lowering.train``, which ``distplan lower`` copies as ``train.py``): it shows distplan inside
+a script of your own, including planning at start-up, where the entry point takes a plan file.
 """
 
 from __future__ import annotations
@@ -32,7 +45,6 @@ import torch
 import torch.distributed as dist
 
 import distplan
-import distplan.tracer
 
 
 def local_cluster(world_size: int, memory_mib: float) -> dict[str, object]:
@@ -80,7 +92,17 @@ def parse_args() -> argparse.Namespace:
         help="memory per rank the planner may use, MiB (default: 1.0, too little for the whole model)",
     )
     p.add_argument("--plan", default=None, help="use this plan JSON instead of planning (default: plan now)")
-    return p.parse_args()
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="fine-tune these weights: a Hugging Face safetensors folder or a DCP folder (default: fresh start)",
+    )
+    p.add_argument("--resume", default=None, help="continue the run saved in this DCP folder (default: none)")
+    p.add_argument("--save", default=None, help="save a DCP checkpoint here at the end (default: none)")
+    args = p.parse_args()
+    if args.checkpoint and args.resume:
+        p.error("--checkpoint (weights to fine-tune) and --resume (a run to continue) exclude each other")
+    return args
 
 
 def main() -> int:
@@ -91,10 +113,7 @@ def main() -> int:
     # A timeout, so that a rank that dies never leaves the others waiting for half an hour.
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=120))
 
-    # 1. The model, with identical seeded weights on every rank.
-    model = distplan.tracer.resolve_model(args.model, batch=1, seq=args.seq, device="cpu", seed=0)
-
-    # 2. One plan for all ranks: rank 0 makes (or loads) it and broadcasts it as JSON.
+    # 1. One plan for all ranks: rank 0 makes (or loads) it and broadcasts it as JSON.
     box: list[str | None] = [None]
     if rank == 0:
         if args.plan:
@@ -124,17 +143,29 @@ def main() -> int:
         dist.destroy_process_group()
         return 2
 
-    # 3. This rank's stage(s), data-parallel group and optimizer.
-    runner = distplan.lower(plan, model, seq=args.seq, optimizer="adam", lr=args.lr)
+    # 2. This rank's stage(s), data-parallel group and optimizer. The model is built on the meta device;
+    # only this rank's tensors get memory, from the checkpoint or the reproducible initialisation.
+    runner = distplan.lower(
+        plan, args.model, seq=args.seq, optimizer="adam", lr=args.lr, checkpoint=args.checkpoint
+    )
     info = runner.rank_info
+    start = 0
+    if args.resume:  # weights, Adam's moments and the step count
+        start = runner.load(args.resume).step or 0
 
-    # 4. Train. Every rank gets the same global batch; each takes the slice its stage and replica need.
+    # 3. Train. Every rank gets the same global batch; each takes the slice its stage and replica need.
     # One fixed batch, so that the loss visibly falls within a few steps.
-    inputs, targets = model.make_batch(plan.request.global_batch, seed=0)
-    for step in range(args.steps):
-        loss = runner.train_step(inputs, targets)
+    batch = runner.source.sample(plan.request.global_batch, seed=0)
+    for step in range(start, start + args.steps):
+        loss = runner.train_step(batch.args, batch.target, batch.kwargs)
         if loss is not None and info.replica == 0:
             print(f"step {step}  loss {loss:.4f}  (rank {rank}, stage {info.stages[-1]})", flush=True)
+
+    # 4. Every rank writes its part; a later run may resume it under another plan.
+    if args.save:
+        runner.save(args.save, step=start + args.steps)
+        if rank == 0:
+            print(f"saved {args.save} after step {start + args.steps}", flush=True)
     dist.destroy_process_group()
     return 0
 
