@@ -40,6 +40,7 @@ _COMMAND_MODULES = (
     "distplan.service.cli",
     "distplan.presentation.report_cli",
     "distplan.presentation.demo_cli",
+    "distplan.scheduler.cli",
 )
 
 _registered = False
