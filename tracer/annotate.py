@@ -41,6 +41,7 @@ sample. The nodes evaluated so are counted in ``graph.meta["sampled_nodes"]``.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 import re
@@ -56,6 +57,7 @@ from distplan.errors import TraceError
 from distplan.graph import OpGraph, OpNode, TensorMeta
 from distplan.tracer.capture import Capture, TorchFailure
 from distplan.tracer.flops import flop_counter, uncounted_reason
+from distplan.tracer.tensor_parallel import find_tensor_parallel
 
 __all__ = ["graph_from_capture"]
 
@@ -82,6 +84,11 @@ def graph_from_capture(
     under several names (tied weights) is listed under the first name a node reads it by, and
     ``OpGraph.param_sizes`` gives every parameter's bytes under that name, so the planner can charge each
     stage that reads it (see [Note: shared parameters] in ``distplan.graph``).
+
+    ``OpGraph.tensor_parallel`` says what a tensor-parallel group can split
+    (:func:`~distplan.tracer.tensor_parallel.find_tensor_parallel`); ``meta["kind"] == "causal-lm"`` (the
+    output feeds a cross-entropy) lets the last matmul be split over the vocabulary, ``meta["batch"]`` is the
+    batch its per-sample figures divide by.
     """
     ann = _Annotator(cap, module)
     nodes, outputs, fallbacks = ann.run(example_args, dict(example_kwargs or {}))
@@ -114,6 +121,16 @@ def graph_from_capture(
         param_sizes={ann.param_names[pid]: _nbytes(p) for pid, p in unique.items()},
     )
     g.lint()
+    batch = graph_meta.get("batch")
+    tp = find_tensor_parallel(
+        cap.gm,
+        g,
+        module,
+        batch=batch if isinstance(batch, int) and batch > 0 else None,
+        output_loss="cross-entropy" if graph_meta.get("kind") == "causal-lm" else None,
+    )
+    g = dataclasses.replace(g, tensor_parallel=tp)
+    tp.lint(g)
     return g
 
 

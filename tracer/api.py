@@ -104,6 +104,7 @@ def trace_bundle(bundle: ModelBundle, *, name: str | None = None) -> OpGraph:
         param_dtype=graph.param_dtype,
         meta=meta,
         param_sizes=graph.param_sizes,
+        tensor_parallel=graph.tensor_parallel,
     )
 
 
