@@ -106,9 +106,9 @@ TINY_MODEL = 64
 LARGE_MODEL = 700
 #: CP-SAT's deterministic work limit per solve (deterministic seconds), as a fraction of ``time_limit_s``
 #: and clamped to [MIN_DETERMINISTIC_S, MAX_DETERMINISTIC_S] (see [Note: determinism] for the sizing).
-DETERMINISTIC_SHARE = 0.0125
+DETERMINISTIC_SHARE = 0.01
 MIN_DETERMINISTIC_S = 0.05
-MAX_DETERMINISTIC_S = 0.5
+MAX_DETERMINISTIC_S = 0.2
 #: Integer programs are solved while their estimated wall time adds up to at most this share of
 #: ``time_limit_s`` (the rest of the limit is margin for a loaded machine; see [Note: determinism]).
 SOLVE_SHARE = 0.2
