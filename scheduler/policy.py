@@ -56,7 +56,10 @@ throughput, priority-weighted. Both then maximise the values above as a tie-brea
 [Note: decision time]
 Each event costs a lookup of cached prices (a job's shapes are planned once, when it is first seen: see
 [Note: pricing]), building the program (``jobs x shapes`` binaries, plus at most ``partners`` co-location
-partners per job) and one CP-SAT solve per non-empty level under a deterministic work limit.
+partners per job, among the ``COLOCATION_CANDIDATES`` most urgent waiting jobs) and one CP-SAT solve per
+non-empty level, all under one deterministic work budget (``deterministic_time``): a decision's time is
+bounded whatever the load, and when the budget runs out the best solution found stands (it is never worse
+than every running job staying, completed greedily with waiting jobs).
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ DISTPLAN_OBJECTIVES = ("jct", "throughput", "max-min", "finish-time")
 LEVELS = ("aged-high", "high", "aged", "normal", "low")
 #: Aged jobs with a lexicographic level of their own (the earliest aged); later ones share one.
 AGED_LEVELS = 16
+#: Waiting jobs considered for co-location per decision (the most important and urgent).
+COLOCATION_CANDIDATES = 48
 #: Priority weights of the fairness variants (Gavel's ``priority_weights``).
 PRIORITY_WEIGHTS = {"high": 4.0, "normal": 2.0, "low": 1.0}
 
@@ -451,6 +456,8 @@ class DistplanPolicy(Policy):
         one-device job; at most ``partners`` per job, the best by combined value."""
         cands: dict[int, list[tuple[float, Any]]] = {}
         waiting = [i for i, j in enumerate(jobs) if not j.rec.running and j.rec.spec.min_devices == 1]
+        # The most urgent waiting jobs only: pairs grow with the square of the candidates.
+        waiting = sorted(waiting, key=lambda i: (jobs[i].level, -jobs[i].urgency, i))[:COLOCATION_CANDIDATES]
         for pool in view.pools:
             one = Shape(pool.index, 1, 1)
             here = [i for i in waiting if self._one_device(view, jobs[i], pool.index) is not None]

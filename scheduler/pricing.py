@@ -282,6 +282,7 @@ class Pricer:
             raise SchedulerError("pricers that share a cache must share the planner time limit")
         self._cache: dict[str, Price] = shared._cache if shared is not None else {}
         self._hashes: dict[int, tuple[OpGraph, str]] = {}
+        self._shape_keys: dict[tuple[int, Shape], str] = {}
         self.calls = 0
         self.hits = 0
         self.seconds = 0.0
@@ -306,7 +307,9 @@ class Pricer:
     # ------------------------------------------------------------------ prices
     def price(self, job: JobSpec, graph: OpGraph, pool: Pool, shape: Shape) -> Price:
         """The job's price on ``shape`` of ``pool`` (cached; planned on a miss)."""
-        skey = pool.shape_key(shape, self.cluster)
+        skey = self._shape_keys.get((pool.index, shape))
+        if skey is None:
+            skey = self._shape_keys[(pool.index, shape)] = pool.shape_key(shape, self.cluster)
         key = f"{self.config_key(job, graph)}|{skey}"
         hit = self._cache.get(key)
         if hit is not None:

@@ -34,7 +34,7 @@ from distplan.cluster import Cluster
 from distplan.graph import OpGraph
 
 from .core import Decision, Policy, Scheduler
-from .model import JobSet, SchedulerError
+from .model import GraphSource, JobSet, SchedulerError
 from .pricing import Pricer
 
 __all__ = ["JobOutcome", "SimulationResult", "simulate"]
@@ -182,12 +182,20 @@ def simulate(
             f"they end: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
         )
     g = dict(graphs) if graphs is not None else jobs.load_graphs(base_dir)
+    # The scheduler's state keeps the graphs' sources; file paths are made absolute so that a saved state
+    # reloads from anywhere.
+    sources = {
+        k: GraphSource("file", {"file": str((Path(base_dir or ".") / src.spec["file"]).resolve())})
+        if src.kind == "file"
+        else src
+        for k, src in jobs.graphs.items()
+    }
     sched = Scheduler(
         cluster,
         policy,
         pricer=pricer if pricer is not None else Pricer(cluster),
         graphs=g,
-        sources=jobs.graphs,
+        sources=sources,
     )
     order = sorted(range(len(jobs.jobs)), key=lambda i: (jobs.jobs[i].arrival_s, i))
     run = {j.id: float(j.run_samples) for j in jobs.jobs if j.run_samples is not None}

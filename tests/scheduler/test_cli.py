@@ -38,14 +38,19 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 
 
 @pytest.fixture
-def jobs_file(tmp_path: Path) -> Path:
+def jobs_file(tmp_path: Path, graphs) -> Path:
+    # One graph from a file next to the job set (a relative path), one synthetic.
+    graphs["tiny"].save(tmp_path / "tiny-graph.json")
     js = JobSet(
         "cli-jobs",
-        {"tiny": GraphSource("synthetic", dict(TINY))},
+        {
+            "tiny": GraphSource("synthetic", dict(TINY)),
+            "saved": GraphSource("file", {"file": "tiny-graph.json"}),
+        },
         (
             job("a", max_devices=2, total_steps=3000),
             job("b", priority="high", arrival_s=5.0, total_steps=2000),
-            job("c", priority="low", arrival_s=6.0, total_steps=500),
+            job("c", "saved", priority="low", arrival_s=6.0, total_steps=500),
         ),
     )
     path = tmp_path / "jobs.json"
@@ -82,8 +87,10 @@ def test_schedule_json_contract(capsys, tmp_path, jobs_file, policy) -> None:
     assert s["avg_jct_s"] == pytest.approx(sum(j["jct_s"] for j in s["jobs_detail"]) / 3)
     kinds = [e["kind"] for e in json.loads(events.read_text())["events"]]
     assert kinds.count("arrival") == 3 and kinds.count("finish") == 3
+    # The saved state reloads wherever it is read from (the graph file's path was made absolute).
     restored = Scheduler.from_dict(json.loads(state.read_text()))
     assert {r.status for r in restored.jobs.values()} == {"finished"}
+    assert restored.graphs["saved"].content_hash == restored.graphs["tiny"].content_hash
 
 
 def test_schedule_table_names_every_job(capsys, jobs_file) -> None:
