@@ -14,7 +14,9 @@ leaving it is whole (replicated) on each device, the scheme of Megatron-LM (Shoe
 * the ops between them and the row-parallel matmuls work on the split features as they are: elementwise ops,
   and per-head ops once a reshape turns the features into ``(heads, head_dim)`` (attention: each device
   runs ``heads / t`` heads; grouped-query attention splits the key/value heads the same way, so ``t`` must
-  divide the kv heads too);
+  divide the kv heads too; where the key/value heads cannot be split (a single one, multi-query
+  attention), their projections stay whole and each device slices its query heads' share of them, and
+  their gradient, a partial sum, is all-reduced like the region input's);
 * **row-parallel** matmuls contract the split features (weight split along its input features: ``Shard(1)``
   for ``[out, in]``), so each device holds a *partial sum* of the output; one **all-reduce** (forward) makes
   it whole. Their bias is not split: it is added once, after the sum;

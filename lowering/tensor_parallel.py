@@ -12,8 +12,8 @@ where it meets a replicated value -- Megatron's collectives, placed by DTensor.
 Recipe (measured on gloo, see the numeric test in ``tests/tracer/test_tensor_parallel_numeric.py``)::
 
     cap = capture(model, args)                                 # the CPU model, eager attention on CPU
-    graph = graph_from_capture(cap, model, args, name="m")     # graph.tensor_parallel: the annotation
-    mesh = init_device_mesh("cpu", (t,))
+    graph = graph_from_capture(cap, model, args, name="m", meta={"kind": "causal-lm", "batch": b})
+    mesh = init_device_mesh("cpu", (t,))                      # graph.tensor_parallel: the annotation
     applied = apply_tensor_parallel(cap.gm, graph.tensor_parallel, mesh)  # strip, place, reduce
     with implicit_replication():
         out = cap.gm(*replicate_inputs(args, mesh))
