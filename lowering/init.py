@@ -36,6 +36,7 @@ rank.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -201,7 +202,7 @@ def _inits(root: nn.Module) -> Iterator[tuple[str, list[Callable[[], Any]]]]:
             calls.append(reset)
         owner = owners.get(fqn)
         if owner is not None:
-            calls.append(lambda owner=owner, m=m: owner._init_weights(m))
+            calls.append(functools.partial(getattr(owner, "_init_weights"), m))  # noqa: B009 - typed, unlike nn.Module.__getattr__
         if calls:
             yield fqn, calls
 
