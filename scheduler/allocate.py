@@ -39,10 +39,15 @@ Objective (``objective``):
                      ``sum V_l``.
   Values and scores are floats, scaled per solve to integers of at most ``VALUE_RESOLUTION``.
 
-Solve: CP-SAT with a fixed seed and a deterministic work budget for the whole solve, shared by the stages
-(the wall-clock limit is only a safety net), hinted with "every running job stays" and then with each stage's solution; the result carries
-each solve's status. The LP relaxation of this program is tight (a multi-dimensional knapsack with
-at-most-one rows), so proofs are quick.
+Solve: CP-SAT, one worker (its sequential search is deterministic), fixed seed, one deterministic work
+budget for all stages (each stage gets what is left divided by the stages left; the wall-clock limit is only
+a safety net). Each stage starts from a complete hint: the previous stage's solution (at first, every
+running job staying), completed by ``_greedy`` (waiting jobs by level and value per device, packed for
+real). Inside a stage the value of the later stages breaks ties (scaled to ``SECONDARY_RESOLUTION`` in all,
+below one unit of the stage's own value), so a stage cut short by the budget does not stop later jobs for
+nothing. Small programs are proven optimal (the brute-force tests); on large fragmented clusters the LP
+relaxation is loose (``q[b, p]`` relaxes to ``F_b / p``, which ignores fragmentation), and the budget rather
+than a proof ends the stages: the result is the best solution found, never worse than the hint.
 """
 
 from __future__ import annotations
@@ -523,6 +528,11 @@ def solve_allocation(p: AllocationProblem) -> AllocationSolution:
             model.add(primary >= best)
         else:
             model.add(primary <= best)
+    # Whatever the last stage reached (a stage may end without a solution when the budget is spent), devices
+    # left idle go to waiting jobs that fit them: values are positive, so no level's value falls. (Not under
+    # the fairness objectives, where a job's score alone decides whether running it helps.)
+    if p.objective == "lexicographic":
+        choices = _greedy(p, choices)
     if not solved:
         raise SchedulerError(
             f"the allocation program found no solution ({', '.join(statuses)}); every running job staying "
