@@ -492,6 +492,38 @@ class Calibration:
                 raise
             raise _E(f"{path}.{e}") from e
 
+    def summary(self) -> dict[str, Any]:
+        """Headline figures: throughput at the largest measured size per class (TFLOP/s, GB/s), the fixed
+        costs (microseconds), the link's latency and bandwidth; for people, not for the cost model."""
+        out: dict[str, Any] = {"kind": self.kind}
+        d = self.device
+        if d is not None:
+            out["device"] = d.device_name
+            out["threads"] = d.threads
+            for p, t in d.matmul.items():
+                out[f"matmul_{p}_tflops"] = t.fwd.rate(t.fwd.sizes[-1]) / 1e12
+            for p, t in d.attention.items():
+                out[f"attention_{p}_tflops"] = t.fwd.rate(t.fwd.sizes[-1]) / 1e12
+            if d.stream is not None:
+                out["weight_stream_gbyte_s"] = d.stream.fwd.rate(d.stream.fwd.sizes[-1]) / 1e9
+            for c in ("elementwise", "norm"):
+                if c in d.ops:
+                    out[f"{c}_gbyte_s"] = d.ops[c].fwd.rate(d.ops[c].fwd.sizes[-1]) / 1e9
+            if "elementwise" in d.ops:
+                out["op_overhead_us"] = d.ops["elementwise"].fwd.seconds[0] * 1e6
+            if "view" in d.ops:
+                out["view_overhead_us"] = d.ops["view"].fwd.seconds[0] * 1e6
+            out["microbatch_overhead_us"] = (d.microbatch_fwd_s + d.microbatch_bwd_s) * 1e6
+            out["attention_kernel"] = d.attention_kernel
+        lk = self.link
+        if lk is not None:
+            out["link"] = f"{lk.scope} over {lk.backend}"
+            out["p2p_latency_us"] = lk.p2p.seconds[0] * 1e6
+            out["p2p_gbyte_s"] = lk.p2p.rate(lk.p2p.sizes[-1]) / 1e9
+            for w, curve in sorted(lk.collectives.get("all_reduce", {}).items()):
+                out[f"all_reduce_{w}_latency_us"] = curve.seconds[0] * 1e6
+        return out
+
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 

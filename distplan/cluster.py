@@ -5,22 +5,38 @@ Internally every quantity is in SI units (bytes, bytes/s, FLOP/s, seconds). The 
 both spellings of each field (exactly one of them), e.g. ``memory_gib: 80`` or ``memory_bytes: 85899345920``,
 ``bandwidth_gbit_s: 100`` or ``bandwidth_gbyte_s: 12.5`` or ``bandwidth_bytes_s: 1.25e10``.
 ``to_dict`` always writes the SI spelling, which reads back exactly.
+
+[Note: calibrated clusters]
+A device kind and a link may carry measured figures (``DeviceKind.calibration``, ``Link.calibration``; see
+``distplan.calibration``), which the cost model prefers to the datasheet. A cluster description gets them
+from a top-level ``calibrations:`` list of calibration files (``distplan profile``; paths are read by
+``distplan.profiles.load_cluster`` relative to the YAML file) or of their contents inline
+(:meth:`Cluster.from_dict`, the REST door), or in Python from :meth:`Cluster.calibrated`. A calibration's
+device part goes to the kind it names; its link part, when measured between ranks of one host
+(``intra-host``), to the link of every host whose devices are all of that kind, and when measured between
+hosts (``network``), to the network. ``to_dict`` writes each part with the kind or link it belongs to, so
+the cluster (and a plan holding it) reads back with the same figures; an uncalibrated cluster's dictionary
+has no calibration keys at all.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 from distplan._serde import canonical_hash, get_float, get_int, get_list, get_map, get_str
-from distplan.errors import ProfileError
+from distplan.calibration import Calibration, DeviceCalibration, LinkCalibration
+from distplan.errors import CalibrationError, ProfileError
 
-__all__ = ["DTYPES", "Cluster", "Device", "DeviceKind", "Host", "Link"]
+__all__ = ["ATTENTION", "DTYPES", "Cluster", "Device", "DeviceKind", "Host", "Link"]
 
 #: Compute dtypes a device kind may list peak FLOP/s for.
 DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8")
+#: Attention implementations a device kind runs: ``fused`` kernels (flash / memory-efficient) keep no
+#: score matrix; ``math`` stores the ``seq x seq`` scores and probabilities for the backward.
+ATTENTION = ("fused", "math")
 
 GIB = 1024**3
 _E = ProfileError
@@ -40,10 +56,12 @@ def _one_of(m: Mapping[str, Any], path: str, options: Mapping[str, float], *, po
 
 @dataclass(frozen=True, slots=True)
 class Link:
-    """A point-to-point link: ``time(bytes) = latency_s + bytes / bandwidth_bytes_s``."""
+    """A link between devices: ``time(bytes) = latency_s + bytes / bandwidth_bytes_s`` by the datasheet, or
+    the measured times of ``calibration`` when it has one (see [Note: calibrated clusters])."""
 
     bandwidth_bytes_s: float
     latency_s: float = 0.0
+    calibration: LinkCalibration | None = None
 
     def __post_init__(self) -> None:
         if not self.bandwidth_bytes_s > 0:
@@ -55,7 +73,10 @@ class Link:
         return self.latency_s + nbytes / self.bandwidth_bytes_s if nbytes > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bandwidth_bytes_s": self.bandwidth_bytes_s, "latency_s": self.latency_s}
+        out: dict[str, Any] = {"bandwidth_bytes_s": self.bandwidth_bytes_s, "latency_s": self.latency_s}
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "link") -> Link:
@@ -67,7 +88,10 @@ class Link:
             lat = _one_of(m, path, {"latency_s": 1.0, "latency_us": 1e-6}, positive=False)
         else:
             lat = 0.0
-        return cls(bandwidth_bytes_s=bw, latency_s=lat)
+        cal = None
+        if m.get("calibration") is not None:
+            cal = LinkCalibration.from_dict(m["calibration"], f"{path}.calibration")
+        return cls(bandwidth_bytes_s=bw, latency_s=lat, calibration=cal)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +106,10 @@ class DeviceKind:
             fast path for is absent and costed at the ``fp32`` rate.
         efficiency: fraction of peak a real training kernel mix achieves (0 < e <= 1).
         memory_reserved_bytes: memory not available to the model (CUDA context, allocator slack).
-        calibration: measured correction factors (multiplying predicted compute time), by op class.
+        calibration: measured figures (``distplan profile``) the cost model uses instead of the datasheet
+            for the op classes and precisions they cover; None when never measured.
+        attention: the attention kernel the kind runs by default (:data:`ATTENTION`); a calibration's
+            measured kernel overrides it (:attr:`fused_attention`).
         vendor / description: free text.
     """
 
@@ -92,7 +119,8 @@ class DeviceKind:
     peak_flops: Mapping[str, float]
     efficiency: float = 0.5
     memory_reserved_bytes: int = 0
-    calibration: Mapping[str, float] = field(default_factory=dict)
+    calibration: DeviceCalibration | None = None
+    attention: str = "fused"
     vendor: str = ""
     description: str = ""
 
@@ -115,13 +143,19 @@ class DeviceKind:
             raise _E(
                 f"{p}: memory_reserved must be in [0, memory), got {self.memory_reserved_bytes} of {self.memory_bytes}"
             )
-        for k, v in self.calibration.items():
-            if not v > 0:
-                raise _E(f"{p}: calibration.{k} must be > 0, got {v}")
+        if self.attention not in ATTENTION:
+            raise _E(f"{p}: attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
 
     @property
     def usable_memory_bytes(self) -> int:
         return self.memory_bytes - self.memory_reserved_bytes
+
+    @property
+    def fused_attention(self) -> bool:
+        """Whether attention runs a fused kernel (no stored score matrix): measured when calibrated."""
+        if self.calibration is not None:
+            return self.calibration.fused_attention
+        return self.attention == "fused"
 
     def flops(self, dtype: str) -> float:
         """Peak FLOP/s for a compute dtype (``fp32`` rate where the device has no fast path)."""
@@ -135,7 +169,8 @@ class DeviceKind:
             "peak_flops": dict(self.peak_flops),
             "efficiency": self.efficiency,
             "memory_reserved_bytes": self.memory_reserved_bytes,
-            "calibration": dict(self.calibration),
+            **({} if self.calibration is None else {"calibration": self.calibration.to_dict()}),
+            **({} if self.attention == "fused" else {"attention": self.attention}),
             "vendor": self.vendor,
             "description": self.description,
         }
@@ -159,7 +194,7 @@ class DeviceKind:
             reserved = _one_of(
                 m, path, {"memory_reserved_bytes": 1.0, "memory_reserved_gib": GIB}, positive=False
             )
-        cal = get_map(m.get("calibration", {}), f"{path}.calibration", _E)
+        cal = _device_calibration(m.get("calibration"), f"{path}.calibration")
         try:
             return cls(
                 name=name,
@@ -168,12 +203,27 @@ class DeviceKind:
                 peak_flops=peak,
                 efficiency=get_float(m, "efficiency", path, _E, 0.5, positive=True),
                 memory_reserved_bytes=int(reserved),
-                calibration={k: get_float(cal, k, f"{path}.calibration", _E, positive=True) for k in cal},
+                calibration=cal,
+                attention=get_str(m, "attention", path, _E, "fused"),
                 vendor=get_str(m, "vendor", path, _E, ""),
                 description=get_str(m, "description", path, _E, ""),
             )
         except ProfileError as e:
             raise ProfileError(f"{path}: {e}") from e
+
+
+def _device_calibration(raw: Any, path: str) -> DeviceCalibration | None:
+    """A kind's ``calibration`` field: measured figures, or nothing (``null``, or the empty mapping older
+    files carry); the efficiency factors earlier versions took there are refused with what to do instead."""
+    if raw is None or (isinstance(raw, Mapping) and not raw):
+        return None
+    m = get_map(raw, path, _E)
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in m.values()):
+        raise CalibrationError(
+            f"{path}: per-class correction factors ({', '.join(sorted(m))}) are no longer read; measure the "
+            "kind with `distplan profile` and list the file under the cluster's `calibrations:`"
+        )
+    return DeviceCalibration.from_dict(m, path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,12 +314,81 @@ class Cluster:
     def total_memory_bytes(self) -> int:
         return sum(self.kinds[d.kind].usable_memory_bytes for d in self.devices())
 
+    # ------------------------------------------------------------------ calibrations
+    def calibrated(self, *calibrations: Calibration) -> Cluster:
+        """This cluster with the measured figures of ``calibrations`` attached (see [Note: calibrated
+        clusters]).
+
+        Raises:
+            CalibrationError: naming the field: a calibration of a kind this cluster does not use, two of
+                one kind, or an intra-host link part that fits no host (no host is all of that kind).
+        """
+        kinds = dict(self.kinds)
+        hosts = list(self.hosts)
+        network = self.network
+        seen: dict[str, int] = {}
+        for i, cal in enumerate(calibrations):
+            where = f"calibrations[{i}]"
+            wants_kind = cal.device is not None or (cal.link is not None and cal.link.scope == "intra-host")
+            if wants_kind and cal.kind not in kinds:
+                raise CalibrationError(
+                    f"{where}.kind: device kind {cal.kind!r} is not used by cluster {self.name!r} (its kinds: "
+                    f"{', '.join(sorted(kinds))}); name the kind with distplan profile --kind"
+                )
+            if cal.device is not None:
+                if cal.kind in seen:
+                    raise CalibrationError(
+                        f"{where}.kind: a second calibration of device kind {cal.kind!r} "
+                        f"(calibrations[{seen[cal.kind]}] is one already)"
+                    )
+                seen[cal.kind] = i
+                kinds[cal.kind] = replace(kinds[cal.kind], calibration=cal.device)
+            if cal.link is not None:
+                if cal.link.scope == "network":
+                    network = replace(network, calibration=cal.link)
+                    continue
+                fits = [j for j, h in enumerate(hosts) if set(h.devices) == {cal.kind}]
+                if not fits:
+                    raise CalibrationError(
+                        f"{where}.link: measured inside a host of {cal.kind!r} devices, but no host of cluster "
+                        f"{self.name!r} holds only {cal.kind!r} devices"
+                    )
+                for j in fits:
+                    hosts[j] = replace(hosts[j], link=replace(hosts[j].link, calibration=cal.link))
+        if len(self.hosts) == 1 and self.network == self.hosts[0].link:
+            network = hosts[0].link  # one host: its link is the network
+        return replace(self, kinds=kinds, hosts=tuple(hosts), network=network)
+
+    def calibration_report(self) -> dict[str, str]:
+        """Where the cost model's figures come from, per device kind and link: ``calibrated`` (with the
+        measured classes and the source) or ``datasheet``."""
+        out: dict[str, str] = {}
+        for name in sorted(self.kinds):
+            c = self.kinds[name].calibration
+            out[f"kind {name}"] = (
+                "datasheet"
+                if c is None
+                else f"calibrated ({', '.join(c.classes())}; matmul {', '.join(c.matmul)}) {c.source}".strip()
+            )
+        links = [(f"host {h.name} link", h.link) for h in self.hosts]
+        if len(self.hosts) > 1:
+            links.append(("network", self.network))
+        for name, lk in links:
+            lc = lk.calibration
+            out[name] = (
+                "datasheet"
+                if lc is None
+                else f"calibrated ({lc.scope} over {lc.backend}) {lc.source}".strip()
+            )
+        return out
+
     @property
     def content_hash(self) -> str:
         return canonical_hash(self.to_dict())
 
     # ------------------------------------------------------------------ serde
     def to_dict(self) -> dict[str, Any]:
+        """The cluster in SI units; calibrations ride with the kinds and links they belong to."""
         used = sorted({k for h in self.hosts for k in h.devices})
         return {
             "name": self.name,
@@ -288,7 +407,9 @@ class Cluster:
     ) -> Cluster:
         """Build a cluster; ``kinds`` may be given inline or taken from ``catalogue`` by name.
 
-        A host may be repeated with ``repeat: N`` (names get ``-0``, ``-1``, ... suffixes).
+        A host may be repeated with ``repeat: N`` (names get ``-0``, ``-1``, ... suffixes). A top-level
+        ``calibrations`` list holds calibrations' contents (see [Note: calibrated clusters]); file paths there
+        are read by ``distplan.profiles.load_cluster`` from a cluster file, never here.
         """
         m = get_map(d, path, _E)
         name = get_str(m, "name", path, _E)
@@ -339,13 +460,30 @@ class Cluster:
         else:
             raise _E(f"{path}.network: missing (the link between hosts, e.g. {{bandwidth_gbit_s: 100}})")
         used = {k for h in hosts for k in h.devices}
-        return cls(
+        cluster = cls(
             name=name,
             kinds={k: v for k, v in kinds.items() if k in used},
             hosts=tuple(hosts),
             network=network,
             description=get_str(m, "description", path, _E, ""),
         )
+        raw_cals = get_list(m, "calibrations", path, _E, [])
+        cals = []
+        for i, c in enumerate(raw_cals):
+            cp = f"{path}.calibrations[{i}]"
+            if isinstance(c, str):
+                raise CalibrationError(
+                    f"{cp}: {c[:80]!r} is a file name; calibration files are read when the cluster comes from a "
+                    "cluster file (load_cluster), otherwise give the calibration's contents (or, over REST, the "
+                    "id of an uploaded calibration)"
+                )
+            cals.append(Calibration.from_dict(c, cp))
+        if not cals:
+            return cluster
+        try:
+            return cluster.calibrated(*cals)
+        except CalibrationError as e:
+            raise CalibrationError(f"{path}.{e}") from e
 
     @classmethod
     def from_json(cls, text: str) -> Cluster:

@@ -42,6 +42,7 @@ from distplan.errors import PlanError
 from distplan.units import format_bytes
 
 __all__ = [
+    "MATMUL_PRECISIONS",
     "PLAN_SCHEMA_VERSION",
     "SCHEDULES",
     "Plan",
@@ -51,6 +52,7 @@ __all__ = [
     "SolverReport",
     "Stage",
     "build_rank_map",
+    "check_precision",
     "parse_layout",
 ]
 
@@ -72,6 +74,9 @@ class PlanRequest:
         cluster: the cluster, in full (a plan is self-contained).
         global_batch: samples per training iteration, over all replicas and microbatches.
         dtype: compute dtype; ``bf16``/``fp16`` mean mixed precision with fp32 master weights.
+        matmul_precision: how matrix multiplies run (``fp32`` strict, ``tf32`` on fp32 tensors, ``bf16`` /
+            ``fp16`` under autocast); None for the dtype's own (fp32 -> ``fp32``, bf16 -> ``bf16``, ...).
+            The cost model prices it and the lowering sets it (:attr:`precision`).
         optimizer: optimizer whose state is counted in memory.
         microbatches / schedule: fixed by the user, or ``None`` for the planner to choose.
         time_limit_s: wall-clock limit of the whole planning call, in seconds (the planner sizes its
@@ -89,6 +94,7 @@ class PlanRequest:
     microbatches: int | None = None
     schedule: str | None = None
     time_limit_s: float = 10.0
+    matmul_precision: str | None = None
 
     def __post_init__(self) -> None:
         if self.global_batch < 1:
@@ -112,6 +118,12 @@ class PlanRequest:
             raise _E(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not self.time_limit_s > 0:
             raise _E(f"time_limit_s must be > 0, got {self.time_limit_s}")
+        check_precision(self.dtype, self.matmul_precision)
+
+    @property
+    def precision(self) -> str:
+        """The matmul precision the plan runs at (``matmul_precision`` or the dtype's own)."""
+        return self.matmul_precision or self.dtype
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -126,6 +138,8 @@ class PlanRequest:
             "microbatches": self.microbatches,
             "schedule": self.schedule,
             "time_limit_s": self.time_limit_s,
+            # Written only when asked for, so plans of the dtype's own precision keep their ids.
+            **({} if self.matmul_precision is None else {"matmul_precision": self.matmul_precision}),
         }
 
     @classmethod
@@ -149,6 +163,28 @@ class PlanRequest:
             microbatches=mb,
             schedule=sched,
             time_limit_s=get_float(m, "time_limit_s", path, _E, 10.0, positive=True),
+            matmul_precision=None
+            if m.get("matmul_precision") is None
+            else get_str(m, "matmul_precision", path, _E),
+        )
+
+
+#: Matrix-multiply precisions a plan may name (see ``PlanRequest.matmul_precision``).
+MATMUL_PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16", "fp16")
+
+
+def check_precision(dtype: str, matmul_precision: str | None) -> None:
+    """Raise :class:`PlanError` unless ``matmul_precision`` can run with ``dtype``: fp32 tensors multiply in
+    fp32 or TF32; bf16/fp16 mixed precision multiplies in that dtype (autocast)."""
+    if matmul_precision is None:
+        return
+    if matmul_precision not in MATMUL_PRECISIONS:
+        raise _E(f"matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {matmul_precision!r}")
+    allowed = ("fp32", "tf32") if dtype == "fp32" else (dtype,)
+    if matmul_precision not in allowed:
+        raise _E(
+            f"matmul_precision {matmul_precision!r} does not go with dtype {dtype!r} (it allows "
+            f"{' or '.join(allowed)})"
         )
 
 
@@ -306,12 +342,27 @@ class RankAssignment:
 
 @dataclass(frozen=True, slots=True)
 class Predictions:
-    """What the cost model predicts for one training iteration."""
+    """What the cost model predicts for one training iteration.
+
+    Attributes:
+        iteration_time_s / throughput_samples_s / bubble_fraction: the iteration.
+        device_memory_bytes: predicted peak memory per device index.
+        matmul_precision: the precision matmuls were priced at (and the lowering runs them at).
+        figures: where the figures came from, per device kind and link: ``calibrated (...)`` with what was
+            measured and its source, or ``datasheet`` (see ``Cluster.calibration_report``).
+    """
 
     iteration_time_s: float = 0.0
     throughput_samples_s: float = 0.0
     bubble_fraction: float = 0.0
     device_memory_bytes: Mapping[int, int] = field(default_factory=dict)
+    matmul_precision: str = ""
+    figures: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether any figure was measured rather than taken from a datasheet."""
+        return any(v != "datasheet" for v in self.figures.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -319,6 +370,8 @@ class Predictions:
             "throughput_samples_s": self.throughput_samples_s,
             "bubble_fraction": self.bubble_fraction,
             "device_memory_bytes": {str(k): v for k, v in sorted(self.device_memory_bytes.items())},
+            "matmul_precision": self.matmul_precision,
+            "figures": dict(self.figures),
         }
 
     @classmethod
@@ -336,6 +389,8 @@ class Predictions:
             throughput_samples_s=get_float(m, "throughput_samples_s", path, _E, 0.0),
             bubble_fraction=get_float(m, "bubble_fraction", path, _E, 0.0),
             device_memory_bytes=parsed,
+            matmul_precision=get_str(m, "matmul_precision", path, _E, ""),
+            figures={str(k): str(v) for k, v in get_map(m.get("figures", {}), f"{path}.figures", _E).items()},
         )
 
 

@@ -2,6 +2,9 @@
 
 Errors name the file, the field and the value: ``a100.yaml: cluster.hosts[1].link.bandwidth_gbit_s: expected
 a positive number, got -5``. YAML is read with ``yaml.safe_load`` only.
+
+A cluster file may list calibration files (``distplan profile``) under ``calibrations:``, by paths relative to
+the cluster file; they are read here and attached as in [Note: calibrated clusters] (``distplan.cluster``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from distplan.calibration import Calibration
 from distplan.cluster import Cluster, DeviceKind
 from distplan.errors import ProfileError
 
@@ -81,10 +85,24 @@ def _parse_cluster(text: str, source: str, *, is_json: bool = False) -> Cluster:
         data = _read_yaml(text, source)
     if isinstance(data, dict) and "cluster" in data and "hosts" not in data:
         data = data["cluster"]
+    files: dict[int, str] = {}
     try:
+        if isinstance(data, dict) and isinstance(data.get("calibrations"), list):
+            base = Path(source).parent
+            data = dict(data)
+            loaded = []
+            for i, c in enumerate(data["calibrations"]):
+                if isinstance(c, str):
+                    files[i] = c
+                    c = Calibration.load(base / c).to_dict()
+                loaded.append(c)
+            data["calibrations"] = loaded
         return Cluster.from_dict(data, catalogue=_catalogue())
     except ProfileError as e:
-        raise ProfileError(f"{source}: {e}") from e
+        msg = str(e)
+        for i, name in files.items():  # name the calibration file as well as its place in the list
+            msg = msg.replace(f"calibrations[{i}]", f"calibrations[{i}] ({name})", 1)
+        raise type(e)(f"{source}: {msg}") from e
 
 
 def load_cluster(spec: str | Path | dict[str, Any] | Cluster) -> Cluster:

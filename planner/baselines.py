@@ -224,7 +224,7 @@ def _homogeneous(
                 v = m if schedule == "gpipe" else min(num, m)
                 room = np.array(
                     [cost.state_bytes(float(cost.param_prefix[p])) for p in blocks.bounds]
-                ) + v * (cost.act_prefix[bounds_arr] * b)
+                ) + v * (cost.act_prefix_max[bounds_arr] * b)
                 cut = _minmax_partition(pre, room, cap, num)
                 if cut is not None:
                     stage_t = np.diff(pre[cut])

@@ -98,6 +98,9 @@ def plan_summary(plan: Any, graph: Any | None = None) -> dict[str, Any]:
         },
         "baselines": dict(plan.baselines),
         "speedup": {k: (v / it if v and it > 0 else None) for k, v in plan.baselines.items()},
+        "matmul_precision": pred.matmul_precision,
+        # Per device kind and link: measured (distplan profile) or datasheet figures.
+        "figures": dict(pred.figures),
         "stages": stages,
     }
 
@@ -147,6 +150,15 @@ def _print_table(summary: dict[str, Any]) -> None:
     )
     for note in sv["notes"][1:]:  # the first one summarises the candidates (in --json)
         con.print(f"  note: {note}")
+    figures = summary.get("figures") or {}
+    if figures:
+        measured = [k for k, v in figures.items() if v != "datasheet"]
+        guessed = [k for k, v in figures.items() if v == "datasheet"]
+        con.print(
+            f"figures (matmuls at {summary.get('matmul_precision') or 'the dtype'}): "
+            + (f"calibrated: {', '.join(measured)}" if measured else "no calibration")
+            + (f"; datasheet: {', '.join(guessed)}" if guessed else "")
+        )
     for name, v in summary["baselines"].items():
         if v is None:
             con.print(f"  baseline {name}: does not fit")
@@ -171,6 +183,12 @@ def register(app: typer.Typer) -> None:
         ),
         schedule: str | None = typer.Option(None, "--schedule", help="1f1b or gpipe (default: 1f1b)."),
         dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (mixed precision)."),
+        matmul_precision: str | None = typer.Option(
+            None,
+            "--matmul-precision",
+            help="How matmuls run: fp32, tf32 (fp32 tensors on TF32 tensor cores), bf16 or fp16 (autocast). "
+            "Default: the dtype's own.",
+        ),
         optimizer: str = typer.Option("adam", "--optimizer", help="adam, adamw or sgd."),
         time_limit: float = typer.Option(
             10.0,
@@ -221,6 +239,7 @@ def register(app: typer.Typer) -> None:
                 workers=workers,
                 progress=progress,
                 baselines=not no_baselines,
+                matmul_precision=matmul_precision,
             )
         finally:
             if live is not None:

@@ -58,6 +58,7 @@ def make_request(
     microbatches: int | None = None,
     schedule: str | None = None,
     time_limit_s: float = 10.0,
+    matmul_precision: str | None = None,
 ) -> PlanRequest:
     """The :class:`PlanRequest` recorded in a plan for ``graph`` on ``cluster``."""
     return PlanRequest(
@@ -72,6 +73,7 @@ def make_request(
         microbatches=microbatches,
         schedule=schedule,
         time_limit_s=time_limit_s,
+        matmul_precision=matmul_precision,
     )
 
 
@@ -157,6 +159,7 @@ def layout_cost(
                 allreduce_link=_group_link(cluster, devs, st.devices),
                 send_link=send_link,
                 send_streams=streams,
+                microbatches=microbatches,
             )
         )
     if cost.shared:
@@ -290,7 +293,7 @@ def build_plan(
                 f"stage {i} (nodes {st.start}..{st.end - 1}) needs {format_bytes(c.memory_bytes)} per device "
                 f"({format_bytes(cost.state_bytes(c.param_bytes))} parameters, gradients and optimizer state"
                 f"{shared} + {c.inflight} x "
-                f"{format_bytes(cost.activation_bytes(st.start, st.end, microbatch_size))} activations) but a "
+                f"{format_bytes(cost.activation_bytes(st.start, st.end, microbatch_size, kind))} activations) but a "
                 f"{kind} has {format_bytes(cap)} usable ({format_bytes(c.memory_bytes - cap)} short)"
             )
         for d in st.devices:
@@ -327,6 +330,8 @@ def build_plan(
             throughput_samples_s=request.global_batch / total if total > 0 else 0.0,
             bubble_fraction=bubble,
             device_memory_bytes=memory,
+            matmul_precision=cost.precision,
+            figures=cost.figures(),
         ),
         solver=solver
         or SolverReport(solver="fixed-layout", status="FIXED", objective_s=total, bound_s=total),
@@ -346,6 +351,7 @@ def evaluate(
     optimizer: str = "adam",
     schedule: str = "1f1b",
     microbatches: int | None = None,
+    matmul_precision: str | None = None,
 ) -> Plan:
     """A plan for a FIXED layout, predicted by the cost model.
 
@@ -376,8 +382,15 @@ def evaluate(
                 f"(remainder {global_batch % (microbatches * dp)})"
             )
         mb_size = global_batch // (microbatches * dp)
-    request = make_request(graph, c, global_batch=global_batch, dtype=dtype, optimizer=optimizer)
-    cost = CostModel(graph, c, dtype=dtype, optimizer=optimizer)
+    request = make_request(
+        graph,
+        c,
+        global_batch=global_batch,
+        dtype=dtype,
+        optimizer=optimizer,
+        matmul_precision=matmul_precision,
+    )
+    cost = CostModel(graph, c, dtype=dtype, optimizer=optimizer, matmul_precision=matmul_precision)
     return build_plan(
         graph, cost, request, stages, schedule=schedule, microbatches=microbatches, microbatch_size=mb_size
     )

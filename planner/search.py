@@ -282,11 +282,11 @@ def build_problem(
         if t.ar_class not in ar_s:
             ar_s[t.ar_class] = [
                 cost.allreduce_time(p, dp=cand.dp, link=lk)
-                - (2 * (cand.dp - 1) * lk.latency_s if cand.dp > 1 else 0.0)
+                - cost.allreduce_latency(dp=cand.dp, link=lk)
                 + cost.optimizer_time(p, g.kinds[t.kind])
                 for p in params
             ]
-    lat_s = [2 * (cand.dp - 1) * lk.latency_s for lk in g.links]
+    lat_s = [cost.allreduce_latency(dp=cand.dp, link=lk) for lk in g.links]
     # torch.distributed.pipelining's Schedule1F1B needs at least as many microbatches as stages, and a
     # plan the lowering cannot run is no plan (GPipe has no such limit).
     total_groups = sum(t.count for t in g.types)
@@ -311,7 +311,7 @@ def build_problem(
             lk = g.links[t.link]
             ar_one[t.ar_class] = (
                 cost.allreduce_time(sp.nbytes, dp=cand.dp, link=lk)
-                - (2 * (cand.dp - 1) * lk.latency_s if cand.dp > 1 else 0.0)
+                - cost.allreduce_latency(dp=cand.dp, link=lk)
                 + cost.optimizer_time(sp.nbytes, g.kinds[t.kind])
             )
         tied = [
@@ -343,10 +343,11 @@ def build_problem(
         kind = g.kinds[t.kind]
         lk = g.links[t.link]
         cap = cluster.kinds[kind].usable_memory_bytes // KIB
-        lat = round(2 * (cand.dp - 1) * lk.latency_s / unit) if cand.dp > 1 else 0
+        lat = round(cost.allreduce_latency(dp=cand.dp, link=lk) / unit)
         types.append(GroupType(t.host, t.kind, t.count, cap, t.ar_class, lat, t.link))
     mem = tuple(int(v) for v in np.ceil(np.array([cost.state_bytes(p) for p in params]) / KIB))
-    act = tuple(int(v) for v in np.ceil(cost.act_prefix[bounds] * b / KIB))
+    # The largest over the kinds: a kind whose attention stores the scores holds more (see cost).
+    act = tuple(int(v) for v in np.ceil(cost.act_prefix_max[bounds] * b / KIB))
     identical = []
     hosts = cluster.hosts
     used_hosts = sorted({t.host for t in types})
@@ -1613,6 +1614,7 @@ def plan(
     progress: Callable[[SolverProgress], None] | None = None,
     baselines: bool = True,
     clock: Callable[[], float] = time.perf_counter,
+    matmul_precision: str | None = None,
 ) -> Plan:
     """The fastest plan the search finds for ``graph`` on ``cluster`` (checked, deterministic).
 
@@ -1627,7 +1629,9 @@ def plan(
     the answer is decided by deterministic work limits sized well inside it, so the same request gives the
     same plan and report on a quiet or a busy machine. Only if the machine is so slow that the limit is
     reached does the search stop early, and the report's notes say so (see [Note: determinism]).
-    ``clock``: the wall clock the limit is measured on (tests script it).
+    ``clock``: the wall clock the limit is measured on (tests script it). ``matmul_precision``: how matmuls
+    run (``tf32`` for fp32 tensors on TF32 tensor cores; default the dtype's own), priced here and set by the
+    lowering. A cluster with calibrations (``distplan profile``) is priced with its measured figures.
 
         >>> from distplan.planner.synthetic import synthetic_transformer
         >>> g = synthetic_transformer(layers=4, hidden=512, heads=8, seq=256, vocab=1000)
@@ -1651,8 +1655,9 @@ def plan(
         microbatches=microbatches,
         schedule=schedule,
         time_limit_s=time_limit_s,
+        matmul_precision=matmul_precision,
     )
-    cost = CostModel(graph, c, dtype=dtype, optimizer=optimizer)
+    cost = CostModel(graph, c, dtype=dtype, optimizer=optimizer, matmul_precision=matmul_precision)
     base = (
         baseline_layouts(
             graph,

@@ -8,39 +8,7 @@ from typing import Any
 
 import typer
 
-__all__ = ["register", "summary"]
-
-
-def summary(cal: Any) -> dict[str, Any]:
-    """Headline figures of a :class:`~distplan.calibration.Calibration`: the largest measured size's
-    throughput per class, the fixed costs, and the link's latency and bandwidth."""
-    out: dict[str, Any] = {"kind": cal.kind}
-    d = cal.device
-    if d is not None:
-        out["device"] = d.device_name
-        out["threads"] = d.threads
-        for p, t in d.matmul.items():
-            out[f"matmul_{p}_tflops"] = t.fwd.rate(t.fwd.sizes[-1]) / 1e12
-        for p, t in d.attention.items():
-            out[f"attention_{p}_tflops"] = t.fwd.rate(t.fwd.sizes[-1]) / 1e12
-        for c in ("elementwise", "norm"):
-            if c in d.ops:
-                out[f"{c}_gbyte_s"] = d.ops[c].fwd.rate(d.ops[c].fwd.sizes[-1]) / 1e9
-        if "elementwise" in d.ops:
-            out["op_overhead_us"] = d.ops["elementwise"].fwd.seconds[0] * 1e6
-        if "view" in d.ops:
-            out["view_overhead_us"] = d.ops["view"].fwd.seconds[0] * 1e6
-        out["microbatch_overhead_us"] = (d.microbatch_fwd_s + d.microbatch_bwd_s) * 1e6
-        out["attention_kernel"] = d.attention_kernel
-    lk = cal.link
-    if lk is not None:
-        out["link"] = f"{lk.scope} over {lk.backend}"
-        out["p2p_latency_us"] = lk.p2p.seconds[0] * 1e6
-        out["p2p_gbyte_s"] = lk.p2p.rate(lk.p2p.sizes[-1]) / 1e9
-        ar = lk.collectives.get("all_reduce", {})
-        for w, c in sorted(ar.items()):
-            out[f"all_reduce_{w}_latency_us"] = c.seconds[0] * 1e6
-    return out
+__all__ = ["register"]
 
 
 def register(app: typer.Typer) -> None:
@@ -131,7 +99,7 @@ def register(app: typer.Typer) -> None:
             cal = profile(**kwargs)
         path = out or Path(f"calibration-{cal.kind}.json")
         cal.save(path)
-        figures = summary(cal)
+        figures = cal.summary()
         if json_out:
             typer.echo(
                 json.dumps({"out": str(path), "seconds": cal.meta.get("seconds"), **figures}, indent=1)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 __all__ = [
     "BuiltinModel",
+    "CalibrationPublic",
     "ClusterPublic",
     "ClusterSummary",
     "DeviceKindPublic",
@@ -119,7 +120,8 @@ class PlanBase(_Request):
         128, ge=1, le=1_048_576, description="Sequence length of the example input (token models)."
     )
     cluster: str | dict[str, Any] = Field(
-        description="A preset name (see `GET /v1/clusters`) or an inline cluster (same schema as the YAML presets)."
+        description="A preset name (see `GET /v1/clusters`) or an inline cluster (same schema as the YAML presets; "
+        "its `calibrations` list holds ids of calibrations uploaded to `POST /v1/calibrations`, or their contents)."
     )
     global_batch: int = Field(
         ge=1, le=2**24, description="Samples per training iteration, over all replicas."
@@ -130,6 +132,11 @@ class PlanBase(_Request):
     )
     dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Compute dtype (bf16/fp16: mixed precision)."
+    )
+    matmul_precision: Literal["fp32", "tf32", "bf16", "fp16"] | None = Field(
+        None,
+        description="How matmuls run (`tf32`: fp32 tensors on TF32 tensor cores); default the dtype's own. Priced "
+        "by the planner and set by the lowering.",
     )
     optimizer: Literal["adam", "adamw", "sgd"] = Field(
         "adam", description="Optimizer whose state is counted."
@@ -214,6 +221,19 @@ class ValidationPublic(BaseModel):
     report: dict[str, Any] | None = Field(
         None, description="The numerics report (`passed`, `max_abs_error`, ...)."
     )
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- calibrations
+class CalibrationPublic(BaseModel):
+    """An uploaded calibration (what `distplan profile` wrote), stored by content."""
+
+    id: str = Field(
+        description="Content address of the calibration: name it in an inline cluster's `calibrations` list."
+    )
+    kind: str = Field(description="The device kind its device part applies to.")
+    summary: dict[str, Any] = Field(description="Headline figures (TFLOP/s, GB/s, overheads, link latency).")
+    calibration: dict[str, Any] = Field(description="The calibration, as stored (distplan Calibration JSON).")
     links: dict[str, str] = Field(default_factory=dict)
 
 

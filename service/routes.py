@@ -16,10 +16,13 @@ from fastapi import APIRouter, Body, Path, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from distplan._serde import canonical_hash
+from distplan.calibration import Calibration
 from distplan.profiles import device_kinds, list_presets, preset_cluster
 from distplan.service.deps import CacheDep, CatalogDep, JobsDep, SettingsDep, StoreDep
 from distplan.service.errors import ConflictError, ErrorKind, JobFailure, NotFoundError, http_status
 from distplan.service.models import (
+    CalibrationPublic,
     ClusterPublic,
     ClusterSummary,
     DeviceKindPublic,
@@ -273,6 +276,58 @@ async def list_models(catalog: CatalogDep) -> list[dict[str, Any]]:
     return [dict(m) for m in catalog.models]
 
 
+# ---------------------------------------------------------------------------------------------- calibrations
+def _calibration_public(cid: str, data: dict[str, Any]) -> dict[str, Any]:
+    cal = Calibration.from_dict(data)
+    return {
+        "id": cid,
+        "kind": cal.kind,
+        "summary": cal.summary(),
+        "calibration": data,
+        "links": {"self": f"/v1/calibrations/{cid}"},
+    }
+
+
+@router.post(
+    "/v1/calibrations",
+    response_model=CalibrationPublic,
+    status_code=status.HTTP_201_CREATED,
+    tags=["calibrations"],
+    summary="Upload a calibration file (what `distplan profile` wrote).",
+    description=(
+        "Checks the calibration (a malformed one is a `422` naming the field) and stores it by content: "
+        "`201` when new, `200` when the same calibration was uploaded before. Name its `id` in the "
+        "`calibrations` list of an inline cluster (`POST /v1/plans`) to plan with its measured figures; "
+        "the device part applies to the device kind it names, the link part to the links it measured."
+    ),
+    responses={200: {"model": CalibrationPublic, "description": "Uploaded before."}, 422: _ERRORS[422]},
+)
+async def create_calibration(store: StoreDep, body: dict[str, Any] = Body(...)) -> Response:
+    cal = Calibration.from_dict(body)
+    data = cal.to_dict()
+    cid = canonical_hash(data)
+    known = await run_in_threadpool(store.artifact, cid, "calibration")
+    if known is None:
+        await run_in_threadpool(store.put_artifact, cid, "calibration", json.dumps(data))
+    return _json(_calibration_public(cid, data), 200 if known is not None else 201)
+
+
+@router.get(
+    "/v1/calibrations/{calibration_id}",
+    response_model=CalibrationPublic,
+    tags=["calibrations"],
+    summary="An uploaded calibration.",
+    responses={404: _ERRORS[404]},
+)
+async def get_calibration(store: StoreDep, calibration_id: str = _id()) -> Response:
+    text = await run_in_threadpool(store.artifact, calibration_id, "calibration")
+    if text is None:
+        raise NotFoundError(
+            f"no uploaded calibration with id {calibration_id!r} (POST it to /v1/calibrations)"
+        )
+    return _json(_calibration_public(calibration_id, json.loads(text)))
+
+
 # ---------------------------------------------------------------------------------------------- plans
 @router.post(
     "/v1/plans",
@@ -309,7 +364,11 @@ async def create_plan(
         "0 answers at once).",
     ),
 ) -> Response:
-    spec = await run_in_threadpool(plan_spec, body, settings=settings, catalog=catalog)
+    def uploaded(cid: str) -> dict[str, Any] | None:
+        text = store.artifact(cid, "calibration")
+        return None if text is None else dict(json.loads(text))
+
+    spec = await run_in_threadpool(plan_spec, body, settings=settings, catalog=catalog, calibration=uploaded)
     payload = {
         "request": spec.request,
         "graph": spec.graph,

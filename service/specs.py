@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from distplan._serde import canonical_hash
 from distplan.cluster import Cluster
-from distplan.errors import GraphError, ModelSpecError, PlanError, ProfileError
+from distplan.errors import CalibrationError, GraphError, ModelSpecError, PlanError, ProfileError
 from distplan.graph import OpGraph
 from distplan.plan import PlanRequest
 from distplan.profiles import list_presets, load_cluster, preset_cluster
@@ -76,7 +77,7 @@ _RANGES: tuple[tuple[str, float, float, str], ...] = (
     ("peak FLOP/s", 1e6, 1e19, "FLOP/s"),
     ("link bandwidth", 1e3, 1e16, "bytes/s"),
     ("link latency", 0.0, 10.0, "s"),
-    ("calibration factor", 1e-3, 1e3, ""),
+    ("measured time", 1e-9, 1e4, "s"),
 )
 
 
@@ -95,17 +96,52 @@ def _check_ranges(cluster: Cluster) -> None:
         _in_range("memory bandwidth", where, k.memory_bandwidth_bytes_s)
         for dtype, flops in k.peak_flops.items():
             _in_range("peak FLOP/s", f"{where} ({dtype})", flops)
-        for op, factor in k.calibration.items():
-            _in_range("calibration factor", f"{where} ({op})", factor)
+        if k.calibration is not None:
+            _check_measured(f"{where} calibration", k.calibration.to_dict())
     links = [(f"host {h.name!r}", h.link) for h in cluster.hosts] + [("network", cluster.network)]
     for name, link in links:
         where = f"cluster {cluster.name!r}: {name} link"
         _in_range("link bandwidth", where, link.bandwidth_bytes_s)
         _in_range("link latency", where, link.latency_s)
+        if link.calibration is not None:
+            _check_measured(f"{where} calibration", link.calibration.to_dict())
 
 
-def check_cluster(spec: str | dict[str, Any], *, max_devices: int) -> Cluster:
-    """A cluster from a preset name or an inline cluster (never a file path)."""
+def _check_measured(where: str, data: Any) -> None:
+    """Every measured time of a calibration (a curve's ``seconds``) within :data:`_RANGES`."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if key == "seconds" and isinstance(value, list):
+                for i, t in enumerate(value):
+                    _in_range("measured time", f"{where}.seconds[{i}]", float(t))
+            else:
+                _check_measured(f"{where}.{key}", value)
+
+
+def check_cluster(
+    spec: str | dict[str, Any],
+    *,
+    max_devices: int,
+    calibration: Callable[[str], dict[str, Any] | None] | None = None,
+) -> Cluster:
+    """A cluster from a preset name or an inline cluster (never a file path).
+
+    An inline cluster's ``calibrations`` list holds calibrations' contents or the ids of calibrations
+    uploaded to ``POST /v1/calibrations``; ``calibration(id)`` returns an uploaded one (None if unknown)."""
+    if isinstance(spec, dict) and isinstance(spec.get("calibrations"), list):
+        spec = dict(spec)
+        resolved = []
+        for i, c in enumerate(spec["calibrations"]):
+            if isinstance(c, str) and re.fullmatch(r"[0-9a-f]{8,64}", c):
+                found = calibration(c) if calibration is not None else None
+                if found is None:
+                    raise CalibrationError(
+                        f"cluster.calibrations[{i}]: no uploaded calibration has id {c!r}; POST the file "
+                        "(what distplan profile wrote) to /v1/calibrations first"
+                    )
+                c = found
+            resolved.append(c)
+        spec["calibrations"] = resolved
     if isinstance(spec, str):
         presets = list_presets()
         if spec not in presets:
@@ -196,13 +232,19 @@ def _graph(m: GraphModel, *, max_nodes: int) -> OpGraph:
     return g
 
 
-def plan_spec(body: PlanCreate, *, settings: Settings, catalog: Catalog) -> PlanSpec:
+def plan_spec(
+    body: PlanCreate,
+    *,
+    settings: Settings,
+    catalog: Catalog,
+    calibration: Callable[[str], dict[str, Any] | None] | None = None,
+) -> PlanSpec:
     """Check a plan request and make its canonical form (see the module docstring).
 
     Raises ``ProfileError`` (cluster), ``ModelSpecError`` (model), ``GraphError`` (uploaded graph) or
     ``PlanError`` (batch arithmetic, schedule), each naming the field and the value.
     """
-    cluster = check_cluster(body.cluster, max_devices=settings.max_cluster_devices)
+    cluster = check_cluster(body.cluster, max_devices=settings.max_cluster_devices, calibration=calibration)
     time_limit = min(body.time_limit_s or settings.default_time_limit_s, settings.solver_time_cap_s)
     graph: OpGraph | None = None
     model: dict[str, Any]
@@ -226,6 +268,7 @@ def plan_spec(body: PlanCreate, *, settings: Settings, catalog: Catalog) -> Plan
         microbatches=body.microbatches,
         schedule=body.schedule,
         time_limit_s=time_limit,
+        matmul_precision=body.matmul_precision,
     )
     request = {
         "model": model,
@@ -239,6 +282,8 @@ def plan_spec(body: PlanCreate, *, settings: Settings, catalog: Catalog) -> Plan
         "dtype": body.dtype,
         "optimizer": body.optimizer,
         "time_limit_s": time_limit,
+        # Only when asked for, so requests of the dtype's own precision keep their ids.
+        **({} if body.matmul_precision is None else {"matmul_precision": body.matmul_precision}),
     }
     graph_dict = graph.to_dict() if graph is not None else None
     return PlanSpec(

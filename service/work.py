@@ -126,6 +126,7 @@ def run_plan(payload: dict[str, Any]) -> dict[str, str]:
         optimizer=request["optimizer"],
         time_limit_s=request["time_limit_s"],
         workers=int(payload["solver_threads"]),
+        matmul_precision=request.get("matmul_precision"),
     )
     timeline = simulate(plan, graph)
     artifacts = {
