@@ -183,12 +183,8 @@ def _from_bundle(bundle: Any, *, spec: str | None, output: str | None) -> ModelS
     if getattr(bundle, "kind", None) == "regression" and getattr(bundle, "_target_shape", ()) is None:
         # The tracer's batch maker learns a factory model's target shape by running its forward, which
         # reads one tensor output and advances the module's state (BatchNorm counters). Learn the shape of
-        # the selected output here, with the state put back, and hand it to the batch maker (a model on
-        # meta with its example inputs on meta too: a factory makes them on the CPU).
-        args, kwargs = bundle.example_args, bundle.example_kwargs
-        if on_meta(bundle.module):
-            args, kwargs = as_meta(args), as_meta(kwargs)
-        shape = _output_shape(bundle.module, args, kwargs, output)
+        # the selected output here, with the state put back, and hand it to the batch maker.
+        shape = _output_shape(bundle.module, bundle.example_args, bundle.example_kwargs, output)
         bundle = dataclasses.replace(bundle, _target_shape=shape)
     return ModelSource(
         module=bundle.module,
@@ -205,11 +201,24 @@ def _from_bundle(bundle: Any, *, spec: str | None, output: str | None) -> ModelS
 def _output_shape(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: str | None
 ) -> tuple[int, ...]:
-    """Per-sample shape of the selected output, from a fake-tensor forward (no compute, state preserved)."""
+    """Per-sample shape of the selected output, from a fake-tensor forward (no compute, state preserved).
+
+    Tensors on ``meta`` (the model's or the inputs') take part as fake CPU tensors: constants the forward
+    makes (``torch.tensor(...)``) are CPU tensors, which meta ones could not meet."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    def fake(t: Any) -> Any:
+        return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="cpu")
+
+    def is_meta(t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and t.device.type == "meta"
+
     with preserved_state(module), torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
-        out = select_output(module(*args, **kwargs), output)
+        named = (*module.named_parameters(), *module.named_buffers())
+        state = {k: fake(t) for k, t in named if is_meta(t)}
+        args, kwargs = pytree.tree_map(lambda t: fake(t) if is_meta(t) else t, (args, kwargs))
+        out = torch.func.functional_call(module, state, tuple(args), dict(kwargs))
+        out = select_output(out, output)
     return tuple(int(d) for d in out.shape[1:])
 
 

@@ -289,3 +289,26 @@ def causal_mixer() -> nn.Module:
 
 
 causal_mixer.example_inputs = _inputs((6, W))  # type: ignore[attr-defined]
+
+
+class ForwardConstants(nn.Module):
+    """Constant tensors made inside forward (``torch.tensor``, ``torch.arange``): the captured graph holds
+    them as lifted constants with values even when the model is built on meta."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(W, W)
+        self.b = nn.Linear(W, W)
+        self.c = nn.Linear(W, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x) * torch.tensor([2.0] * (W // 2) + [0.5] * (W // 2))
+        h = torch.tanh(self.b(h)) + torch.arange(float(W)) / W
+        return self.c(h)
+
+
+def forward_constants() -> nn.Module:
+    return ForwardConstants()
+
+
+forward_constants.example_inputs = _inputs((W,))  # type: ignore[attr-defined]

@@ -121,3 +121,46 @@ def test_derived_seeds_are_stable_and_distinct() -> None:
     assert derive_seed(0, "tensor", "lin.weight", 0) == 6033796211469219988
     seeds = {derive_seed(s, "tensor", n, k) for s in (0, 1) for n in ("a", "b") for k in (0, 1)}
     assert len(seeds) == 8 and all(0 <= x < 2**63 for x in seeds)
+
+
+# ---------------------------------------------------------------------------------------------- lower, one rank
+def _one_rank_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASTER_PORT", str(port))
+
+
+@pytest.mark.parametrize("spec", ["fault_models:forward_constants", "fault_models:causal_mixer", "gpt2-tiny"])
+def test_lower_builds_on_meta_and_computes_what_the_initialised_model_computes(
+    spec: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spec is built on meta; the rank's tensors come from the reproducible initialisation (constructor
+    values and constants made in forward included): its loss is the single-device model's."""
+    import torch.distributed as dist
+
+    from distplan.lowering import lower
+    from distplan.lowering._model import resolve_source
+    from distplan.planner import evaluate
+    from distplan.tracer import trace
+
+    g = trace(spec, batch=2, seq=6)
+    plan = evaluate(g, cluster="cpu-local", layout=f"gpipe m2x2 | 0:{len(g)}@0", global_batch=4)
+    _one_rank_env(monkeypatch)
+    try:
+        runner = lower(plan, spec, seq=6, optimizer="sgd", lr=0.1, timeout_s=60, device="cpu", seed=5)
+        batch = runner.source.sample(4, seed=1)
+        loss = runner.step(batch.args, batch.target, batch.kwargs)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    ref = resolve_model(spec, batch=2, seq=6, device="meta", seed=5)
+    initialize(ref.module, seed=5, replay=lambda w: replay_constructor(lambda: _meta(spec), w))
+    src = resolve_source(ref, batch=2, seq=6)
+    with torch.no_grad():
+        want = src.loss(src.select(ref.module(*batch.args, **batch.kwargs)), batch.target)
+    assert loss == pytest.approx(float(want), rel=1e-5)
