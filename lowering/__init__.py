@@ -2,10 +2,14 @@
 ``torch.distributed`` program, and the check that it computes what the single-device model computes.
 
 - :func:`lower` (inside ``torchrun``): this rank's pipeline stage(s), process groups, schedule and optimizer
-  as a :class:`Runner`.
+  as a :class:`Runner`. The model is built on ``meta`` and only this rank's tensors get memory
+  (``distplan.lowering.materialize``): from pretrained weights read by name (``distplan.lowering.checkpoint``)
+  or the reproducible initialisation (``distplan.lowering.init``); ``Runner.save`` / ``Runner.load`` write
+  and resume ``torch.distributed.checkpoint`` folders, under the same plan or another.
 - :func:`validate`: run a plan on CPU processes with gloo and compare with one device
   (:class:`ValidationReport`).
-- :func:`emit_launcher`: ``plan.json`` + ``train.py`` + the ``torchrun`` command per host.
+- :func:`emit_launcher`: ``plan.json`` + ``train.py`` (the entry point ``distplan.lowering.train``) + the
+  ``torchrun`` command per host.
 - :func:`split_graph`: the graph surgery (stage modules from a captured graph and cut positions).
 
 Models whose output is a structure (dict, tuple, dataclass, ``ModelOutput``) take an ``output=`` selector
