@@ -380,47 +380,70 @@ def solve_allocation(p: AllocationProblem) -> AllocationSolution:
             model.add(cp_model.LinearExpr.weighted_sum(dv, dc) <= supply)
 
     # Objective ----------------------------------------------------------------------------------------
-    # value and score terms as (level, var, value) and (job, var, score)
-    terms: list[tuple[int, Any, float]] = []
+    # Value terms as (level, var, value, job, own): ``own`` terms are the job's own value of a choice (at
+    # most one is 1 per job, constraint (a)); the others are co-location deltas. Score terms: (job, var, score).
+    terms: list[tuple[int, Any, float, int, bool]] = []
     fair: list[tuple[int, Any, float]] = []
     for (j, o), v in x.items():
         opt = p.jobs[j].options[o]
-        terms.append((p.jobs[j].level, v, opt.value))
+        terms.append((p.jobs[j].level, v, opt.value, j, True))
         fair.append((j, v, opt.fair - p.jobs[j].wait_fair))
     for j, v in keep.items():
         kp = p.jobs[j].keep
         assert kp is not None
-        terms.append((p.jobs[j].level, v, kp.value))
+        terms.append((p.jobs[j].level, v, kp.value, j, True))
         fair.append((j, v, kp.fair - p.jobs[j].wait_fair))
     for k, pr in enumerate(p.pairs):
-        terms += [(p.jobs[pr.a].level, y[k], pr.value_a), (p.jobs[pr.b].level, y[k], pr.value_b)]
+        terms += [
+            (p.jobs[pr.a].level, y[k], pr.value_a, pr.a, True),
+            (p.jobs[pr.b].level, y[k], pr.value_b, pr.b, True),
+        ]
         fair += [
             (pr.a, y[k], pr.fair_a - p.jobs[pr.a].wait_fair),
             (pr.b, y[k], pr.fair_b - p.jobs[pr.b].wait_fair),
         ]
     for k, jn in enumerate(p.joins):
-        terms += [(p.jobs[jn.job].level, z[k], jn.value_job), (p.jobs[jn.host].level, z[k], jn.delta_host)]
+        terms += [
+            (p.jobs[jn.job].level, z[k], jn.value_job, jn.job, True),
+            (p.jobs[jn.host].level, z[k], jn.delta_host, jn.host, False),
+        ]
         fair += [(jn.job, z[k], jn.fair_job - p.jobs[jn.job].wait_fair), (jn.host, z[k], jn.fair_delta_host)]
     for s, sk in enumerate(p.shared):
-        terms += [(p.jobs[sk.a].level, both[s], sk.delta_a), (p.jobs[sk.b].level, both[s], sk.delta_b)]
+        terms += [
+            (p.jobs[sk.a].level, both[s], sk.delta_a, sk.a, False),
+            (p.jobs[sk.b].level, both[s], sk.delta_b, sk.b, False),
+        ]
         fair += [(sk.a, both[s], sk.fair_delta_a), (sk.b, both[s], sk.fair_delta_b)]
-    levels = sorted({lv for lv, _, _ in terms})
+    levels = sorted({t[0] for t in terms})
 
-    def level_expr(lvs: Sequence[int], total: float | None = None) -> Any:
+    def level_expr(lvs: Sequence[int], total: float | None = None) -> tuple[Any, int]:
         """The value of levels ``lvs`` as an integer expression: scaled so the largest coefficient is
         ``VALUE_RESOLUTION`` or, given ``total``, so the coefficients' magnitudes add up to about it."""
-        vs = [v for lv, v, _ in terms if lv in lvs]
-        vals = [val for lv, _, val in terms if lv in lvs]
+        mine = [t for t in terms if t[0] in lvs]
+        vals = [t[2] for t in mine]
         scale = _scale(vals) if total is None else total / max(sum(abs(x) for x in vals), 1e-300)
-        return cp_model.LinearExpr.weighted_sum(vs, _ints(vals, scale)), len(vs)
+        return cp_model.LinearExpr.weighted_sum([t[1] for t in mine], _ints(vals, scale)), len(mine)
+
+    def level_bound(lv: int) -> tuple[list[Any], list[int], int]:
+        """Level ``lv``'s integer terms and an upper bound of its value: each job's best own term
+        (deltas are never positive)."""
+        mine = [t for t in terms if t[0] == lv]
+        coefs = _ints([t[2] for t in mine], _scale([t[2] for t in mine]))
+        best: dict[int, int] = {}
+        for t, c in zip(mine, coefs, strict=True):
+            if t[4]:
+                best[t[3]] = max(best.get(t[3], 0), c)
+        return [t[1] for t in mine], coefs, sum(best.values())
 
     # Each stage: (sense, primary, secondary). The primary is optimised and then fixed; the secondary, the
     # value of everything decided later, breaks ties inside the stage (scaled below one unit of the
     # primary), so a solve stopped by its work limit does not disturb the jobs of later stages for nothing.
     stages: list[tuple[str, Any, Any, int]] = []
+    bounds: list[tuple[list[Any], list[int], int] | None] = []
     if p.objective == "lexicographic":
         for i, lv in enumerate(levels):
             primary, _ = level_expr([lv])
+            bounds.append(level_bound(lv))
             rest = levels[i + 1 :]
             if rest:
                 secondary, n = level_expr(rest, SECONDARY_RESOLUTION)
@@ -445,6 +468,7 @@ def solve_allocation(p: AllocationProblem) -> AllocationSolution:
                 model.add(t >= expr)
         secondary, n = level_expr(levels, SECONDARY_RESOLUTION)
         sense = "max" if p.objective == "max-min" else "min"
+        bounds = [None, None]
         stages = [
             (sense, t, secondary, SECONDARY_RESOLUTION + n + 1),
             ("max", level_expr(levels)[0], None, 0),
@@ -469,25 +493,31 @@ def solve_allocation(p: AllocationProblem) -> AllocationSolution:
     prm.max_time_in_seconds = p.time_limit_s
     prm.relative_gap_limit = p.relative_gap
 
-    def hint(choices: Sequence[Choice]) -> None:
-        # A complete hint, so CP-SAT starts from a solution instead of searching for one.
-        model.clear_hints()
-        for (j, o), v in x.items():
-            model.add_hint(v, choices[j] == Choice("option", o))
+    def assignment(choices: Sequence[Choice]) -> dict[Any, int]:
         kept = {j for j, c in enumerate(choices) if c.kind == "keep"}
+        out: dict[Any, int] = {}
+        for (j, o), v in x.items():
+            out[v] = int(choices[j] == Choice("option", o))
         for j, v in keep.items():
-            model.add_hint(v, j in kept)
+            out[v] = int(j in kept)
         for k in range(len(p.pairs)):
-            model.add_hint(y[k], choices[p.pairs[k].a] == Choice("pair", k))
+            out[y[k]] = int(choices[p.pairs[k].a] == Choice("pair", k))
         for k in range(len(p.joins)):
-            model.add_hint(z[k], choices[p.joins[k].job] == Choice("join", k))
+            out[z[k]] = int(choices[p.joins[k].job] == Choice("join", k))
         for s_, sk in enumerate(p.shared):
-            model.add_hint(pin[s_], sk.a in kept or sk.b in kept)
-            model.add_hint(both[s_], sk.a in kept and sk.b in kept)
+            out[pin[s_]] = int(sk.a in kept or sk.b in kept)
+            out[both[s_]] = int(sk.a in kept and sk.b in kept)
         free = _held_free(p, choices)
         for (bi, size), qv in q.items():
             if not isinstance(qv, int):
-                model.add_hint(qv, free[bi] // size)
+                out[qv] = free[bi] // size
+        return out
+
+    def hint(values: Mapping[Any, int]) -> None:
+        # A complete hint, so CP-SAT starts from a solution instead of searching for one.
+        model.clear_hints()
+        for v, val in values.items():
+            model.add_hint(v, val)
 
     # Every running job staying is a solution; each stage starts from the previous stage's solution,
     # completed greedily (``_greedy``), and only improves on it.
@@ -495,8 +525,22 @@ def solve_allocation(p: AllocationProblem) -> AllocationSolution:
     solved = False
     budget = p.deterministic_time
     for i, (sense, primary, secondary, weight) in enumerate(stages):
+        start = _greedy(p, choices)
+        values = assignment(start)
+        bound = bounds[i]
+        if bound is not None:
+            got = sum(c * values[v] for v, c in zip(bound[0], bound[1], strict=True))
+            if got >= bound[2]:
+                # The hint reaches the level's upper bound: optimal without a solve (typical of the aged
+                # levels, one job each, and of an uncontended high level).
+                statuses.append("OPTIMAL")
+                objectives.append(float(got))
+                choices = start
+                solved = True
+                model.add(primary >= got)
+                continue
         prm.max_deterministic_time = max(MIN_STAGE_WORK, budget / (len(stages) - i))
-        hint(_greedy(p, choices))
+        hint(values)
         model.clear_objective()
         sign = 1 if sense == "max" else -1
         objective = primary if secondary is None else weight * primary + sign * secondary

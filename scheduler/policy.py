@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .allocate import (
@@ -137,6 +137,7 @@ class _Job:
     horizon: float  # H_j, seconds
     remaining: float  # R_j, seconds at the best throughput
     weight: float  # priority weight (fairness variants)
+    one: dict[int, Price | None] = field(default_factory=dict)  # one-device prices by pool
 
 
 class DistplanPolicy(Policy):
@@ -434,8 +435,10 @@ class DistplanPolicy(Policy):
     def _one_device(self, view: View, j: _Job, pool: int) -> Price | None:
         if j.rec.spec.min_devices > 1:
             return None
-        pr = view.price(j.rec, Shape(pool, 1, 1))
-        return pr if pr.feasible else None
+        if pool not in j.one:
+            pr = view.price(j.rec, Shape(pool, 1, 1))
+            j.one[pool] = pr if pr.feasible else None
+        return j.one[pool]
 
     def _slowdown(self, view: View, a: _Job, b: _Job, shape: Shape) -> float | None:
         """The co-location slowdown of ``a`` and ``b`` on one device of ``shape``'s pool, or None when their

@@ -283,6 +283,7 @@ class Pricer:
         self._cache: dict[str, Price] = shared._cache if shared is not None else {}
         self._hashes: dict[int, tuple[OpGraph, str]] = {}
         self._shape_keys: dict[tuple[int, Shape], str] = {}
+        self._keys: dict[tuple[Any, ...], str] = {}
         self.calls = 0
         self.hits = 0
         self.seconds = 0.0
@@ -304,13 +305,22 @@ class Pricer:
             f"{self.graph_hash(graph)}:{job.global_batch}:{job.dtype}:{job.optimizer}:{self.time_limit_s:g}"
         )
 
-    # ------------------------------------------------------------------ prices
-    def price(self, job: JobSpec, graph: OpGraph, pool: Pool, shape: Shape) -> Price:
-        """The job's price on ``shape`` of ``pool`` (cached; planned on a miss)."""
+    def _key(self, job: JobSpec, graph: OpGraph, pool: Pool, shape: Shape) -> str:
+        memo = (id(graph), job.global_batch, job.dtype, job.optimizer, pool.index, shape)
+        hit = self._keys.get(memo)
+        if hit is not None and self._hashes.get(id(graph), (None,))[0] is graph:
+            return hit
         skey = self._shape_keys.get((pool.index, shape))
         if skey is None:
             skey = self._shape_keys[(pool.index, shape)] = pool.shape_key(shape, self.cluster)
-        key = f"{self.config_key(job, graph)}|{skey}"
+        key = self._keys[memo] = f"{self.config_key(job, graph)}|{skey}"
+        return key
+
+    # ------------------------------------------------------------------ prices
+    def price(self, job: JobSpec, graph: OpGraph, pool: Pool, shape: Shape) -> Price:
+        """The job's price on ``shape`` of ``pool`` (cached; planned on a miss)."""
+        key = self._key(job, graph, pool, shape)
+        skey = key.split("|", 1)[1]
         hit = self._cache.get(key)
         if hit is not None:
             self.hits += 1
