@@ -87,6 +87,15 @@ def test_distplan_beats_fifo_on_average_completion_time(setting) -> None:
     assert d["high_priority_p99_wait_s"] <= f["high_priority_p99_wait_s"]
 
 
+@pytest.mark.parametrize("objective", ["throughput", "max-min", "finish-time"])
+def test_distplan_objective_variants_finish_every_job(setting, objective) -> None:
+    cluster, pricer, trace = setting
+    res = simulate(trace, cluster, make_policy("distplan", objective=objective), pricer=pricer)
+    m = res.metrics()
+    assert m["finished"] == len(trace.jobs), res.unfinished
+    assert all(d.info.get("statuses") for d in res.scheduler.decisions if d.active_jobs)
+
+
 def test_simulation_needs_to_know_when_jobs_end(setting) -> None:
     cluster, pricer, trace = setting
     from dataclasses import replace
