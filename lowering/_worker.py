@@ -101,7 +101,7 @@ def main(config_path: str) -> int:
                 loss = runner.step(tuple(inputs), target, kwargs)
             grads.append({k: g.detach().clone() for k, g in runner.gradients().items()})
             runner.optimizer_step()
-            params.append({k: p.detach().clone() for k, p in runner.stage_parameters().items()})
+            params.append({k: p.clone() for k, p in runner.full_parameters().items()})
             buffers.append({k: b.detach().clone() for k, b in runner.stage_buffers().items()})
             losses.append(loss)
         info = runner.rank_info
@@ -110,6 +110,7 @@ def main(config_path: str) -> int:
                 "rank": rank,
                 "stages": list(info.stages),
                 "replica": info.replica,
+                "applied": runner.applied(),
                 "losses": losses,
                 "grads": grads,
                 "params": params,

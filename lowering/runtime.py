@@ -2,17 +2,16 @@
 :class:`Runner` whose :meth:`Runner.step` trains one global batch.
 
 [Note: process groups]
-Ranks come from the plan's rank map (host-major, see [Note: rank order] in ``distplan.plan``). For every
-data-parallel replica ``r`` the *pipeline group* holds the ranks running the stages of replica ``r``, in
-pipeline order: group rank ``p`` runs stage ``p`` (and, under interleaved 1F1B, stages ``p + P``,
-``p + 2P``, ...). ``torch.distributed.pipelining`` finds a stage's neighbours by group rank, but
-``new_group`` sorts its ranks, and host-major rank order need not be pipeline order (a plan may put stage 0
-on the second host), so the pipeline groups are made unsorted (``_new_group_with_tag(sort_ranks=False)``).
-The data-parallel groups are the ``dp`` dimension of a ``DeviceMesh`` of shape ``(pipeline position,
-replica)`` built from the same map; after the schedule's last backward, each rank averages its gradients
-over its data-parallel group in one coalesced all-reduce (what DDP does, but once per iteration instead of
-per microbatch, and without DDP's hooks, which pipelining's per-microbatch backward would fire each time). Parameters shared by several stages (tied embeddings) get one more group
-per replica: the ranks holding a copy, which sum their gradients (Megatron's embedding group).
+Ranks come from the plan's rank map (host-major, see [Note: rank order] in ``distplan.plan``); where each
+stage, replica and tensor-parallel rank runs, how the microbatch is cut into chunks between stages of
+different data-parallel degree and in which order each rank works is ``distplan.lowering.parallel``
+([Note: chunks], [Note: schedule order]), and the schedule runs on distplan's own executor
+(``distplan.lowering.executor``, [Note: why our own executor]), whose transfers use the default group.
+Every stage has a ``DeviceMesh`` of shape ``(dp, tp)`` built from the same map (every rank creates every
+stage's mesh, in stage order): its ``tp`` groups run the stage's tensor parallelism (``distplan.lowering.
+stages``), its ``dp`` groups sum gradients or shard them (``distplan.lowering.sharding``). Parameters
+several stages hold (tied embeddings) get one more group: every rank holding a copy, which sum their
+gradients (Megatron's embedding group).
 
 [Note: rank translation]
 The plan's ranks are host-major. A static rendezvous (``--node-rank``) gives exactly those ranks, but a
@@ -21,12 +20,12 @@ The plan's ranks are host-major. A static rendezvous (``--node-rank``) gives exa
 the table plan rank -> torch rank once; every group is built from translated ranks.
 
 [Note: batch slicing]
-:meth:`Runner.step` takes the *global* batch (``plan.request.global_batch`` samples, the same on every rank,
-as a single-device run would see it) and replica ``r`` keeps samples ``[r * L, (r + 1) * L)`` with
-``L = num_microbatches * microbatch_size``; it also accepts just those ``L`` samples. The schedule splits
-them into ``num_microbatches`` microbatches along dimension 0. The loss is a mean per microbatch, the
-schedule divides gradients by the number of microbatches and the replicas average theirs, so loss and
-gradients equal those of the single-device model on the concatenated global batch.
+:meth:`Runner.step` takes the *global* batch (``plan.request.global_batch = M * b`` samples, the same on every
+rank, as a single-device run would see it): microbatch ``k`` is rows ``[k b, (k+1) b)`` and chunk ``c`` of it
+rows ``[k b + c g, k b + (c+1) g)`` (see [Note: chunks]); each rank takes the chunks its replica of stage 0
+computes (inputs) and of the last stage (targets). It also accepts just those rows, in that order. Every
+chunk's loss is a mean over its rows, scaled by ``1 / (M L)`` before its backward, and replicas sum their
+gradients, so loss and gradients equal those of the single-device model on the whole global batch.
 """
 
 from __future__ import annotations
@@ -56,10 +55,14 @@ from distplan.lowering._model import (
 )
 from distplan.lowering.batching import check_kwargs
 from distplan.lowering.effects import preserved_state
+from distplan.lowering.executor import PipelineExecutor
 from distplan.lowering.init import tensor_slots
 from distplan.lowering.materialize import materialize
+from distplan.lowering.parallel import ParallelLayout, layout_of
+from distplan.lowering.sharding import coalesced_all_reduce, full_tensor, match_grad_placements, sync_tied
 from distplan.lowering.split import StageModule, split_graph
-from distplan.lowering.timing import RegionClock, StepTimes, step_times, timed_p2p_waits, timed_stage_class
+from distplan.lowering.stages import BuiltStage, build_stage
+from distplan.lowering.timing import RegionClock, StepTimes, step_times
 from distplan.plan import Plan
 
 if TYPE_CHECKING:
@@ -68,82 +71,34 @@ if TYPE_CHECKING:
 __all__ = ["RankInfo", "Runner", "lower", "plan_layout"]
 
 
-@dataclass(frozen=True, slots=True)
-class PlanLayout:
-    """Where each stage replica runs, derived from the plan (see [Note: process groups]).
-
-    Attributes:
-        stage_ranks: ``stage_ranks[stage][replica] = rank``.
-        positions: ``P``, the pipeline length in ranks (``== num_stages`` unless interleaved).
-        pipeline_ranks: ``pipeline_ranks[replica][p]`` = the rank at pipeline position ``p``.
-    """
-
-    stage_ranks: tuple[tuple[int, ...], ...]
-    positions: int
-    pipeline_ranks: tuple[tuple[int, ...], ...]
-
-    @property
-    def dp(self) -> int:
-        return len(self.pipeline_ranks)
-
-    def stages_of(self, rank: int) -> tuple[int, ...]:
-        return tuple(s for s, reps in enumerate(self.stage_ranks) if rank in reps)
-
-    def replica_of(self, rank: int) -> int:
-        for r, ranks in enumerate(self.pipeline_ranks):
-            if rank in ranks:
-                return r
-        raise LoweringError(f"rank {rank} runs no stage of the plan")
-
-
-def plan_layout(plan: Plan) -> PlanLayout:
-    """Derive the stage -> rank layout from the plan's rank map; raise :class:`LoweringError` if the
-    torch schedules cannot run it."""
+def plan_layout(plan: Plan) -> ParallelLayout:
+    """The plan's :class:`~distplan.lowering.parallel.ParallelLayout` (stages, replicas, tensor-parallel
+    ranks, chunks, schedule order); raise :class:`LoweringError` for a plan the lowering cannot run."""
     if plan.schedule == "1f1b" and plan.num_microbatches < plan.num_stages:
+        # The executor could run it, but Plan.check and the planner's cost model (1F1B's warm-up) assume it.
         raise LoweringError(
-            f"1F1B needs at least as many microbatches as stages (torch.distributed.pipelining's Schedule1F1B), "
-            f"but the plan has {plan.num_microbatches} microbatches for {plan.num_stages} stages "
-            f"({plan.num_stages - plan.num_microbatches} short); re-plan with --microbatches >= "
-            f"{plan.num_stages} or the gpipe schedule"
+            f"1F1B needs at least as many microbatches as stages, but the plan has {plan.num_microbatches} "
+            f"microbatches for {plan.num_stages} stages ({plan.num_stages - plan.num_microbatches} short); "
+            f"re-plan with --microbatches >= {plan.num_stages} or the gpipe schedule"
         )
-    rank_of_device = {r.device: r.rank for r in plan.rank_map}
-    stage_ranks = []
-    for s in plan.stages:
-        if s.tp != 1:
+    if plan.schedule == "interleaved-1f1b":
+        rank_of_device = {r.device: r.rank for r in plan.rank_map}
+        groups = [tuple(rank_of_device.get(d, -1) for d in s.devices) for s in plan.stages]
+        positions = len(dict.fromkeys(groups))
+        if len(groups) % positions:
             raise LoweringError(
-                f"stage {s.index} has tensor-parallel degree {s.tp}; lowering supports tp=1 only"
+                f"interleaved 1F1B needs the {len(groups)} stages to be a multiple of the {positions} pipeline "
+                "device groups"
             )
-        try:
-            stage_ranks.append(tuple(rank_of_device[d] for d in s.devices))
-        except KeyError as e:
-            raise LoweringError(
-                f"stage {s.index} uses device {e.args[0]}, which has no rank in the plan's rank map"
-            ) from None
-    dp = len(stage_ranks[0])
-    if any(len(r) != dp for r in stage_ranks):
-        raise LoweringError(
-            f"all stages must have the same data-parallel degree; got {[len(r) for r in stage_ranks]}"
-        )
-    first = [reps[0] for reps in stage_ranks]
-    positions = len(dict.fromkeys(first))
-    if plan.schedule != "interleaved-1f1b" and positions != len(stage_ranks):
-        raise LoweringError(
-            f"schedule {plan.schedule!r} needs one rank per stage but stages share ranks: {first}"
-        )
-    if len(stage_ranks) % positions:
-        raise LoweringError(
-            f"interleaved 1F1B needs the {len(stage_ranks)} stages to be a multiple of the {positions} pipeline ranks"
-        )
-    for si, reps in enumerate(stage_ranks):
-        for r, rank in enumerate(reps):
-            if rank != stage_ranks[si % positions][r]:
+        for i, g in enumerate(groups):
+            if g != groups[i % positions]:
                 raise LoweringError(
-                    f"stage {si} (replica {r}) runs on rank {rank}, but interleaved 1F1B places stage {si} on the "
-                    f"rank of stage {si % positions} (rank {stage_ranks[si % positions][r]}): stages must loop "
-                    f"over the pipeline ranks in order"
+                    f"stage {i} runs on ranks {list(g)}, but interleaved 1F1B places stage {i} on the ranks of "
+                    f"stage {i % positions} ({list(groups[i % positions])}): stages must loop over the pipeline "
+                    "ranks in order"
                 )
-    pipeline_ranks = tuple(tuple(stage_ranks[p][r] for p in range(positions)) for r in range(dp))
-    return PlanLayout(tuple(stage_ranks), positions, pipeline_ranks)
+    layout = layout_of(plan)
+    return layout
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,10 +108,12 @@ class RankInfo:
     Attributes:
         rank / world_size / local_rank: from the launcher.
         stages: the stage indices this rank runs (one, or several under interleaved 1F1B).
-        replica: the data-parallel replica it belongs to.
-        pipeline_ranks: the ranks of its pipeline, in pipeline order.
-        dp_ranks: the ranks holding the same stages in the other replicas (itself included).
+        replica: its data-parallel replica in its (first) stage.
+        pipeline_ranks: the ranks that compute this rank's first chunk, one per pipeline position.
+        dp_ranks: the ranks of its (first) stage with its tensor-parallel rank, one per replica (itself
+            included): its data-parallel group.
         device: the torch device it computes on; backend: ``gloo`` or ``nccl``.
+        tp_rank / tp_ranks: its tensor-parallel rank and its replica's tensor-parallel group.
     """
 
     rank: int
@@ -168,6 +125,8 @@ class RankInfo:
     dp_ranks: tuple[int, ...]
     device: str
     backend: str
+    tp_rank: int = 0
+    tp_ranks: tuple[int, ...] = ()
 
     @property
     def is_first(self) -> bool:
@@ -184,6 +143,8 @@ class RankInfo:
             "dp_ranks": list(self.dp_ranks),
             "device": self.device,
             "backend": self.backend,
+            "tp_rank": self.tp_rank,
+            "tp_ranks": list(self.tp_ranks),
         }
 
 
@@ -213,56 +174,66 @@ class Runner:
         plan: Plan,
         info: RankInfo,
         stages: list[StageModule],
-        schedule: Any,
+        built: list[BuiltStage],
+        layout: ParallelLayout,
+        executor: PipelineExecutor,
         captured: CapturedModel,
         source: ModelSource,
-        canonical: dict[int, str],
         optimizer: torch.optim.Optimizer | None,
-        dp_group: Any,
         tied_groups: list[tuple[Any, list[str]]],
-        mesh: Any,
+        loss_group: Any = None,
         clock: RegionClock | None = None,
     ) -> None:
         self.plan = plan
         self.rank_info = info
         self.stages = stages
-        self.schedule = schedule
+        self.built = built
+        self.layout = layout
+        self.executor = executor
         self.captured = captured
         self.source = source
         self.optimizer = optimizer
-        self.mesh = mesh
-        self._canonical = canonical
-        self._dp_group = dp_group
         self._tied_groups = tied_groups
-        self._local_batch = plan.num_microbatches * plan.microbatch_size
+        self._loss_group = loss_group
         self._device = torch.device(info.device)
         self._buffer_names = {id(b): n for n, b in source.module.named_buffers()}
         self._clock = clock or RegionClock(self._device)
-        self._p2p_seen = False
+        self._p2p_seen = True
 
     # ------------------------------------------------------------------ parameters
     def stage_parameters(self) -> dict[str, nn.Parameter]:
-        """This rank's parameters by their FQN in the original model (tied weights under their first name)."""
+        """This rank's parameters by their FQN in the original model (tied weights under their first name):
+        the live tensors, ``DTensor`` s where tensor parallelism or sharding splits them."""
         out: dict[str, nn.Parameter] = {}
-        for st in self.stages:
-            for p in st.module.parameters():
-                out.setdefault(self._canonical[id(p)], p)
+        for b in self.built:
+            for k, p in b.parameters().items():
+                out.setdefault(k, p)
         return out
+
+    def applied(self) -> list[dict[str, Any]]:
+        """Per stage of this rank, what the lowering applied (``BuiltStage.applied``)."""
+        return [b.applied() for b in self.built]
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """:meth:`stage_parameters` made whole (a collective over each split parameter's mesh: every rank of
+        a stage calls it together)."""
+        return {k: full_tensor(p.detach()) for k, p in self.stage_parameters().items()}
 
     def stage_buffers(self) -> dict[str, torch.Tensor]:
         """This rank's buffers (running statistics, counters, ...) by their FQN in the original model."""
         out: dict[str, torch.Tensor] = {}
-        for st in self.stages:
-            for b in st.module.buffers():
-                name = self._buffer_names.get(id(b))
+        for b in self.built:
+            for t in b.module.buffers():
+                name = self._buffer_names.get(id(t))
                 if name is not None:
-                    out.setdefault(name, b)
+                    out.setdefault(name, t)
         return out
 
     def gradients(self) -> dict[str, torch.Tensor]:
-        """The gradients of :meth:`stage_parameters` after :meth:`step` (zeros where a parameter got none)."""
+        """The whole gradients of :meth:`stage_parameters` after :meth:`step` (zeros where a parameter got
+        none); a collective for split parameters, as :meth:`full_parameters`."""
         return {
-            k: (p.grad if p.grad is not None else torch.zeros_like(p))
+            k: full_tensor(p.grad if p.grad is not None else torch.zeros_like(p))
             for k, p in self.stage_parameters().items()
         }
 
@@ -271,19 +242,26 @@ class Runner:
         for p in self.stage_parameters().values():
             p.grad = None
 
-    def _local(self, x: Any, what: str) -> Any:
-        if not isinstance(x, torch.Tensor):
-            return x
-        n = x.shape[0] if x.dim() else 0
-        if n == self._local_batch:
-            return x.to(self._device)
+    def _chunks(self, x: Any, stage: int, what: str) -> Callable[[int, int], Any]:
+        """``(k, c) ->`` rows of chunk ``c`` of microbatch ``k`` of ``x``, given the global batch or the
+        rows of this rank's replica of ``stage`` (see [Note: batch slicing])."""
+        lay = self.layout
+        g, b = lay.chunk_rows, lay.microbatch
+        replica = lay.placement(self.rank_info.rank, stage).replica
+        mine = lay.chunks_of(stage, replica)
+        n = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else 0
+        local = lay.num_microbatches * len(mine) * g
         if n == self.plan.request.global_batch:
-            r = self.rank_info.replica
-            return x[r * self._local_batch : (r + 1) * self._local_batch].to(self._device)
+            return lambda k, c: x[k * b + c * g : k * b + (c + 1) * g].to(self._device)
+        if n == local:
+            per = len(mine)
+            return lambda k, c: x[(k * per + c - mine.start) * g : (k * per + c - mine.start + 1) * g].to(
+                self._device
+            )
         raise LoweringError(
             f"{what} has {n} samples along dimension 0; expected the global batch ({self.plan.request.global_batch}) "
-            f"or this replica's share ({self._local_batch} = {self.plan.num_microbatches} microbatches x "
-            f"{self.plan.microbatch_size})"
+            f"or this rank's share of stage {stage} ({local} = {lay.num_microbatches} microbatches x {len(mine)} "
+            f"chunk(s) of {g})"
         )
 
     def step(
@@ -313,37 +291,41 @@ class Runner:
 
     def _step(self, inputs: Any, targets: Any, kwargs: dict[str, Any] | None) -> float | None:
         self.zero_grad()
+        for b in self.built:
+            b.sharded.reset()
         last = self.plan.num_stages - 1
         holds_last = last in self.rank_info.stages
-        args: list[torch.Tensor] = []
+        stage0: Callable[[int, int], list[Any]] | None = None
         if self.rank_info.is_first:
             if inputs is None:
                 raise LoweringError(f"rank {self.rank_info.rank} runs stage 0 and needs the inputs")
             tup = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-            args = self.captured.flatten(tuple(tup), self._call_kwargs(kwargs))
-            args = [
-                self._local(a, f"input {name!r}") if batched else _to(a, self._device)
+            flat = self.captured.flatten(tuple(tup), self._call_kwargs(kwargs))
+            parts = [
+                self._chunks(a, 0, f"input {name!r}") if batched else (lambda k, c, a=a: _to(a, self._device))
                 for a, name, batched in zip(
-                    args, self.captured.input_names, self.captured.batched, strict=True
+                    flat, self.captured.input_names, self.captured.batched, strict=True
                 )
             ]
-        kw: dict[str, Any] = {}
-        losses: list[torch.Tensor] = []
+
+            def stage0(k: int, c: int) -> list[Any]:
+                return [f(k, c) for f in parts]
+
+        target_of: Callable[[int, int], Any] | None = None
         if holds_last:
             if targets is None:
                 raise LoweringError(f"rank {self.rank_info.rank} runs the last stage and needs the targets")
-            kw = {"target": self._local(targets, "the target"), "losses": losses}
-        with timed_p2p_waits(self._clock) as self._p2p_seen:
-            self.schedule.step(*args, **kw)
+            target_of = self._chunks(targets, last, "the target")
+        losses = self.executor.run(stage0, target_of)
         with self._clock.region("allreduce"):
             self._sync_gradients()
         if not holds_last:
             return None
-        loss = torch.stack([x.detach().float() for x in losses]).mean()
-        if self.rank_info.world_size > 1 and len(self.rank_info.dp_ranks) > 1:
-            dist.all_reduce(loss, group=self._dp_group)
-            loss /= len(self.rank_info.dp_ranks)
-        return float(loss.item())
+        lay = self.layout
+        total = torch.stack([x.detach().float() for x in losses]).sum()
+        if self._loss_group is not None:
+            dist.all_reduce(total, group=self._loss_group)
+        return float(total.item()) / (lay.num_microbatches * lay.chunks)
 
     def _call_kwargs(self, kwargs: dict[str, Any] | None) -> dict[str, Any]:
         """The keyword inputs of this step: the given ones, else the example call's when none of those
@@ -362,19 +344,29 @@ class Runner:
         return {k: kwargs[k] for k in layout.kwarg_flags}
 
     def _sync_gradients(self) -> None:
-        params = self.stage_parameters()
-        for p in params.values():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        # Tied copies first: each copy then holds the full gradient, and the dp average keeps it so.
-        for group, names in self._tied_groups:
-            _all_reduce_coalesced([params[n].grad for n in names], group)  # type: ignore[misc]
-        dp = len(self.rank_info.dp_ranks)
-        if dp > 1:
-            grads = [p.grad for p in params.values()]
-            _all_reduce_coalesced(grads, self._dp_group)  # type: ignore[arg-type]
-            for g in grads:
-                g.div_(dp)  # type: ignore[union-attr]
+        """Sum gradients over each stage's replicas and over the holders of tied parameters (see [Note:
+        sharding levels] in ``distplan.lowering.sharding``)."""
+        for b in self.built:
+            params = b.parameters()
+            for p in params.values():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if b.sharded.module is not None:
+                continue  # FSDP2 reduce-scattered them during the backward
+            match_grad_placements(list(params.values()))
+            if b.dp_group is not None:
+                grads = [_local_grad(p) for k, p in params.items() if k not in b.tied]
+                coalesced_all_reduce(grads, b.dp_group)
+        if self._tied_groups:
+            copies: dict[str, list[nn.Parameter]] = {}
+            for b in self.built:
+                for k, p in b.parameters().items():
+                    have = copies.setdefault(k, [])
+                    if k in b.tied and all(p is not q for q in have):
+                        have.append(p)
+            contribute = self.rank_info.tp_rank == 0
+            for group, names in self._tied_groups:
+                sync_tied([copies[n] for n in names], group=group, contribute=contribute)
 
     def optimizer_step(self) -> None:
         """Apply the optimizer to this rank's parameters (after :meth:`step`); nothing when it holds none."""
@@ -425,16 +417,13 @@ def _to(x: Any, device: torch.device) -> Any:
     return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
-def _all_reduce_coalesced(tensors: Sequence[torch.Tensor], group: Any) -> None:
-    if not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset : offset + n].view_as(t))
-        offset += n
+def _local_grad(p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``p.grad`` (the local shard of a tensor-parallel ``DTensor`` gradient)."""
+    from torch.distributed.tensor import DTensor
+
+    g = p.grad
+    assert g is not None
+    return g._local_tensor if isinstance(g, DTensor) else g
 
 
 def _env_int(name: str) -> int:
@@ -580,8 +569,8 @@ def lower(
         dist.init_process_group(backend, rank=torch_rank, world_size=world, timeout=timeout)
     tr = _rank_translation(rank, world, dev)
 
-    # ---- the model, captured at one microbatch
-    mb = plan.microbatch_size
+    # ---- the model, captured at one chunk of a microbatch (see [Note: chunks] in lowering.parallel)
+    mb = layout.chunk_rows
     source = resolve_source(
         model,
         batch=mb,
@@ -649,115 +638,114 @@ def lower(
     my_stages = layout.stages_of(rank)
     if not my_stages:
         raise LoweringError(f"rank {rank} runs no stage of the plan")
-    replica = layout.replica_of(rank)
-    pp_group = None
-    for r, ranks in enumerate(layout.pipeline_ranks):
-        g = dist.distributed_c10d._new_group_with_tag(
-            [tr[x] for x in ranks], timeout=timeout, sort_ranks=False
-        )
-        if r == replica:
-            pp_group = g
     from torch.distributed.device_mesh import DeviceMesh
 
-    mesh_ranks = torch.tensor(
-        [[tr[layout.pipeline_ranks[r][p]] for r in range(layout.dp)] for p in range(layout.positions)]
-    )
-    mesh = DeviceMesh(dev.type, mesh_ranks, mesh_dim_names=("pp", "dp"))
-    dp_group = mesh.get_group("dp")
-    dp_ranks = tuple(layout.stage_ranks[my_stages[0]])
+    meshes: dict[int, Any] = {}
+    for spec in layout.stages:
+        grid = torch.tensor([[tr[x] for x in rep] for rep in spec.ranks], dtype=torch.int64)
+        m = DeviceMesh(dev.type, grid, mesh_dim_names=("dp", "tp"))
+        if spec.index in my_stages:
+            meshes[spec.index] = m
     tied_sets: dict[tuple[int, ...], list[str]] = {}
     for name in sorted(holders):
-        stages_holding = holders[name]
+        stages_holding = sorted(set(holders[name]))
         if len(stages_holding) < 2:
             continue
-        for r in range(layout.dp):
-            ranks_r = tuple(sorted({layout.stage_ranks[s][r] for s in stages_holding}))
-            if len(ranks_r) > 1:
-                tied_sets.setdefault(ranks_r, []).append(name)
+        ranks_all = tuple(sorted({x for s in stages_holding for x in layout.stages[s].all_ranks}))
+        tied_sets.setdefault(ranks_all, []).append(name)
     tied_groups: list[tuple[Any, list[str]]] = []
-    for ranks_r, names in sorted(tied_sets.items()):
-        g = dist.new_group(sorted(tr[x] for x in ranks_r), timeout=timeout)
-        if rank in ranks_r:
+    for ranks_all, names in sorted(tied_sets.items()):
+        g = dist.new_group(sorted(tr[x] for x in ranks_all), timeout=timeout) if len(ranks_all) > 1 else None
+        if rank in ranks_all:
             tied_groups.append((g, names))
+    tied = {n for names in tied_sets.values() for n in names}
 
-    # ---- this rank's stages, timed per microbatch (see [Note: how regions are timed] in lowering.timing)
-    stage_cls = timed_stage_class()
-    clock = RegionClock(dev)
+    # ---- replicas start from replica 0's weights, as DDP does (before any parameter is split)
+    for s in my_stages:
+        spec = layout.stages[s]
+        if spec.dp > 1:
+            t = layout.placement(rank, s).tp_rank
+            group = meshes[s]["dp"].get_group()
+            for x in list(all_stages[s].module.parameters()) + list(all_stages[s].module.buffers()):
+                dist.broadcast(x.data, src=tr[spec.ranks[0][t]], group=group)
+
+    # ---- this rank's stages: tensor parallelism, recomputation, sharding (see lowering.stages)
+    annotation = None
+    if any(layout.stages[s].tp > 1 for s in my_stages):
+        annotation = (graph if graph is not None else captured.graph()).tensor_parallel
     mine = [all_stages[s] for s in my_stages]
-    pstages = []
+    built: list[BuiltStage] = []
     for st in mine:
         st.module.to(dev)
-        static: dict[str, Any] = {}
-        if st.input_examples is not None and st.output_examples is not None:
-            static = {"input_args": st.input_examples, "output_args": st.output_examples}
-        ps = stage_cls(st.module, st.index, plan.num_stages, dev, group=pp_group, **static)
-        ps.clock = clock
-        pstages.append(ps)
-    if layout.dp > 1:
-        # Replicas start from replica 0's weights, as DDP does.
-        src = tr[layout.stage_ranks[my_stages[0]][0]]
-        for st in mine:
-            for t in list(st.module.parameters()) + list(st.module.buffers()):
-                dist.broadcast(t.data, src=src, group=dp_group)
-    loss_fn = source.loss
+        path_names = {
+            path: canonical[id(p)] for path, p in st.module.named_parameters(remove_duplicate=False)
+        }
+        b = build_stage(
+            st,
+            layout,
+            rank,
+            names=path_names,
+            tied=tied,
+            mesh=meshes[st.index],
+            device=dev,
+            annotation=annotation,
+        )
+        if b.spec.dp > 1:
+            b.dp_group = meshes[st.index]["dp"].get_group()
+        if b.spec.tp > 1:
+            b.tp_group = meshes[st.index]["tp"].get_group()
+        built.append(b)
 
-    def timed_loss(*a: Any, **k: Any) -> torch.Tensor:
-        with clock.region("loss"):
-            return loss_fn(*a, **k)
+    clock = RegionClock(dev)
+    executor = PipelineExecutor(
+        layout,
+        rank,
+        tr,
+        {b.spec.index: b.program for b in built},
+        dev,
+        source.loss,
+        region=clock.region,
+    )
+    # NCCL makes a communicator per pair of ranks on first use, blocking both: do it in one agreed order.
+    executor.warm_up_links()
 
-    schedule = _make_schedule(plan, pstages, timed_loss, batched=captured.batched)
-
-    params = list(dict.fromkeys(p for st in mine for p in st.module.parameters()))
+    params = list(dict.fromkeys(p for b in built for p in b.parameters().values()))
     name = None if callable(optimizer) else (optimizer or plan.request.optimizer)
     if name is not None and name not in ("sgd", "adam", "adamw"):
         raise LoweringError(f"unknown optimizer {name!r}; use sgd, adam or adamw, or pass a factory")
     opt: torch.optim.Optimizer | None = None
     if params:  # a stage of parameter-free ops (a cut between two reshapes) has nothing to update
         opt = optimizer(params) if callable(optimizer) else _make_optimizer(str(name), params, lr)
+    first = built[0]
+    last = layout.num_stages - 1
+    loss_group = None
+    for b in built:
+        if b.spec.index == last and b.spec.dp > 1:
+            loss_group = b.dp_group
     info = RankInfo(
         rank=rank,
         world_size=world,
         local_rank=local_rank,
         stages=my_stages,
-        replica=replica,
-        pipeline_ranks=layout.pipeline_ranks[replica],
-        dp_ranks=dp_ranks,
+        replica=first.replica,
+        pipeline_ranks=layout.pipeline_ranks[layout.chunks_of(first.spec.index, first.replica).start],
+        dp_ranks=first.spec.dp_group(first.tp_rank),
         device=str(dev),
         backend=backend,
+        tp_rank=first.tp_rank,
+        tp_ranks=first.spec.ranks[first.replica],
     )
     return Runner(
         plan=plan,
         info=info,
         stages=mine,
-        schedule=schedule,
+        built=built,
+        layout=layout,
+        executor=executor,
         captured=captured,
         source=source,
-        canonical=canonical,
         optimizer=opt,
-        dp_group=dp_group,
         tied_groups=tied_groups,
-        mesh=mesh,
+        loss_group=loss_group,
         clock=clock,
     )
-
-
-def _make_schedule(
-    plan: Plan, stages: list[Any], loss: Callable[..., torch.Tensor], *, batched: Sequence[bool]
-) -> Any:
-    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
-    from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
-
-    m = plan.num_microbatches
-    # Inputs without a batch dimension reach every microbatch whole ([Note: keyword inputs]); torch's own
-    # spec for "the same value for every microbatch" is _Replicate.
-    spec: Any = tuple(TensorChunkSpec(0) if b else _Replicate() for b in batched)
-    if plan.schedule == "gpipe":
-        return ScheduleGPipe(stages[0], n_microbatches=m, loss_fn=loss, args_chunk_spec=spec)
-    if plan.schedule == "1f1b":
-        return Schedule1F1B(stages[0], n_microbatches=m, loss_fn=loss, args_chunk_spec=spec)
-    if plan.schedule == "interleaved-1f1b":
-        try:
-            return ScheduleInterleaved1F1B(stages, n_microbatches=m, loss_fn=loss, args_chunk_spec=spec)
-        except ValueError as e:
-            raise LoweringError(f"interleaved 1F1B cannot run this plan: {e}") from e
-    raise LoweringError(f"unknown schedule {plan.schedule!r}")

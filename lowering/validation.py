@@ -14,8 +14,9 @@ each step with the same steps run on one process from the same initial weights.
   microbatches but is validated with one replica per stage (``dp`` reduced to 1): data-parallel replicas run
   the same program on other samples, and their gradient averaging is checked by every plan with ``dp > 1``
   that fits. If the stages alone exceed ``max_ranks``, that is a clear error.
-- *Microbatch size*: capped at ``max_microbatch_size`` (default 2) samples; the cut positions and the
-  schedule do not depend on it.
+- *Microbatch size*: the rows of one chunk (the batch every stage program runs at; see [Note: chunks] in
+  ``distplan.lowering.parallel``) capped at ``max_microbatch_size`` (default 2) samples; the cut positions,
+  the degrees and the schedule do not depend on it.
 - *Sequence length*: ``seq`` (default 16); the graph's structure does not depend on it.
 - *Optimizer*: SGD by default, whose update is linear in the gradient, so parameter errors measure the
   split and not Adam's ``g / sqrt(v)`` amplification of rounding noise in near-zero gradients.
@@ -84,6 +85,7 @@ from distplan.lowering.batching import input_flags, take_samples
 from distplan.lowering.effects import PinnedRandom, preserved_state, scan_forward
 from distplan.lowering.init import initialize, replay_constructor
 from distplan.lowering.outputs import graph_output
+from distplan.lowering.parallel import ParallelLayout, layout_of
 from distplan.lowering.runtime import plan_layout
 from distplan.plan import Plan, build_rank_map
 
@@ -167,6 +169,8 @@ class ValidationReport:
         batch_stat_layers: modules whose statistics are computed over the batch (``fqn (Class)``).
         written_buffers: buffers the forward writes.
         output: the output the loss read (``None``: the model returns one tensor).
+        stages: per stage, what the lowering applied on its first rank (``dp``, ``tp``, ``tp_regions`` split,
+            ``recompute`` and ``recomputed_regions``, ``shard`` and whether FSDP2 ``fsdp`` shards it).
     """
 
     passed: bool
@@ -195,6 +199,7 @@ class ValidationReport:
     batch_stat_layers: tuple[str, ...] = ()
     written_buffers: tuple[str, ...] = ()
     output: str | None = None
+    stages: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -222,6 +227,7 @@ class ValidationReport:
             "batch_stat_layers": list(self.batch_stat_layers),
             "written_buffers": list(self.written_buffers),
             "output": self.output,
+            "stages": [dict(x) for x in self.stages],
             "tensors": [t.to_dict() for t in self.tensors],
         }
 
@@ -250,24 +256,42 @@ def _free_port() -> int:
 
 
 def single_replica(plan: Plan) -> Plan:
-    """The plan with the same stages, cuts, schedule and microbatches but one replica per stage."""
-    if plan.dp == 1:
+    """The plan with the same stages, cuts, tensor-parallel degrees, schedule and microbatches but one
+    replica per stage (each stage keeps its first replica's devices)."""
+    if all(s.dp == 1 for s in plan.stages):
         return plan
     cluster = plan.request.cluster
-    stages = tuple(replace(s, devices=s.devices[:1], dp=1) for s in plan.stages)
-    gb = plan.num_microbatches * plan.microbatch_size
-    req = replace(plan.request, global_batch=gb)
+    stages = tuple(replace(s, devices=s.devices[: getattr(s, "tp", 1)], dp=1) for s in plan.stages)
+    b = layout_of(plan).microbatch
+    if _schema2(plan):
+        # b rows per microbatch whatever the degrees: one replica computes all of them.
+        out = replace(plan, stages=stages)
+    else:
+        out = replace(plan, stages=stages, microbatch_size=b, request=replace(plan.request))
+    req = replace(plan.request, global_batch=plan.num_microbatches * b)
+    return replace(out, request=req, rank_map=build_rank_map(cluster, [s.devices for s in stages]))
+
+
+def _schema2(plan: Plan) -> bool:
+    return hasattr(plan, "replica_microbatch") or int(plan.schema_version) >= 2
+
+
+def with_chunk_rows(plan: Plan, rows: int) -> Plan:
+    """The plan with ``rows`` samples per chunk of a microbatch (see [Note: chunks] in
+    ``distplan.lowering.parallel``): the microbatch and the global batch follow, degrees stay."""
+    lay = layout_of(plan)
+    if rows == lay.chunk_rows:
+        return plan
+    b = rows * lay.chunks
+    size = b if _schema2(plan) else b // plan.stages[0].dp
     return replace(
-        plan, request=req, stages=stages, rank_map=build_rank_map(cluster, [s.devices for s in stages])
+        plan, microbatch_size=size, request=replace(plan.request, global_batch=plan.num_microbatches * b)
     )
 
 
 def with_microbatch_size(plan: Plan, size: int) -> Plan:
-    """The plan with ``size`` samples per microbatch (the global batch follows)."""
-    if size == plan.microbatch_size:
-        return plan
-    gb = plan.num_microbatches * size * plan.dp
-    return replace(plan, microbatch_size=size, request=replace(plan.request, global_batch=gb))
+    """The plan with ``size`` samples per chunk (kept for callers; see :func:`with_chunk_rows`)."""
+    return with_chunk_rows(plan, size)
 
 
 def _param_bytes(module: torch.nn.Module) -> int:
@@ -358,12 +382,15 @@ def validate(
             f"dp reduced from {plan.dp} to 1: the plan's {plan.world_size} ranks exceed {max_ranks}; the "
             f"{plan.num_stages} stages, their cuts, the schedule and the {plan.num_microbatches} microbatches are unchanged"
         )
-    if run_plan.microbatch_size > max_microbatch_size:
+    if layout_of(run_plan).chunk_rows > max_microbatch_size:
+        lay0 = layout_of(run_plan)
         notes.append(
-            f"microbatch size reduced from {run_plan.microbatch_size} to {max_microbatch_size} samples"
+            f"microbatch reduced from {lay0.microbatch} to {max_microbatch_size * lay0.chunks} samples "
+            f"({lay0.chunks} chunk(s) of {max_microbatch_size} instead of {lay0.chunk_rows})"
         )
-        run_plan = with_microbatch_size(run_plan, max_microbatch_size)
-    mb = run_plan.microbatch_size
+        run_plan = with_chunk_rows(run_plan, max_microbatch_size)
+    run_layout = layout_of(run_plan)
+    mb = run_layout.chunk_rows  # every stage program runs at one chunk
     if optimizer != plan.request.optimizer:
         notes.append(
             f"optimizer {optimizer} (lr {lr:g}) instead of the plan's {plan.request.optimizer}: an update linear in "
@@ -458,7 +485,9 @@ def validate(
     gb = run_plan.request.global_batch
     with preserved_state(bundle.module):
         batches = [source.sample(gb, seed=seed + 1 + k) for k in range(steps)]
-    split = (run_plan.dp, run_plan.num_microbatches, mb) if microbatched else None
+    # Buffers follow the replicas of each stage; stages of different dp see different replicas.
+    stage_dps = sorted({s.dp for s in run_layout.stages})
+    split = (stage_dps[0], run_plan.num_microbatches, run_layout.chunks, mb) if microbatched else None
     if microbatched:
         what = []
         if stat_layers:
@@ -466,9 +495,9 @@ def validate(
         if effects.written_buffers:
             what.append(f"buffers written by the forward: {_first(list(effects.written_buffers))}")
         notes.append(
-            f"reference run on the plan's microbatches ({run_plan.dp} replica(s) x {run_plan.num_microbatches} "
-            f"microbatches of {mb} samples, gradients accumulated), not the whole batch of {gb}: "
-            + "; ".join(what)
+            f"reference run on the plan's microbatches ({run_plan.num_microbatches} microbatches of "
+            f"{run_layout.chunks} chunk(s) of {mb} samples, each replica's chunks in order, gradients "
+            f"accumulated), not the whole batch of {gb}: " + "; ".join(what)
         )
         assert split is not None
         gap = _whole_batch_gap(bundle.module, source, batches[0], split, pin=pin)
@@ -477,6 +506,8 @@ def validate(
             f"loss is {gap[0]:.6g}, the microbatched one {gap[1]:.6g} (relative difference {gap[2]:.3g})"
         )
     reference = copy.deepcopy(bundle.module)
+    # One more reference per other data-parallel degree, for the buffers of its stages' replicas.
+    more_refs = {d: copy.deepcopy(bundle.module) for d in stage_dps[1:]} if microbatched else {}
     with tempfile.TemporaryDirectory(prefix="distplan-validate-") as tmp:
         d = Path(tmp)
         torch.save([(list(b.args), b.kwargs, b.target) for b in batches], d / "data.pt")
@@ -503,6 +534,13 @@ def validate(
         t_spawn = time.perf_counter()
         try:
             ref = _reference(reference, source, batches, optimizer=optimizer, lr=lr, pin=pin, split=split)
+            ref["buffers_by_dp"] = {stage_dps[0]: ref["buffers"]} if split is not None else {}
+            for d, module_d in more_refs.items():
+                assert split is not None
+                ref_d = _reference(
+                    module_d, source, batches, optimizer=optimizer, lr=lr, pin=pin, split=(d, *split[1:])
+                )
+                ref["buffers_by_dp"][d] = ref_d["buffers"]
             t_ref = time.perf_counter() - t_spawn
             failure = _wait(procs, d, t0=t_spawn, timeout_s=timeout_s, say=say, layout=run_plan)
             timings = {
@@ -544,7 +582,7 @@ def validate(
                 **base,  # type: ignore[arg-type]
             )
         results = [torch.load(d / f"rank{r}.pt", weights_only=True) for r in range(world)]
-    checks, losses = _compare(results, ref, tol, num_stages=run_plan.num_stages)
+    checks, losses = _compare(results, ref, tol, num_stages=run_plan.num_stages, layout=run_layout)
     worst = max(checks, key=lambda c: c.max_rel / tol.of(c.kind))
     passed = all(c.passed for c in checks)
     error = None
@@ -554,8 +592,14 @@ def validate(
             f"> tolerance {tol.of(worst.kind):g} (max abs {worst.max_abs:.3g})"
         )
     say("done")
+    applied: dict[int, dict[str, Any]] = {}
+    for res in results:
+        for a in res.get("applied", []):
+            if a["replica"] == 0 and a["tp_rank"] == 0:
+                applied.setdefault(int(a["stage"]), a)
     return ValidationReport(
         passed=passed,
+        stages=tuple(applied[k] for k in sorted(applied)),
         max_abs_error=max(c.max_abs for c in checks),
         max_rel_error=max(c.max_rel for c in checks),
         seconds=time.perf_counter() - t0,
@@ -757,11 +801,11 @@ def _reference(
     optimizer: str,
     lr: float,
     pin: bool,
-    split: tuple[int, int, int] | None,
+    split: tuple[int, int, int, int] | None,
 ) -> dict[str, Any]:
     """The same steps on one process (see [Note: validation policy]): the whole global batch, or with
-    ``split = (dp, microbatches, microbatch size)`` the plan's microbatches with gradient accumulation and
-    per-replica buffers. Returns losses, gradients, parameters and buffers (one dict per replica) per step."""
+    ``split = (dp, microbatches, chunks, chunk rows)`` the plan's chunks with gradient accumulation and the
+    buffers of each of ``dp`` replicas. Returns losses, gradients, parameters and buffers (one dict per replica) per step."""
     from distplan.lowering.runtime import _make_optimizer
 
     params = dict(module.named_parameters())
@@ -782,7 +826,7 @@ def _reference(
                 for r, mb_losses in enumerate(_microbatch_losses(module, source, b, split, states)):
                     total += mb_losses
                     states[r] = _buffers(module)
-                losses.append(total / (split[0] * split[1]))
+                losses.append(total / (split[1] * split[2]))
         grads.append(
             {
                 k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
@@ -809,33 +853,36 @@ def _microbatch_losses(
     module: torch.nn.Module,
     source: ModelSource,
     b: Batch,
-    split: tuple[int, int, int],
+    split: tuple[int, int, int, int],
     states: list[dict[str, torch.Tensor]],
     *,
     backward: bool = True,
 ) -> Iterator[float]:
-    """For each replica in turn (its buffers loaded from ``states``), run its microbatches in order (and
-    their backward, each loss divided by the number of microbatches in the whole batch); yields the
-    replica's summed microbatch losses. Sample order is the runtime's ([Note: batch slicing])."""
-    dp, m, mb = split
+    """For each of ``dp`` replicas in turn (its buffers loaded from ``states``), run the chunks it owns in the
+    runtime's order (microbatch by microbatch; [Note: chunks] in ``distplan.lowering.parallel``) and their
+    backward, each loss divided by the number of chunks in the whole batch; yields the replica's summed
+    chunk losses."""
+    dp, m, chunks, rows = split
     assert source.layout is not None
     arg_flags, kw_flags = input_flags(b.args, source.layout)
+    per = chunks // dp
     for r in range(dp):
         _load_buffers(module, states[r])
         total = 0.0
         for k in range(m):
-            lo, hi = (r * m + k) * mb, (r * m + k + 1) * mb
-            args = take_samples(b.args, arg_flags, lo, hi)
-            kwargs = take_samples(b.kwargs, kw_flags, lo, hi)
-            loss = source.loss(source.select(module(*args, **kwargs)), b.target[lo:hi])
-            if backward:
-                (loss / (dp * m)).backward()
-            total += float(loss.item())
+            for c in range(r * per, (r + 1) * per):
+                lo, hi = (k * chunks + c) * rows, (k * chunks + c + 1) * rows
+                args = take_samples(b.args, arg_flags, lo, hi)
+                kwargs = take_samples(b.kwargs, kw_flags, lo, hi)
+                loss = source.loss(source.select(module(*args, **kwargs)), b.target[lo:hi])
+                if backward:
+                    (loss / (m * chunks)).backward()
+                total += float(loss.item())
         yield total
 
 
 def _whole_batch_gap(
-    module: torch.nn.Module, source: ModelSource, b: Batch, split: tuple[int, int, int], *, pin: bool
+    module: torch.nn.Module, source: ModelSource, b: Batch, split: tuple[int, int, int, int], *, pin: bool
 ) -> tuple[float, float, float]:
     """(whole-batch loss, microbatched loss, relative difference) of the first batch on the initial weights,
     without changing the module."""
@@ -843,7 +890,7 @@ def _whole_batch_gap(
         whole = float(source.loss(source.select(module(*b.args, **b.kwargs)), b.target).item())
         states = [_buffers(module)] * split[0]
         parts = sum(_microbatch_losses(module, source, b, split, states, backward=False))
-    micro = parts / (split[0] * split[1])
+    micro = parts / (split[1] * split[2])
     return whole, micro, abs(whole - micro) / max(abs(micro), 1e-12)
 
 
@@ -879,7 +926,12 @@ def _floors(ref: dict[str, Any], kind: str) -> list[float]:
 
 
 def _compare(
-    results: list[dict[str, Any]], ref: dict[str, Any], tol: Tolerance, *, num_stages: int
+    results: list[dict[str, Any]],
+    ref: dict[str, Any],
+    tol: Tolerance,
+    *,
+    num_stages: int,
+    layout: ParallelLayout | None = None,
 ) -> tuple[list[TensorCheck], list[float]]:
     acc: dict[tuple[str, str], list[float]] = {}
 
@@ -911,8 +963,11 @@ def _compare(
                         add(k, name, float("inf"), float("inf"))
                         continue
                     add(k, name, *_err(t, want, floors[kind][step]))
+        by_dp = ref.get("buffers_by_dp") or {}
+        stage_dp = layout.stages[res["stages"][0]].dp if layout is not None and res.get("stages") else None
+        own = by_dp.get(stage_dp, ref["buffers"])  # the reference of this rank's stage's replicas
         for step, tensors in enumerate(res.get("buffers", [])):
-            per_replica = ref["buffers"][step]
+            per_replica = own[step]
             want_all = per_replica[min(res["replica"], len(per_replica) - 1)]
             for name, t in tensors.items():
                 want = want_all.get(name)
