@@ -208,10 +208,12 @@ class PipelineExecutor:
         losses: list[torch.Tensor] = []
         self._mailbox.reset()
         for a in self.actions:
-            if a.kind == "F":
-                self._forward(a, stage0_inputs, targets, saved, losses)
-            else:
-                self._backward(a, saved, scale)
+            # A profiler label per action (see [Note: measuring activation memory] in lowering.memory).
+            with torch.profiler.record_function(f"distplan.{a}"):
+                if a.kind == "F":
+                    self._forward(a, stage0_inputs, targets, saved, losses)
+                else:
+                    self._backward(a, saved, scale)
             self._drain_sends(all_=False)
         self._drain_sends(all_=True)
         if saved:

@@ -273,7 +273,7 @@ def outline_regions(
         # A parameter read only inside regions now lives under the region module alone.
         if n.op == "get_attr" and not n.users:
             new.erase_node(n)
-        elif n.op == "get_attr":
+        elif n.op in ("get_attr", "call_module") and str(n.target) not in attrs:
             attrs[str(n.target)] = _fetch(gm, str(n.target))
     new.lint()
     # The root is a dict of exactly the referenced attributes: ``gm`` itself is left unchanged.
