@@ -257,6 +257,13 @@ class CostModel:
         cut[0] = 0.0
         cut[-1] = 0.0
         self.cut_per_sample = cut
+        # How many tensors cross each cut: the runtime sends each one on its own (one latency each).
+        diff = np.zeros(self.n + 2, dtype=np.int64)
+        for i, last in enumerate(graph.last_uses()):
+            if last > i and nodes[i].output_bytes > 0:
+                diff[i + 1] += 1
+                diff[last + 1] -= 1
+        self.cut_tensors = np.cumsum(diff)[: self.n + 1]
         self.state_per_param = state_bytes_per_param(dtype, optimizer)
         self.opt_traffic_per_param = optimizer_bytes_per_param(dtype, optimizer)
         self.grad_bytes_per_param = _COMPUTE_BYTES[dtype]
@@ -476,7 +483,9 @@ class CostModel:
         if nbytes <= 0:
             return 0.0
         if link.calibration is not None:
-            return link.calibration.send_time(streams * nbytes)
+            # One transfer per crossing tensor, at the measured time of its share of the bytes.
+            count = max(1, int(self.cut_tensors[position]))
+            return count * link.calibration.send_time(streams * nbytes / count)
         return link.latency_s + streams * nbytes / link.bandwidth_bytes_s
 
     def allreduce_time(self, param_bytes: float, *, dp: int, link: Link, streams: int = 1) -> float:
