@@ -91,6 +91,7 @@ def main(config_path: str) -> int:
             init="reproducible",  # the parent's reference starts from the same values
             config_overrides=over or None,
             output=cfg.get("output"),
+            matmul_precision="fp32",  # numerics are compared with an fp32 single-device run
         )
         fault = cfg.get("fault")
         if fault and int(fault["rank"]) == rank:

@@ -59,6 +59,7 @@ from distplan.lowering.executor import PipelineExecutor
 from distplan.lowering.init import tensor_slots
 from distplan.lowering.materialize import materialize
 from distplan.lowering.parallel import ParallelLayout, layout_of
+from distplan.lowering.precision import autocast_for, set_matmul_precision
 from distplan.lowering.sharding import coalesced_all_reduce, full_tensor, match_grad_placements, sync_tied
 from distplan.lowering.split import StageModule, split_graph
 from distplan.lowering.stages import BuiltStage, build_stage
@@ -413,6 +414,16 @@ class Runner:
         return load(self, path)
 
 
+def _under_autocast(fn: Callable[..., Any], precision: str, device: torch.device) -> Callable[..., Any]:
+    """``fn`` run under the plan's autocast (its backward follows the forward's casts, outside it)."""
+
+    def run(*args: Any) -> Any:
+        with autocast_for(precision, device):
+            return fn(*args)
+
+    return run
+
+
 def _to(x: Any, device: torch.device) -> Any:
     return x.to(device) if isinstance(x, torch.Tensor) else x
 
@@ -491,6 +502,7 @@ def lower(
     config_overrides: dict[str, Any] | None = None,
     example_kwargs: dict[str, Any] | None = None,
     output: str | None = None,
+    matmul_precision: str | None = None,
 ) -> Runner:
     """Build this rank's part of ``plan`` (call inside a ``torchrun`` process, once per rank).
 
@@ -529,6 +541,8 @@ def lower(
         output: which output the loss reads when the model returns a dict, tuple, dataclass or
             ``ModelOutput`` (see [Note: output selector] in ``distplan.lowering.outputs``); ``None`` takes
             ``logits`` or the first tensor.
+        matmul_precision: run matmuls at this precision instead of the plan's (``PlanRequest.precision``;
+            see ``distplan.lowering.precision``); the validation compares in ``fp32``.
 
     The set-up (example batches, capture, annotation) runs the model's forward with its state put back
     afterwards: ``lower`` leaves the module's buffers as it found them. ``runner.source.module`` then holds
@@ -696,6 +710,14 @@ def lower(
             b.tp_group = meshes[st.index]["tp"].get_group()
         built.append(b)
 
+    # Matmuls run at the precision the plan was priced at (see distplan.lowering.precision).
+    precision = matmul_precision or plan.request.precision
+    set_matmul_precision(precision)
+    loss = source.loss
+    if precision in ("bf16", "fp16"):
+        for b in built:
+            b.program.module = _under_autocast(b.program.module, precision, dev)
+        loss = _under_autocast(loss, precision, dev)
     clock = RegionClock(dev)
     executor = PipelineExecutor(
         layout,
@@ -703,7 +725,7 @@ def lower(
         tr,
         {b.spec.index: b.program for b in built},
         dev,
-        source.loss,
+        loss,
         region=clock.region,
     )
     # NCCL makes a communicator per pair of ranks on first use, blocking both: do it in one agreed order.

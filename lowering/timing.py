@@ -9,13 +9,12 @@ forward/backward, iteration time) can be set beside what happened.
 On a CPU every region is wall time (``time.perf_counter``): the ops run synchronously, so a region's wall
 time is its compute. On CUDA a region is bracketed by two ``torch.cuda.Event(enable_timing=True)`` recorded
 on the current stream, and the times are read once the iteration's work has finished (:meth:`RegionClock.
-read` synchronises), so the measurement does not serialise the GPU inside the iteration. The forward and
-backward regions are the stage's ``forward_one_chunk`` / ``backward_one_chunk`` (:func:`timed_stage_class`; the
-stage's ops and the pipeline runtime's own per-microbatch work); the transfer region is every wait of the
-schedule on its send/receive requests, found through ``torch.distributed.pipelining.schedules.
-_wait_batch_p2p`` (torch has no public hook there; without that function the transfer time is reported as
-``None``). A wait for a receive includes the time the sender was still computing: it is transfer plus
-bubble, which is what the rank lost to the pipeline.
+read` synchronises), so the measurement does not serialise the GPU inside the iteration. The pipeline
+executor (``distplan.lowering.executor``) opens the regions: ``fwd:<stage>`` around each microbatch's stage
+forward, ``loss``, ``bwd:<stage>`` around each backward, ``p2p`` around every wait for a receive and the
+final wait for the sends; the runner adds ``allreduce`` (gradient synchronisation), ``optimizer`` and
+``step`` (the whole :meth:`Runner.step`). A wait for a receive includes the time the sender was still
+computing: it is transfer plus bubble, which is what the rank lost to the pipeline.
 """
 
 from __future__ import annotations
@@ -45,8 +44,6 @@ __all__ = [
     "StepTimes",
     "measure",
     "step_times",
-    "timed_p2p_waits",
-    "timed_stage_class",
 ]
 
 
@@ -57,8 +54,9 @@ class StepTimes:
     Attributes:
         rank: the plan rank.
         stages: the stage indices this rank runs.
-        fwd_s / bwd_s: per stage index, the forward / backward time of each microbatch in the order run
-            (the stage's ops plus the pipeline runtime's per-microbatch work; the loss is separate).
+        fwd_s / bwd_s: per stage index, the forward / backward time of the stage's program for each
+            microbatch (each chunk of one, when a stage's replicas split it) in the order run; the loss is
+            separate.
         loss_s: the loss computations' total (ranks running the last stage; else 0).
         p2p_wait_s: time spent waiting on point-to-point sends and receives (transfers and bubbles); None
             where this torch gives no way to see it.
@@ -146,55 +144,6 @@ class RegionClock:
             torch.cuda.synchronize()
             return [(n, a.elapsed_time(b) / 1e3) for n, a, b in self._done]
         return [(n, float(b - a)) for n, a, b in self._done]
-
-
-def timed_stage_class() -> type:
-    """A ``PipelineStage`` subclass whose per-microbatch forward and backward are regions ``fwd:<stage>`` and
-    ``bwd:<stage>`` of its ``clock`` attribute (none when ``clock`` is None); built on first use, as
-    importing pipelining is slow."""
-    from torch.distributed.pipelining import PipelineStage
-
-    class _Timed(PipelineStage):  # type: ignore[misc]
-        """A ``PipelineStage`` whose forward and backward per microbatch are timed regions of ``clock``."""
-
-        clock: RegionClock | None = None
-
-        def forward_one_chunk(self, *args: Any, **kwargs: Any) -> Any:
-            if self.clock is None:
-                return super().forward_one_chunk(*args, **kwargs)
-            with self.clock.region(f"fwd:{self.stage_index}"):
-                return super().forward_one_chunk(*args, **kwargs)
-
-        def backward_one_chunk(self, *args: Any, **kwargs: Any) -> Any:
-            if self.clock is None:
-                return super().backward_one_chunk(*args, **kwargs)
-            with self.clock.region(f"bwd:{self.stage_index}"):
-                return super().backward_one_chunk(*args, **kwargs)
-
-    _Timed.__name__ = _Timed.__qualname__ = "TimedPipelineStage"
-    return _Timed
-
-
-@contextlib.contextmanager
-def timed_p2p_waits(clock: RegionClock) -> Iterator[bool]:
-    """Within the block, every wait of a pipelining schedule on its send/receive requests is a region
-    ``p2p`` of ``clock``; yields whether that could be arranged (see [Note: how regions are timed])."""
-    from torch.distributed.pipelining import schedules
-
-    original = getattr(schedules, "_wait_batch_p2p", None)
-    if original is None:
-        yield False
-        return
-
-    def wait(work: Any) -> None:
-        with clock.region("p2p"):
-            original(work)
-
-    schedules._wait_batch_p2p = wait  # type: ignore[attr-defined]
-    try:
-        yield True
-    finally:
-        schedules._wait_batch_p2p = original  # type: ignore[attr-defined]
 
 
 def step_times(
