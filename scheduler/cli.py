@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
             help="distplan's objective: jct, throughput, max-min or finish-time (default: jct).",
         ),
         ageing_bound: float = typer.Option(
-            7200.0, "--ageing-bound", help="distplan's ageing bound in seconds (default: 7200)."
+            14400.0, "--ageing-bound", help="distplan's ageing bound in seconds (default: 14400)."
         ),
         time_limit: float = typer.Option(
             0.5, "--time-limit", help="Planner time limit per device-set shape, seconds (default: 0.5)."
@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
         params: dict[str, Any] = {}
         if policy == "distplan":
             params = {"objective": objective, "ageing_bound_s": ageing_bound}
-        elif objective != "jct" or ageing_bound != 7200.0:
+        elif objective != "jct" or ageing_bound != 14400.0:
             raise SchedulerError("--objective and --ageing-bound apply to --policy distplan only")
         pol = make_policy(policy, **params)
         pricer = Pricer(c, time_limit_s=time_limit, cache_path=price_cache)
