@@ -74,9 +74,12 @@ def profile(
     Raises:
         CalibrationError: an unknown mode or device, more ranks than this host can run, a failed rank.
     """
-    import torch
+    import dataclasses
 
-    from .compute import _cpu_name, measure_device
+    import torch
+    import torch.distributed as dist
+
+    from .compute import _cpu_name, measure_device, runtime_overhead
     from .ranks import measure_ranks
 
     if mode not in MODES:
@@ -111,6 +114,9 @@ def profile(
             world=ranks, device=device, budget=budget, precisions=precisions, progress=progress, source=source
         )
         assert dev is not None
+        if not dist.is_initialized():  # inside a job of its own, this process cannot lower a one-rank plan
+            mb_f, mb_b = runtime_overhead(device, budget)
+            dev = dataclasses.replace(dev, microbatch_fwd_s=mb_f, microbatch_bwd_s=mb_b)
     else:
         # One rank, or ranks of several threads each: measure the device here, the link on its own.
         dev = measure_device(
@@ -120,6 +126,7 @@ def profile(
             threads=threads,
             progress=progress,
             source=source,
+            runtime=not dist.is_initialized(),
         )
         if ranks >= 2:
             _, link = measure_ranks(

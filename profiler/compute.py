@@ -406,64 +406,72 @@ def _optimizer(device: torch.device, name: str, budget: Budget, tick: Callable[[
     return _curve(pts)
 
 
-def _microbatch_overhead(device: torch.device, budget: Budget) -> tuple[float, float]:
-    """The pipeline runtime's own cost per microbatch on one stage, forward and backward.
+def runtime_overhead(device: str, budget: Budget) -> tuple[float, float]:
+    """distplan's pipeline runtime's own cost per microbatch on one stage, forward and backward (seconds).
 
-    A one-stage ``torch.distributed.pipelining`` schedule over a tiny module runs 1 and 8 microbatches,
-    forward only (``eval``) and forward + backward (``step``); the slope per microbatch minus the module's
-    and the loss's own op times is what the schedule adds (chunking, stage bookkeeping, autograd set-up).
-    The schedule runs in a process group of this rank alone: a fresh one-rank gloo group, or, inside a
-    larger job (every rank measuring at once), a one-rank subgroup per rank (every rank creates them all).
+    A one-stage plan of a tiny model is lowered for real (:func:`distplan.lowering.lower`, in a process
+    group of this process alone) and stepped with 1 and 8 microbatches; the time per extra microbatch minus
+    what the runner measured inside its stage and loss regions is what the runtime adds around them
+    (input chunks, actions, bookkeeping), split evenly between the forward and the backward. Needs this
+    process outside any process group (``distplan profile`` calls it from the launching process).
     """
+    import os
+
     import torch.distributed as dist
-    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
-    created = False
-    group = None
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        created = True
-    elif dist.get_world_size() > 1:
-        for r in range(dist.get_world_size()):
-            g = dist.new_group([r])
-            if r == dist.get_rank():
-                group = g
+    from distplan.lowering import lower
+    from distplan.planner import evaluate
+    from distplan.tracer import trace
+
+    if dist.is_initialized():
+        raise CalibrationError("the runtime overhead is measured outside any process group")
+    dev = torch.device(device)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8)).to(dev)
+    graph = trace(model, (torch.randn(1, 8),))
+    cluster = {
+        "name": "profiled",
+        "kinds": [
+            {"name": "profiled", "memory_gib": 1, "memory_bandwidth_gbyte_s": 1, "peak_tflops": {"fp32": 1}}
+        ],
+        "hosts": [{"name": "h", "devices": [{"kind": "profiled"}], "link": {"bandwidth_gbyte_s": 1}}],
+    }
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        mod = torch.nn.Linear(8, 8).to(device)
+        per_step: dict[int, tuple[float, float]] = {}
+        for m in (1, 8):
+            plan = evaluate(graph, cluster=cluster, layout=f"gpipe m{m}x1 | 0:{len(graph)}@0", global_batch=m)
+            runner = lower(
+                plan,
+                model,
+                example_inputs=(torch.randn(1, 8),),
+                loss_fn=F.mse_loss,
+                check_graph=False,
+                device=device,
+            )
+            x = torch.randn(m, 8, device=dev)
+            y = torch.randn(m, 8, device=dev)
 
-        def loss_fn(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return F.mse_loss(y, t)
+            def step(runner: Any = runner, x: torch.Tensor = x, y: torch.Tensor = y) -> None:
+                runner.step(x, y)
 
-        def per_microbatch(forward_only: bool) -> float:
-            times = []
-            for m in (1, 8):
-                stage = PipelineStage(mod, 0, 1, device, group=group)
-                sched = ScheduleGPipe(stage, n_microbatches=m, loss_fn=loss_fn)
-                x = torch.randn(m, 8, device=device)
-                y = torch.randn(m, 8, device=device)
-                run = sched.eval if forward_only else sched.step
-
-                def call(run: Any = run, x: torch.Tensor = x, y: torch.Tensor = y) -> None:
-                    run(x, target=y, losses=[])
-
-                times.append(_median_s(call, budget))
-            return (times[1] - times[0]) / 7
-
-        fwd_total = per_microbatch(True)
-        both_total = per_microbatch(False)
-        # The module's and the loss's own ops, timed outside the schedule.
-        x = torch.randn(1, 8, device=device)
-        y = torch.randn(1, 8, device=device)
-        f_ops, b_ops = _fwd_bwd(lambda: loss_fn(mod(x), y), budget)
-        fwd = max(0.0, fwd_total - f_ops)
-        bwd = max(0.0, both_total - fwd_total - b_ops)
-        return fwd, bwd
+            total = _median_s(step, budget)
+            t = runner.step_times()
+            inside = t.compute_s
+            per_step[m] = (total, inside)
+        (t1, in1), (t8, in8) = per_step[1], per_step[8]
+        outside = max(0.0, ((t8 - in8) - (t1 - in1)) / 7)
+        return outside / 2, outside / 2
     finally:
-        if created:
-            dist.destroy_process_group()
+        dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-# ---------------------------------------------------------------------------------------------- device
 def measure_device(
     *,
     device: str,
@@ -475,6 +483,7 @@ def measure_device(
     source: str = "",
     barrier: Callable[[], None] | None = None,
     sharing: int = 1,
+    runtime: bool = True,
 ) -> DeviceCalibration:
     """Measure this machine's ``device`` (``cpu``, ``cuda`` or ``cuda:N``) for the cost model.
 
@@ -491,6 +500,8 @@ def measure_device(
             together, so every measurement runs beside the others, as the ranks of a plan do).
         sharing: ranks sharing this device's last-level cache while measuring (the CPU cores of a host);
             the calibration records the cache per rank.
+        runtime: also measure the pipeline runtime's per-microbatch cost (:func:`runtime_overhead`; only
+            outside a process group — ranks measuring together leave it to the launching process).
 
     Returns:
         The :class:`DeviceCalibration`.
@@ -557,9 +568,10 @@ def measure_device(
             for name in optimizers:
                 sync()
                 opt[name] = _optimizer(dev, name, budget, ticker(f"optimizer {name}"))
-            ticker("pipeline overhead")()
-            sync()
-            mb_f, mb_b = _microbatch_overhead(dev, budget)
+            mb_f = mb_b = 0.0
+            if runtime:
+                ticker("runtime overhead")()
+                mb_f, mb_b = runtime_overhead(str(dev), budget)
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
         kernel = attention_kernel(dev, precs[0])
         if progress is not None:

@@ -192,6 +192,7 @@ def _rank_main(config_path: str) -> int:
             source=cfg["source"],
             barrier=dist.barrier,
             sharing=world if device == "cpu" else 1,
+            runtime=False,  # measured by the launching process, outside this group
         )
     dist.barrier()
     link = link_part(dev, cfg["backend"], budget, cfg["source"], progress)
