@@ -66,7 +66,7 @@ def worker(config_path: str) -> int:
         # The overhead run: the same layers and graph at a tiny width (a CPU build of a few MB).
         from distplan.tracer import resolve_model
 
-        full = resolve_model(model, batch=plan.microbatch_size, seq=cfg["seq"], device="meta")
+        full = resolve_model(model, batch=plan.replica_microbatch(0), seq=cfg["seq"], device="meta")
         model = full.width_reduced(max_hidden=cfg["reduced"])
     t0 = time.perf_counter()
     runner = distplan.lower(

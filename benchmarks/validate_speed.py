@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from distplan.lowering import validate
-from distplan.plan import Plan, PlanRequest, Stage, build_rank_map
+from distplan.plan import GraphRef, Plan, PlanRequest, Stage, build_rank_map
 from distplan.planner import plan as make_plan
 from distplan.profiles import load_cluster
 from distplan.tracer import trace
@@ -38,8 +38,8 @@ def pipeline_plan(spec: str, stages: int, dp: int, *, microbatches: int | None =
         )
         for i in range(stages)
     )
-    req = PlanRequest(g.name, g.content_hash, g.structure_hash, c, global_batch=microbatches * dp)
-    return Plan(req, st, microbatches, 1, "1f1b", build_rank_map(c, [s.devices for s in st]))
+    req = PlanRequest(c, global_batch=microbatches * dp)
+    return Plan(req, GraphRef.of(g), st, microbatches, dp, "1f1b", build_rank_map(c, [s.devices for s in st]))
 
 
 def row(name: str, report, extra: dict | None = None) -> dict:  # type: ignore[no-untyped-def]

@@ -20,7 +20,7 @@ import typer
 
 from distplan.errors import DistplanError
 
-__all__ = ["app", "fail", "main", "write_output"]
+__all__ = ["app", "fail", "main", "option_of", "write_output"]
 
 app = typer.Typer(
     name="distplan",
@@ -146,6 +146,19 @@ def write_output(path: Path, text: str) -> None:
         raise DistplanError(f"cannot write {str(path)!r}: {e.strerror}") from e
 
 
+# Request fields whose command-line option is not ``--`` + the field with dashes.
+_OPTIONS = {"time_limit_s": "--time-limit", "baselines": "--no-baselines", "model": "MODEL"}
+
+
+def option_of(field: str | None) -> str:
+    """The command-line spelling of a request field (``global_batch`` -> ``--global-batch``), for error
+    messages that name a field (``DistplanError.field``; see [Note: the request spine] in
+    ``distplan.request``)."""
+    if not field:
+        return ""
+    return _OPTIONS.get(field, "--" + field.replace("_", "-"))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("DISTPLAN_DEBUG") == "1"
@@ -159,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     except DistplanError as e:
         if debug:
             raise
-        typer.echo(f"error: {e}", err=True)
+        flag = option_of(e.field) if getattr(e, "field", None) else ""
+        typer.echo(f"error: {flag + ': ' if flag else ''}{e}", err=True)
         if e.__cause__ is not None and not isinstance(e.__cause__, DistplanError):
             cause = str(e.__cause__).strip().splitlines()
             typer.echo(

@@ -22,7 +22,16 @@ __all__ = [
 
 
 class DistplanError(Exception):
-    """Base class of every error distplan raises on purpose."""
+    """Base class of every error distplan raises on purpose.
+
+    ``field``: the request field the error is about, by its canonical name (``global_batch``,
+    ``time_limit_s``; see ``distplan.limits``), or None. Each door says it in its own syntax: the CLI as
+    its option (``--global-batch``), the REST service as the body field (``global_batch``).
+    """
+
+    def __init__(self, *args: object, field: str | None = None) -> None:
+        super().__init__(*args)
+        self.field = field
 
 
 class ProfileError(DistplanError, ValueError):

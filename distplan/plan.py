@@ -1,21 +1,33 @@
 """A plan: how a traced model is split into pipeline stages and placed on a cluster's devices.
 
 The planner (``distplan.planner``) decides it; the lowering (``distplan.lowering``) applies it. Both sides
-and the service exchange it as JSON (``to_dict``/``from_dict``, with ``schema_version``).
+and the service exchange it as JSON (``to_dict``/``from_dict``, with ``schema_version``). A plan records the
+request it answers (:class:`~distplan.request.PlanRequest`) and the graph it was made for
+(:class:`~distplan.request.GraphRef`).
+
+[Note: stages and replicas]
+Each stage has its own device kind, data-parallel degree ``dp`` and tensor-parallel degree ``tp``; its
+``devices`` are ``dp * tp`` devices of that kind, replica-major: ``devices[r * tp + t]`` runs tensor-parallel
+rank ``t`` of replica ``r``. The plan's ``microbatch_size`` is the number of samples in one microbatch
+over all replicas of a stage; replica ``r`` of stage ``s`` takes rows ``[r * b_s, (r + 1) * b_s)`` of every
+microbatch, ``b_s = microbatch_size / dp_s`` (:meth:`Plan.replica_microbatch`). Between two stages of
+different ``dp`` the microbatch is re-partitioned. ``global_batch = num_microbatches * microbatch_size``.
+A stage also says whether it recomputes activations (:data:`RECOMPUTE`) and how it shards state over its
+replicas (:data:`SHARD`).
 
 [Note: rank order]
 Ranks are numbered host-major: the used devices sorted by (host index, local index) get ranks 0..W-1. This
 is the order ``torchrun --nnodes H --node-rank h --nproc-per-node n`` gives, so one launcher line per host
-works. A rank's stage and replica come from the rank map; the lowering builds its (pipeline x data)
-``DeviceMesh`` from it, ``mesh[stage][replica] = rank``.
+works. A rank's stage, replica and tensor-parallel rank come from the rank map (:meth:`Plan.ranks`).
 
 [Note: compact layout]
 ``Plan.layout`` is a short text form that parses back with :func:`parse_layout`::
 
-    1f1b m8x2 | 0:812@0,1 | 812:1603@8,9
+    1f1b m8x4 | 0:812@0,1 | 812:1603@8,9,10,11 tp2 rc=full sh=optimizer
 
-schedule, ``m<microbatches>x<microbatch size per replica>``, then each stage as
-``start:end@device,device,...`` (global device indices; one device per data-parallel replica).
+schedule, ``m<microbatches>x<microbatch size>`` (over all replicas of a stage), then each stage as ``start:end@device,device,...``
+(global device indices, replica-major) followed by its options where they are not the default: ``tp<n>``
+(``dp`` is the device count over ``tp``), ``rc=<recompute>``, ``sh=<shard>``.
 """
 
 from __future__ import annotations
@@ -28,7 +40,6 @@ from typing import Any, Literal
 
 from distplan._serde import (
     canonical_hash,
-    get_bool,
     get_float,
     get_int,
     get_list,
@@ -39,12 +50,20 @@ from distplan._serde import (
 )
 from distplan.cluster import Cluster
 from distplan.errors import PlanError
+from distplan.request import DTYPES, MATMUL_PRECISIONS, OPTIMIZERS, GraphRef, PlanRequest, check_precision
 from distplan.units import format_bytes
 
 __all__ = [
+    "DTYPES",
     "MATMUL_PRECISIONS",
+    "OPTIMIZERS",
     "PLAN_SCHEMA_VERSION",
+    "RECOMPUTE",
     "SCHEDULES",
+    "SHARD",
+    "GraphRef",
+    "Layout",
+    "LayoutStage",
     "Plan",
     "PlanRequest",
     "Predictions",
@@ -56,136 +75,25 @@ __all__ = [
     "parse_layout",
 ]
 
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2
 Schedule = Literal["gpipe", "1f1b", "interleaved-1f1b"]
 SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved-1f1b")
-DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
-OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
+#: Activation recomputation of a stage: keep every activation; recompute the attention scores/softmax path
+#: (Korthikanti et al. 2022, "selective"); keep only the stage's inputs and recompute its forward ("full").
+RECOMPUTE: tuple[str, ...] = ("none", "selective", "full")
+#: Sharding over a stage's data-parallel replicas: ZeRO stages 1/2/3 (Rajbhandari et al. 2020) ``optimizer``,
+#: ``optimizer+gradients``, ``full`` (parameters too, FSDP).
+SHARD: tuple[str, ...] = ("none", "optimizer", "optimizer+gradients", "full")
 _E = PlanError
 
 
-@dataclass(frozen=True, slots=True)
-class PlanRequest:
-    """What was asked for.
-
-    Attributes:
-        graph_name / graph_hash / structure_hash: the traced graph the plan is for (see ``OpGraph``).
-        trace_batch: the batch size the graph was traced at (costs scale per sample from it).
-        cluster: the cluster, in full (a plan is self-contained).
-        global_batch: samples per training iteration, over all replicas and microbatches.
-        dtype: compute dtype; ``bf16``/``fp16`` mean mixed precision with fp32 master weights.
-        matmul_precision: how matrix multiplies run (``fp32`` strict, ``tf32`` on fp32 tensors, ``bf16`` /
-            ``fp16`` under autocast); None for the dtype's own (fp32 -> ``fp32``, bf16 -> ``bf16``, ...).
-            The cost model prices it and the lowering sets it (:attr:`precision`).
-        optimizer: optimizer whose state is counted in memory.
-        microbatches / schedule: fixed by the user, or ``None`` for the planner to choose.
-        time_limit_s: wall-clock limit of the whole planning call, in seconds (the planner sizes its
-            deterministic work well inside it; see [Note: determinism] in ``distplan.planner.search``).
-    """
-
-    graph_name: str
-    graph_hash: str
-    structure_hash: str
-    cluster: Cluster
-    global_batch: int
-    trace_batch: int = 1
-    dtype: str = "fp32"
-    optimizer: str = "adam"
-    microbatches: int | None = None
-    schedule: str | None = None
-    time_limit_s: float = 10.0
-    matmul_precision: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.global_batch < 1:
-            raise _E(f"global_batch must be >= 1, got {self.global_batch}")
-        if self.trace_batch < 1:
-            raise _E(f"trace_batch must be >= 1, got {self.trace_batch}")
-        if self.dtype not in DTYPES:
-            raise _E(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise _E(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.microbatches is not None and not 1 <= self.microbatches <= self.global_batch:
-            raise _E(
-                f"microbatches must be between 1 and global_batch={self.global_batch}, got {self.microbatches}"
-            )
-        if self.microbatches is not None and self.global_batch % self.microbatches:
-            raise _E(
-                f"global_batch {self.global_batch} is not divisible into {self.microbatches} microbatches "
-                f"(remainder {self.global_batch % self.microbatches})"
-            )
-        if self.schedule is not None and self.schedule not in SCHEDULES:
-            raise _E(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if not self.time_limit_s > 0:
-            raise _E(f"time_limit_s must be > 0, got {self.time_limit_s}")
-        check_precision(self.dtype, self.matmul_precision)
-
-    @property
-    def precision(self) -> str:
-        """The matmul precision the plan runs at (``matmul_precision`` or the dtype's own)."""
-        return self.matmul_precision or self.dtype
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "graph_name": self.graph_name,
-            "graph_hash": self.graph_hash,
-            "structure_hash": self.structure_hash,
-            "trace_batch": self.trace_batch,
-            "cluster": self.cluster.to_dict(),
-            "global_batch": self.global_batch,
-            "dtype": self.dtype,
-            "optimizer": self.optimizer,
-            "microbatches": self.microbatches,
-            "schedule": self.schedule,
-            "time_limit_s": self.time_limit_s,
-            # Written only when asked for, so plans of the dtype's own precision keep their ids.
-            **({} if self.matmul_precision is None else {"matmul_precision": self.matmul_precision}),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Any, path: str = "plan.request") -> PlanRequest:
-        m = get_map(d, path, _E)
-        mb = m.get("microbatches")
-        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int)):
-            raise _E(f"{path}.microbatches: expected an integer or null, got {mb!r}")
-        sched = m.get("schedule")
-        if sched is not None and not isinstance(sched, str):
-            raise _E(f"{path}.schedule: expected a string or null, got {sched!r}")
-        return cls(
-            graph_name=get_str(m, "graph_name", path, _E),
-            graph_hash=get_str(m, "graph_hash", path, _E),
-            structure_hash=get_str(m, "structure_hash", path, _E),
-            trace_batch=get_int(m, "trace_batch", path, _E, 1, minimum=1),
-            cluster=Cluster.from_dict(m.get("cluster"), path=f"{path}.cluster"),
-            global_batch=get_int(m, "global_batch", path, _E, minimum=1),
-            dtype=get_str(m, "dtype", path, _E, "fp32"),
-            optimizer=get_str(m, "optimizer", path, _E, "adam"),
-            microbatches=mb,
-            schedule=sched,
-            time_limit_s=get_float(m, "time_limit_s", path, _E, 10.0, positive=True),
-            matmul_precision=None
-            if m.get("matmul_precision") is None
-            else get_str(m, "matmul_precision", path, _E),
-        )
-
-
-#: Matrix-multiply precisions a plan may name (see ``PlanRequest.matmul_precision``).
-MATMUL_PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16", "fp16")
-
-
-def check_precision(dtype: str, matmul_precision: str | None) -> None:
-    """Raise :class:`PlanError` unless ``matmul_precision`` can run with ``dtype``: fp32 tensors multiply in
-    fp32 or TF32; bf16/fp16 mixed precision multiplies in that dtype (autocast)."""
-    if matmul_precision is None:
-        return
-    if matmul_precision not in MATMUL_PRECISIONS:
-        raise _E(f"matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {matmul_precision!r}")
-    allowed = ("fp32", "tf32") if dtype == "fp32" else (dtype,)
-    if matmul_precision not in allowed:
-        raise _E(
-            f"matmul_precision {matmul_precision!r} does not go with dtype {dtype!r} (it allows "
-            f"{' or '.join(allowed)})"
-        )
+def _recompute(v: Any, path: str) -> str:
+    # Schema 1 stored a flag: on meant the whole stage's forward was recomputed.
+    if isinstance(v, bool):
+        return "full" if v else "none"
+    if not isinstance(v, str):
+        raise _E(f"{path}.recompute: expected one of {', '.join(RECOMPUTE)}, got {v!r}")
+    return v
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,12 +103,15 @@ class Stage:
     Attributes:
         index: stage number, 0-based, in pipeline order.
         start / end: the half-open range of graph node positions it covers (see ``OpGraph``).
-        devices: global device indices running it, one per data-parallel replica (``len == dp * tp``).
+        devices: global device indices running it, ``dp * tp`` of them, replica-major (see [Note: stages and
+            replicas]).
         kind: the device kind of those devices (a stage's devices are all one kind).
-        dp / tp: data- and tensor-parallel degree.
-        recompute: activation recomputation on.
+        dp / tp: the stage's own data- and tensor-parallel degree.
+        recompute: activation recomputation (:data:`RECOMPUTE`).
+        shard: what is sharded over the stage's ``dp`` replicas (:data:`SHARD`).
         start_node / modules: the first node's name, and the module FQNs the stage covers (for humans).
-        fwd_time_s / bwd_time_s: predicted time of one microbatch's forward / backward on one replica.
+        fwd_time_s / bwd_time_s: predicted time of one microbatch's forward / backward on one replica
+            (recomputation included in the backward).
         send_time_s: predicted time to send one microbatch's activations to the next stage (0 for the last).
         allreduce_time_s: predicted gradient all-reduce time among the replicas once per iteration.
         memory_bytes: predicted peak memory per device.
@@ -218,7 +129,8 @@ class Stage:
     kind: str
     dp: int = 1
     tp: int = 1
-    recompute: bool = False
+    recompute: str = "none"
+    shard: str = "none"
     start_node: str = ""
     modules: tuple[str, ...] = ()
     fwd_time_s: float = 0.0
@@ -242,6 +154,10 @@ class Stage:
             raise _E(f"{p}: has {len(self.devices)} devices but dp*tp = {self.dp * self.tp}")
         if len(set(self.devices)) != len(self.devices):
             raise _E(f"{p}: lists a device twice: {list(self.devices)}")
+        if self.recompute not in RECOMPUTE:
+            raise _E(f"{p}: recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
+        if self.shard not in SHARD:
+            raise _E(f"{p}: shard must be one of {', '.join(SHARD)}, got {self.shard!r}")
         for f in ("fwd_time_s", "bwd_time_s", "send_time_s", "allreduce_time_s", "tied_allreduce_time_s"):
             if getattr(self, f) < 0:
                 raise _E(f"{p}: {f} must be >= 0, got {getattr(self, f)}")
@@ -261,6 +177,7 @@ class Stage:
             "dp": self.dp,
             "tp": self.tp,
             "recompute": self.recompute,
+            "shard": self.shard,
             "start_node": self.start_node,
             "modules": list(self.modules),
             "fwd_time_s": self.fwd_time_s,
@@ -289,7 +206,8 @@ class Stage:
             kind=get_str(m, "kind", path, _E),
             dp=get_int(m, "dp", path, _E, 1, minimum=1),
             tp=get_int(m, "tp", path, _E, 1, minimum=1),
-            recompute=get_bool(m, "recompute", path, _E, False),
+            recompute=_recompute(m.get("recompute", "none"), path),
+            shard=get_str(m, "shard", path, _E, "none"),
             start_node=get_str(m, "start_node", path, _E, ""),
             modules=tuple(str(x) for x in modules),
             fwd_time_s=get_float(m, "fwd_time_s", path, _E, 0.0),
@@ -305,7 +223,14 @@ class Stage:
 
 @dataclass(frozen=True, slots=True)
 class RankAssignment:
-    """Where one rank runs and what it does (see [Note: rank order])."""
+    """Where one rank runs and what it does (see [Note: rank order]).
+
+    Attributes:
+        rank: the global rank (host-major).
+        device / host_index / host / local_rank: the device it drives, its host and its index there.
+        stage / replica / tp_rank: the stage it runs, which data-parallel replica of it, and its rank in that
+            replica's tensor-parallel group (0 when ``tp == 1``).
+    """
 
     rank: int
     device: int
@@ -314,6 +239,7 @@ class RankAssignment:
     local_rank: int
     stage: int
     replica: int
+    tp_rank: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -324,6 +250,7 @@ class RankAssignment:
             "local_rank": self.local_rank,
             "stage": self.stage,
             "replica": self.replica,
+            "tp_rank": self.tp_rank,
         }
 
     @classmethod
@@ -337,6 +264,7 @@ class RankAssignment:
             local_rank=get_int(m, "local_rank", path, _E),
             stage=get_int(m, "stage", path, _E),
             replica=get_int(m, "replica", path, _E),
+            tp_rank=get_int(m, "tp_rank", path, _E, 0, minimum=0),
         )
 
 
@@ -433,9 +361,24 @@ class SolverReport:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """A complete, self-contained plan (see module docstring)."""
+    """A complete, self-contained plan (see the module docstring and its notes).
+
+    Attributes:
+        request: what was asked for.
+        graph: the traced graph the plan was made for.
+        stages: the pipeline stages, in order.
+        num_microbatches: microbatches per iteration (``M``).
+        microbatch_size: samples in one microbatch over all replicas of a stage (``b``, the "global
+            microbatch"); ``M * b`` is the global batch; one replica of stage ``s`` processes
+            :meth:`replica_microbatch` of them (see [Note: stages and replicas]).
+        schedule: the pipeline schedule (:data:`SCHEDULES`).
+        rank_map: one entry per rank (see [Note: rank order]).
+        predictions / solver / baselines: what the cost model predicts, how the plan was found, and the
+            baselines' predicted iteration times in seconds (None where one does not fit).
+    """
 
     request: PlanRequest
+    graph: GraphRef
     stages: tuple[Stage, ...]
     num_microbatches: int
     microbatch_size: int
@@ -457,7 +400,8 @@ class Plan:
             raise _E("a plan needs at least one stage")
         if self.num_microbatches < 1 or self.microbatch_size < 1:
             raise _E(
-                f"num_microbatches and microbatch_size must be >= 1, got {self.num_microbatches}, {self.microbatch_size}"
+                f"num_microbatches and microbatch_size must be >= 1, got {self.num_microbatches}, "
+                f"{self.microbatch_size}"
             )
 
     # ------------------------------------------------------------------ derived
@@ -470,9 +414,27 @@ class Plan:
         return len(self.rank_map)
 
     @property
+    def uniform_dp(self) -> bool:
+        """Whether every stage has the same data-parallel degree and no tensor parallelism."""
+        return all(s.dp == self.stages[0].dp and s.tp == 1 for s in self.stages)
+
+    @property
     def dp(self) -> int:
-        """The data-parallel degree shared by all stages (see ``check``)."""
+        """The data-parallel degree of a plan whose stages share one (and have ``tp == 1``).
+
+        Raises:
+            PlanError: the stages have different degrees (use each stage's ``dp``).
+        """
+        if not self.uniform_dp:
+            raise _E(
+                "this plan's stages have their own degrees "
+                f"({', '.join(f'dp{s.dp}tp{s.tp}' for s in self.stages)}); use each stage's dp and tp"
+            )
         return self.stages[0].dp
+
+    def replica_microbatch(self, stage: int) -> int:
+        """Samples of each microbatch that one replica of stage ``stage`` processes (``b / dp_s``)."""
+        return self.microbatch_size // self.stages[stage].dp
 
     @property
     def devices_used(self) -> tuple[int, ...]:
@@ -480,15 +442,22 @@ class Plan:
 
     @property
     def id(self) -> str:
-        """Content address of the plan's request: equal requests give equal ids."""
-        return canonical_hash(self.request.to_dict())
+        """Content address of the plan's request and graph: equal requests for one graph give equal ids."""
+        return canonical_hash({"graph": self.graph.to_dict(), "request": self.request.to_dict()})
 
     @property
     def layout(self) -> str:
         """The compact text form (see [Note: compact layout])."""
         parts = [f"{self.schedule} m{self.num_microbatches}x{self.microbatch_size}"]
         for s in self.stages:
-            parts.append(f"{s.start}:{s.end}@{','.join(str(d) for d in s.devices)}")
+            text = f"{s.start}:{s.end}@{','.join(str(d) for d in s.devices)}"
+            if s.tp != 1:
+                text += f" tp{s.tp}"
+            if s.recompute != "none":
+                text += f" rc={s.recompute}"
+            if s.shard != "none":
+                text += f" sh={s.shard}"
+            parts.append(text)
         return " | ".join(parts)
 
     def stage_of_rank(self, rank: int) -> RankAssignment:
@@ -497,24 +466,35 @@ class Plan:
                 return r
         raise _E(f"rank {rank} is out of range of the plan's world size {self.world_size}")
 
-    def mesh(self) -> list[list[int]]:
-        """``mesh[stage][replica] = rank`` for the stages' pipeline x data DeviceMesh."""
-        out = [[-1] * s.dp for s in self.stages]
+    def ranks(self, stage: int) -> tuple[tuple[int, ...], ...]:
+        """``ranks(s)[replica][tp_rank]`` = the rank running that part of stage ``s``."""
+        s = self.stages[stage]
+        out = [[-1] * s.tp for _ in range(s.dp)]
         for r in self.rank_map:
-            out[r.stage][r.replica] = r.rank
-        return out
+            if r.stage == stage:
+                out[r.replica][r.tp_rank] = r.rank
+        return tuple(tuple(row) for row in out)
+
+    def mesh(self) -> list[list[int]]:
+        """``mesh[stage][replica] = rank`` for plans without tensor parallelism (the stages' pipeline x
+        data ranks; stages may have different ``dp``). Raises :class:`PlanError` when a stage has ``tp > 1``
+        (use :meth:`ranks`)."""
+        if any(s.tp != 1 for s in self.stages):
+            raise _E("mesh() is for plans without tensor parallelism; use ranks(stage)")
+        return [[row[0] for row in self.ranks(i)] for i in range(len(self.stages))]
 
     # ------------------------------------------------------------------ checks
     def check(self, graph: Any | None = None, cluster: Cluster | None = None) -> None:
-        """Verify the plan: stages contiguous and ordered over the whole graph, every device used once,
-        one data-parallel degree, batch arithmetic, rank map consistent, memory within capacity; when
-        ``graph`` (an ``OpGraph``) is given, that the plan belongs to it. Raises :class:`PlanError`."""
+        """Verify the plan: stages contiguous and ordered over the whole graph, devices of the stage's kind
+        and used once, ``dp * tp`` devices per stage, each ``dp`` dividing the global microbatch, batch
+        arithmetic, rank map consistent, memory within capacity; when ``graph`` (an ``OpGraph``) is given,
+        that the plan belongs to it and counts every copy of a shared parameter. Raises :class:`PlanError`."""
         cluster = cluster or self.request.cluster
         devices = cluster.devices()
         if graph is not None:
-            if graph.structure_hash != self.request.structure_hash:
+            if graph.structure_hash != self.graph.structure_hash:
                 raise _E(
-                    f"plan is for graph {self.request.graph_name!r} (structure {self.request.structure_hash[:12]}) "
+                    f"plan is for graph {self.graph.name!r} (structure {self.graph.structure_hash[:12]}) "
                     f"but was given graph {graph.name!r} (structure {graph.structure_hash[:12]})"
                 )
             n = len(graph.nodes)
@@ -528,9 +508,10 @@ class Plan:
             if s.start != pos:
                 raise _E(f"stage {i} starts at node {s.start}, expected {pos} (stages must be contiguous)")
             pos = s.end
-            if s.dp != self.dp:
+            if self.microbatch_size % s.dp:
                 raise _E(
-                    f"stage {i} has dp={s.dp} but stage 0 has dp={self.dp}; all stages share one dp degree"
+                    f"stage {i} has dp {s.dp}, which does not divide the global microbatch of "
+                    f"{self.microbatch_size} samples (remainder {self.microbatch_size % s.dp})"
                 )
             for d in s.devices:
                 if not 0 <= d < len(devices):
@@ -540,6 +521,8 @@ class Plan:
                 if d in seen and self.schedule != "interleaved-1f1b":
                     raise _E(f"device {d} is used by stages {seen[d]} and {i}")
                 seen[d] = i
+            if s.kind not in cluster.kinds:
+                raise _E(f"stage {i} is of kind {s.kind!r}, which the cluster does not have")
             cap = cluster.kinds[s.kind].usable_memory_bytes
             if s.memory_bytes > cap:
                 raise _E(
@@ -553,13 +536,13 @@ class Plan:
                 f"1f1b needs at least as many microbatches as stages: {self.num_microbatches} microbatches, "
                 f"{len(self.stages)} stages (use more microbatches, fewer stages, or gpipe)"
             )
-        want = self.num_microbatches * self.microbatch_size * self.dp
+        want = self.num_microbatches * self.microbatch_size
         if want != self.request.global_batch:
             raise _E(
-                f"{self.num_microbatches} microbatches x {self.microbatch_size} samples x dp {self.dp} = {want}, "
+                f"{self.num_microbatches} microbatches x {self.microbatch_size} samples = {want}, "
                 f"but global_batch is {self.request.global_batch}"
             )
-        expected = build_rank_map(cluster, [s.devices for s in self.stages])
+        expected = build_rank_map(cluster, [s.devices for s in self.stages], tp=[s.tp for s in self.stages])
         if tuple(self.rank_map) != expected:
             raise _E(
                 "rank map does not match the stages' devices in host-major order (see [Note: rank order])"
@@ -588,6 +571,7 @@ class Plan:
             "schema_version": self.schema_version,
             "id": self.id,
             "layout": self.layout,
+            "graph": self.graph.to_dict(),
             "request": self.request.to_dict(),
             "schedule": self.schedule,
             "num_microbatches": self.num_microbatches,
@@ -601,25 +585,50 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: Any) -> Plan:
+        """Read :meth:`to_dict`'s JSON; schema 1 files (one ``dp`` for all stages, the graph inside the
+        request, the microbatch per replica) are read too. Raises :class:`PlanError` naming the field."""
         m = get_map(d, "plan", _E)
         version = get_int(m, "schema_version", "plan", _E)
-        if version != PLAN_SCHEMA_VERSION:
+        if version not in (1, PLAN_SCHEMA_VERSION):
             raise _E(
-                f"plan.schema_version: {version} is not supported (this distplan reads {PLAN_SCHEMA_VERSION}); "
-                "re-plan with this version"
+                f"plan.schema_version: {version} is not supported (this distplan reads 1 and "
+                f"{PLAN_SCHEMA_VERSION}); re-plan with this version"
             )
         baselines = get_map(m.get("baselines", {}), "plan.baselines", _E)
         for k, v in baselines.items():
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise _E(f"plan.baselines.{k}: expected a number or null, got {v!r}")
+        stages = tuple(
+            Stage.from_dict(s, f"plan.stages[{i}]") for i, s in enumerate(get_list(m, "stages", "plan", _E))
+        )
+        if version == 1:
+            old = get_map(m.get("request"), "plan.request", _E)
+            graph = GraphRef(
+                name=get_str(old, "graph_name", "plan.request", _E),
+                content_hash=get_str(old, "graph_hash", "plan.request", _E),
+                structure_hash=get_str(old, "structure_hash", "plan.request", _E),
+                trace_batch=get_int(old, "trace_batch", "plan.request", _E, 1, minimum=1),
+            )
+            request = PlanRequest.from_dict(
+                {
+                    k: v
+                    for k, v in old.items()
+                    if k not in ("graph_name", "graph_hash", "structure_hash", "trace_batch")
+                },
+                "plan.request",
+            )
+            dp = stages[0].dp if stages else 1
+            global_microbatch = get_int(m, "microbatch_size", "plan", _E, minimum=1) * dp
+        else:
+            graph = GraphRef.from_dict(m.get("graph"))
+            request = PlanRequest.from_dict(m.get("request"), "plan.request")
+            global_microbatch = get_int(m, "microbatch_size", "plan", _E, minimum=1)
         return cls(
-            request=PlanRequest.from_dict(m.get("request")),
-            stages=tuple(
-                Stage.from_dict(s, f"plan.stages[{i}]")
-                for i, s in enumerate(get_list(m, "stages", "plan", _E))
-            ),
+            request=request,
+            graph=graph,
+            stages=stages,
             num_microbatches=get_int(m, "num_microbatches", "plan", _E, minimum=1),
-            microbatch_size=get_int(m, "microbatch_size", "plan", _E, minimum=1),
+            microbatch_size=global_microbatch,
             schedule=get_str(m, "schedule", "plan", _E),
             rank_map=tuple(
                 RankAssignment.from_dict(r, f"plan.rank_map[{i}]")
@@ -653,19 +662,30 @@ class Plan:
         return replace(self, baselines=dict(baselines))
 
 
-def build_rank_map(cluster: Cluster, stage_devices: Sequence[Sequence[int]]) -> tuple[RankAssignment, ...]:
+def build_rank_map(
+    cluster: Cluster, stage_devices: Sequence[Sequence[int]], *, tp: Sequence[int] | None = None
+) -> tuple[RankAssignment, ...]:
     """Ranks for the given stages' devices, host-major (see [Note: rank order]).
 
-    ``stage_devices[s][r]`` is the device of replica ``r`` of stage ``s``. Under ``interleaved-1f1b`` a
-    device may appear in several stages; it gets one rank, assigned for its first stage.
+    ``stage_devices[s]`` lists stage ``s``'s devices replica-major (see [Note: stages and replicas]) and
+    ``tp[s]`` its tensor-parallel degree (1 for every stage when None): ``stage_devices[s][r * tp + t]`` runs
+    tensor-parallel rank ``t`` of replica ``r``. Under ``interleaved-1f1b`` a device may appear in several
+    stages; it gets one rank, assigned for its first stage. Raises :class:`PlanError` for a device index out
+    of range or a device count that is not a multiple of the stage's ``tp``.
     """
     devices = cluster.devices()
-    owner: dict[int, tuple[int, int]] = {}
+    degrees = list(tp) if tp is not None else [1] * len(stage_devices)
+    if len(degrees) != len(stage_devices):
+        raise _E(f"{len(stage_devices)} stages but {len(degrees)} tensor-parallel degrees")
+    owner: dict[int, tuple[int, int, int]] = {}
     for s, devs in enumerate(stage_devices):
-        for r, d in enumerate(devs):
+        t_deg = degrees[s]
+        if t_deg < 1 or len(devs) % t_deg:
+            raise _E(f"stage {s} has {len(devs)} devices, not a multiple of its tp degree {t_deg}")
+        for i, d in enumerate(devs):
             if not 0 <= d < len(devices):
                 raise _E(f"stage {s} uses device {d}, but the cluster has {len(devices)} devices")
-            owner.setdefault(d, (s, r))
+            owner.setdefault(d, (s, i // t_deg, i % t_deg))
     used = sorted(owner, key=lambda d: (devices[d].host_index, devices[d].local_index))
     local_counts: dict[int, int] = {}
     out = []
@@ -673,14 +693,40 @@ def build_rank_map(cluster: Cluster, stage_devices: Sequence[Sequence[int]]) -> 
         dev = devices[d]
         local = local_counts.get(dev.host_index, 0)
         local_counts[dev.host_index] = local + 1
-        s, r = owner[d]
-        out.append(RankAssignment(rank, d, dev.host_index, dev.host, local, s, r))
+        s, r, t = owner[d]
+        out.append(RankAssignment(rank, d, dev.host_index, dev.host, local, s, r, t))
     return tuple(out)
 
 
-def parse_layout(text: str) -> tuple[str, int, int, list[tuple[int, int, tuple[int, ...]]]]:
-    """Parse a compact layout (see [Note: compact layout]) into
-    ``(schedule, num_microbatches, microbatch_size, [(start, end, devices), ...])``."""
+@dataclass(frozen=True, slots=True)
+class LayoutStage:
+    """One stage of a parsed layout: node positions ``[start, end)``, its devices (replica-major), its
+    tensor-parallel degree, recomputation and sharding."""
+
+    start: int
+    end: int
+    devices: tuple[int, ...]
+    tp: int = 1
+    recompute: str = "none"
+    shard: str = "none"
+
+    @property
+    def dp(self) -> int:
+        return len(self.devices) // self.tp
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """A parsed compact layout (see [Note: compact layout])."""
+
+    schedule: str
+    num_microbatches: int
+    microbatch_size: int
+    stages: tuple[LayoutStage, ...]
+
+
+def parse_layout(text: str) -> Layout:
+    """Parse a compact layout (see [Note: compact layout]). Raises :class:`PlanError` naming what is wrong."""
     parts = [p.strip() for p in text.split("|")]
     head = parts[0].split()
     if len(head) != 2 or not head[1].startswith("m") or "x" not in head[1]:
@@ -693,11 +739,26 @@ def parse_layout(text: str) -> tuple[str, int, int, list[tuple[int, int, tuple[i
         m, b = int(m_str), int(b_str)
         stages = []
         for p in parts[1:]:
-            rng, devs = p.split("@", 1)
+            words = p.split()
+            if not words:
+                raise ValueError("an empty stage")
+            rng, devs = words[0].split("@", 1)
             a, z = rng.split(":", 1)
-            stages.append((int(a), int(z), tuple(int(x) for x in devs.split(","))))
+            opts: dict[str, Any] = {}
+            for w in words[1:]:
+                if w.startswith("tp") and w[2:].isdigit():
+                    opts["tp"] = int(w[2:])
+                elif w.startswith("rc=") and w[3:] in RECOMPUTE:
+                    opts["recompute"] = w[3:]
+                elif w.startswith("sh=") and w[3:] in SHARD:
+                    opts["shard"] = w[3:]
+                else:
+                    raise ValueError(
+                        f"unknown stage option {w!r} (tp<n>, rc=<{'|'.join(RECOMPUTE)}>, sh=<...>)"
+                    )
+            stages.append(LayoutStage(int(a), int(z), tuple(int(x) for x in devs.split(",")), **opts))
     except ValueError as e:
         raise _E(f"layout {text!r}: cannot parse ({e})") from None
     if not stages:
         raise _E(f"layout {text!r}: lists no stages")
-    return schedule, m, b, stages
+    return Layout(schedule, m, b, tuple(stages))

@@ -350,10 +350,10 @@ def capture_model(source: ModelSource, args: tuple[Any, ...], kwargs: dict[str, 
 
 def check_plan_graph(plan: Plan, graph: OpGraph) -> None:
     """Raise :class:`PlanError` unless ``plan`` was made for a graph of the same structure as ``graph``."""
-    if graph.structure_hash != plan.request.structure_hash:
+    if graph.structure_hash != plan.graph.structure_hash:
         raise PlanError(
-            f"the plan does not belong to this model: it was made for graph {plan.request.graph_name!r} "
-            f"(structure hash {plan.request.structure_hash[:12]}), but the model traces to graph "
+            f"the plan does not belong to this model: it was made for graph {plan.graph.name!r} "
+            f"(structure hash {plan.graph.structure_hash[:12]}), but the model traces to graph "
             f"{graph.name!r} (structure hash {graph.structure_hash[:12]}, {len(graph.nodes)} nodes)"
         )
     if plan.stages[-1].end != len(graph.nodes):

@@ -69,7 +69,7 @@ def main(config_path: str) -> int:
             # A width-reduced copy is derived from the meta-built full model (never allocated here).
             full = resolve_model(
                 cfg["model"],
-                batch=plan.microbatch_size,
+                batch=plan.replica_microbatch(0),
                 seq=cfg["seq"],
                 device="meta",
                 seed=cfg["seed"],

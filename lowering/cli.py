@@ -43,7 +43,7 @@ def _check_model(
     from distplan.tracer import capture, resolve_model, trace_bundle
 
     bundle = resolve_model(
-        model, batch=plan.microbatch_size, seq=seq, device="meta", config_overrides=overrides
+        model, batch=plan.replica_microbatch(0), seq=seq, device="meta", config_overrides=overrides
     )
     graph = trace_bundle(bundle)
     check_plan_graph(plan, graph)

@@ -516,7 +516,7 @@ def lower(
         seq: sequence length for spec strings (the tracer's default when ``None``).
         graph: the traced ``OpGraph`` the plan was made from; when ``None`` and ``check_graph``, this rank's
             capture is annotated into one (the tracer's ``graph_from_capture``) to check
-            ``plan.request.structure_hash`` and the node names; ``check_graph=False`` skips that.
+            ``plan.graph.structure_hash`` and the node names; ``check_graph=False`` skips that.
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, a factory ``params -> Optimizer``, or ``None`` for the
             plan's optimizer; ``lr`` its learning rate.
         device: ``"cpu"`` or ``"cuda"``; default CUDA (NCCL) when available, else CPU (gloo).

@@ -20,17 +20,18 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from distplan.cluster import Cluster, Device
+from distplan.cluster import Device
 from distplan.graph import OpGraph
 from distplan.plan import Plan, SolverReport
-from distplan.profiles import load_cluster
+from distplan.request import PlanRequest, as_request
 
 from .coarsen import coarsen, layer_starts
 from .cost import CostModel
-from .evaluate import StageSpec, build_plan, layout_cost, make_request
+from .evaluate import StageSpec, build_plan, layout_cost
 from .search import Candidate, candidate_microbatches
 
 __all__ = ["BASELINES", "BaselineLayout", "baseline_layouts", "baselines"]
@@ -298,23 +299,16 @@ def baseline_layouts(
     return out
 
 
-def baselines(
-    graph: OpGraph,
-    *,
-    cluster: str | Cluster | dict,
-    global_batch: int,
-    microbatches: int | None = None,
-    schedule: str | None = None,
-    dtype: str = "fp32",
-    optimizer: str = "adam",
-) -> dict[str, Plan | None]:
-    """Each baseline as a checked :class:`Plan` (None where it does not fit the cluster's memory)."""
-    c = load_cluster(cluster)
-    cost = CostModel(graph, c, dtype=dtype, optimizer=optimizer)
-    request = make_request(graph, c, global_batch=global_batch, dtype=dtype, optimizer=optimizer)
+def baselines(graph: OpGraph, request: PlanRequest | None = None, /, **fields: Any) -> dict[str, Plan | None]:
+    """Each baseline as a checked :class:`Plan` (None where it does not fit the cluster's memory), for
+    ``request`` (or a :class:`PlanRequest` built from keyword ``fields``, as :func:`distplan.planner.plan`)."""
+    req = as_request(request, **fields)
+    cost = CostModel(
+        graph, req.cluster, dtype=req.dtype, optimizer=req.optimizer, matmul_precision=req.matmul_precision
+    )
     out: dict[str, Plan | None] = {}
     for name, b in baseline_layouts(
-        graph, cost, global_batch=global_batch, microbatches=microbatches, schedule=schedule
+        graph, cost, global_batch=req.global_batch, microbatches=req.microbatches, schedule=req.schedule
     ).items():
         if b is None:
             out[name] = None
@@ -323,7 +317,7 @@ def baselines(
         out[name] = build_plan(
             graph,
             cost,
-            request,
+            req,
             b.stages,
             schedule=cand.schedule,
             microbatches=cand.microbatches,

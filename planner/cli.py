@@ -43,7 +43,7 @@ def load_graph(model: str, *, batch: int = 1, seq: int | None = None) -> Any:
     return trace(model, **kw)
 
 
-def plan_summary(plan: Any, graph: Any | None = None) -> dict[str, Any]:
+def plan_summary(plan: Any) -> dict[str, Any]:
     """The machine-readable summary ``distplan plan --json`` prints (see the issue's contract)."""
     pred = plan.predictions
     stages = []
@@ -59,6 +59,9 @@ def plan_summary(plan: Any, graph: Any | None = None) -> dict[str, Any]:
                 "kind": s.kind,
                 "devices": list(s.devices),
                 "dp": s.dp,
+                "tp": s.tp,
+                "recompute": s.recompute,
+                "shard": s.shard,
                 "fwd_time_s": s.fwd_time_s,
                 "bwd_time_s": s.bwd_time_s,
                 "send_time_s": s.send_time_s,
@@ -75,13 +78,14 @@ def plan_summary(plan: Any, graph: Any | None = None) -> dict[str, Any]:
     it = pred.iteration_time_s
     return {
         "id": plan.id,
-        "graph": plan.request.graph_name,
+        "graph": plan.graph.name,
         "cluster": plan.request.cluster.name,
         "layout": plan.layout,
         "schedule": plan.schedule,
         "num_microbatches": plan.num_microbatches,
+        # Samples per microbatch over all replicas of a stage; each stage's own degrees are in "stages".
         "microbatch_size": plan.microbatch_size,
-        "dp": plan.dp,
+        "dp": plan.stages[0].dp if plan.uniform_dp else None,
         "iteration_time_s": it,
         "throughput_samples_per_s": pred.throughput_samples_s,
         "bubble_fraction": pred.bubble_fraction,
@@ -118,7 +122,16 @@ def _print_table(summary: dict[str, Any]) -> None:
     con = Console()
     t = Table(title=f"{summary['graph']} on {summary['cluster']}: {summary['layout']}")
     shared = any(s["shared_param_bytes"] for s in summary["stages"])
-    cols = ["stage", "modules", "devices", "dp", "fwd+bwd ms", "send ms", "memory / capacity"]
+    tp = any(s["tp"] != 1 for s in summary["stages"])
+    cols = [
+        "stage",
+        "modules",
+        "devices",
+        "dp x tp" if tp else "dp",
+        "fwd+bwd ms",
+        "send ms",
+        "memory / capacity",
+    ]
     if shared:
         cols.append("shared params (all-reduce ms)")
     for col in cols:
@@ -128,7 +141,7 @@ def _print_table(summary: dict[str, Any]) -> None:
             str(s["index"]),
             _span(s["modules"]),
             f"{s['kind']} {','.join(str(d) for d in s['devices'])}",
-            str(s["dp"]),
+            f"{s['dp']} x {s['tp']}" if tp else str(s["dp"]),
             f"{s['time_s'] * 1e3:.2f}",
             f"{s['send_time_s'] * 1e3:.2f}",
             f"{format_bytes(s['memory_bytes'])} / {format_bytes(s['memory_capacity_bytes'])}",
@@ -141,8 +154,8 @@ def _print_table(summary: dict[str, Any]) -> None:
     sv = summary["solver"]
     con.print(
         f"predicted iteration {summary['iteration_time_s']:.4g} s, {summary['throughput_samples_per_s']:.4g} "
-        f"samples/s, bubble {summary['bubble_fraction']:.1%}; {summary['num_microbatches']} microbatches x "
-        f"{summary['microbatch_size']} x dp {summary['dp']}, {summary['devices_used']} devices"
+        f"samples/s, bubble {summary['bubble_fraction']:.1%}; {summary['num_microbatches']} microbatches of "
+        f"{summary['microbatch_size']} samples, {summary['devices_used']} devices"
     )
     con.print(
         f"solver {sv['status']}: objective {sv['objective']:.4g} s, bound {sv['bound']:.4g} s, "
@@ -177,19 +190,27 @@ def register(app: typer.Typer) -> None:
         cluster: str = typer.Option(
             _DEFAULT_CLUSTER, "--cluster", help="Cluster preset name or YAML/JSON file."
         ),
-        global_batch: int = typer.Option(64, "--global-batch", help="Samples per training iteration."),
+        global_batch: int = typer.Option(
+            64, "--global-batch", help="Samples per training iteration. Default: 64."
+        ),
         microbatches: int | None = typer.Option(
             None, "--microbatches", help="Fix the microbatch count (default: the planner chooses)."
         ),
-        schedule: str | None = typer.Option(None, "--schedule", help="1f1b or gpipe (default: 1f1b)."),
-        dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (mixed precision)."),
+        schedule: str | None = typer.Option(
+            None, "--schedule", help="Fix the schedule: 1f1b or gpipe (default: the planner chooses)."
+        ),
+        dtype: str = typer.Option(
+            "fp32", "--dtype", help="fp32, bf16 or fp16 (mixed precision). Default: fp32."
+        ),
         matmul_precision: str | None = typer.Option(
             None,
             "--matmul-precision",
             help="How matmuls run: fp32, tf32 (fp32 tensors on TF32 tensor cores), bf16 or fp16 (autocast). "
             "Default: the dtype's own.",
         ),
-        optimizer: str = typer.Option("adam", "--optimizer", help="adam, adamw or sgd."),
+        optimizer: str = typer.Option(
+            "adam", "--optimizer", help="adam, adamw or sgd (its state is counted). Default: adam."
+        ),
         time_limit: float = typer.Option(
             10.0,
             "--time-limit",
@@ -197,20 +218,38 @@ def register(app: typer.Typer) -> None:
             "sized well inside it, so it does not depend on the machine's load (the report says so if the "
             "limit was reached first). Default: 10.",
         ),
-        workers: int = typer.Option(2, "--workers", help="CP-SAT worker threads."),
+        workers: int = typer.Option(
+            2, "--workers", help="CP-SAT worker threads (the plan does not depend on it). Default: 2."
+        ),
         seq: int | None = typer.Option(
             None, "--seq", help="Sequence length when tracing MODEL (default: 512; ignored for a graph JSON)."
         ),
-        batch: int = typer.Option(1, "--batch", help="Batch size when tracing MODEL."),
+        batch: int = typer.Option(1, "--batch", help="Batch size when tracing MODEL. Default: 1."),
         out: Path | None = typer.Option(
             None, "--out", help="Write the plan JSON here (default: not written)."
         ),
         json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-        no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the baselines."),
+        no_baselines: bool = typer.Option(
+            False, "--no-baselines", help="Skip the baselines (default: price them)."
+        ),
     ) -> None:
         """Plan pipeline stages and device placement for a model on a cluster."""
         from distplan.planner import plan as make_plan
+        from distplan.request import as_request
 
+        # The request is built (and checked) before the model is traced: a bad option fails at once.
+        request = as_request(
+            cluster=cluster,
+            global_batch=global_batch,
+            microbatches=microbatches,
+            schedule=schedule,
+            dtype=dtype,
+            optimizer=optimizer,
+            time_limit_s=time_limit,
+            workers=workers,
+            baselines=not no_baselines,
+            matmul_precision=matmul_precision,
+        )
         graph = load_graph(model, batch=batch, seq=seq)
         progress = None
         live = None
@@ -227,26 +266,13 @@ def register(app: typer.Typer) -> None:
                 )
 
         try:
-            p = make_plan(
-                graph,
-                cluster=cluster,
-                global_batch=global_batch,
-                microbatches=microbatches,
-                schedule=schedule,
-                dtype=dtype,
-                optimizer=optimizer,
-                time_limit_s=time_limit,
-                workers=workers,
-                progress=progress,
-                baselines=not no_baselines,
-                matmul_precision=matmul_precision,
-            )
+            p = make_plan(graph, request, progress=progress)
         finally:
             if live is not None:
                 live.stop()
         if out is not None:
             p.save(out)
-        summary = plan_summary(p, graph)
+        summary = plan_summary(p)
         if json_out:
             typer.echo(json.dumps(summary, indent=1))
             return

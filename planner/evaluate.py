@@ -15,6 +15,7 @@ from distplan.cluster import Cluster, Device, Link
 from distplan.errors import InfeasiblePlanError, PlanError
 from distplan.graph import OpGraph, SharedParam
 from distplan.plan import (
+    GraphRef,
     Plan,
     PlanRequest,
     Predictions,
@@ -33,7 +34,6 @@ __all__ = [
     "build_plan",
     "evaluate",
     "layout_cost",
-    "make_request",
     "shared_costs",
     "stage_modules",
 ]
@@ -46,35 +46,6 @@ class StageSpec:
     start: int
     end: int
     devices: tuple[int, ...]
-
-
-def make_request(
-    graph: OpGraph,
-    cluster: Cluster,
-    *,
-    global_batch: int,
-    dtype: str,
-    optimizer: str,
-    microbatches: int | None = None,
-    schedule: str | None = None,
-    time_limit_s: float = 10.0,
-    matmul_precision: str | None = None,
-) -> PlanRequest:
-    """The :class:`PlanRequest` recorded in a plan for ``graph`` on ``cluster``."""
-    return PlanRequest(
-        graph_name=graph.name,
-        graph_hash=graph.content_hash,
-        structure_hash=graph.structure_hash,
-        cluster=cluster,
-        global_batch=global_batch,
-        trace_batch=int(graph.meta.get("batch", 1)),
-        dtype=dtype,
-        optimizer=optimizer,
-        microbatches=microbatches,
-        schedule=schedule,
-        time_limit_s=time_limit_s,
-        matmul_precision=matmul_precision,
-    )
 
 
 def _send_link(
@@ -320,9 +291,10 @@ def build_plan(
         )
     plan = Plan(
         request=request,
+        graph=GraphRef.of(graph),
         stages=tuple(out),
         num_microbatches=microbatches,
-        microbatch_size=microbatch_size,
+        microbatch_size=microbatch_size * dp,
         schedule=schedule,
         rank_map=build_rank_map(cluster, [s.devices for s in stages]),
         predictions=Predictions(
@@ -367,8 +339,23 @@ def evaluate(
     """
     c = load_cluster(cluster)
     if isinstance(layout, str):
-        schedule, microbatches, mb_size, raw = parse_layout(layout)
-        stages = [StageSpec(a, z, d) for a, z, d in raw]
+        parsed = parse_layout(layout)
+        if (
+            any(st.tp != 1 or st.recompute != "none" or st.shard != "none" for st in parsed.stages)
+            or len({st.dp for st in parsed.stages}) > 1
+        ):
+            raise PlanError(
+                f"layout {layout!r}: the cost model prices stages with one shared dp degree, tp 1, no "
+                "recomputation and no sharding"
+            )
+        schedule, microbatches = parsed.schedule, parsed.num_microbatches
+        dp = parsed.stages[0].dp
+        if parsed.microbatch_size % dp:
+            raise PlanError(
+                f"layout {layout!r}: global microbatch {parsed.microbatch_size} does not divide among dp {dp}"
+            )
+        mb_size = parsed.microbatch_size // dp
+        stages = [StageSpec(st.start, st.end, st.devices) for st in parsed.stages]
     else:
         stages = list(layout)
         if not stages:
@@ -382,9 +369,8 @@ def evaluate(
                 f"(remainder {global_batch % (microbatches * dp)})"
             )
         mb_size = global_batch // (microbatches * dp)
-    request = make_request(
-        graph,
-        c,
+    request = PlanRequest(
+        cluster=c,
         global_batch=global_batch,
         dtype=dtype,
         optimizer=optimizer,

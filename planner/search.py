@@ -59,19 +59,21 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from distplan.cluster import Cluster, Link
 from distplan.errors import InfeasiblePlanError, PlanError
 from distplan.graph import OpGraph, SharedParam
+from distplan.limits import check_cluster_figures
 from distplan.plan import Plan, SolverReport
-from distplan.profiles import load_cluster
+from distplan.request import PlanRequest, as_request
 from distplan.units import format_bytes
 
 from .coarsen import Blocks, coarsen
 from .cost import CostModel, IterationCost
-from .evaluate import StageSpec, build_plan, layout_cost, make_request
+from .evaluate import StageSpec, build_plan, layout_cost
 from .ilp import GroupType, SharedGroup, SolverProgress, StageProblem, StageSolution, solve_stage_problem
 
 __all__ = [
@@ -80,7 +82,6 @@ __all__ = [
     "build_problem",
     "candidate_dp",
     "candidate_microbatches",
-    "check_cluster_figures",
     "int_objective",
     "plan",
     "search",
@@ -1543,80 +1544,20 @@ def _why_infeasible(cost: CostModel, cluster: Cluster, blocks: Blocks, global_ba
     return msg
 
 
-#: Figures the planner accepts (per device / link); outside them the integer program's units degenerate.
-#: Generous: about 1000x beyond any accelerator or interconnect made so far, either way.
-FIGURE_RANGES = {
-    "peak FLOP/s": (1e6, 1e19),
-    "memory bandwidth (B/s)": (1e6, 1e16),
-    "memory (bytes)": (1, 2**50),
-    "link bandwidth (B/s)": (1e3, 1e15),
-    "link latency (s)": (0.0, 60.0),
-}
-
-
-def check_cluster_figures(cluster: Cluster, *, dtype: str = "fp32") -> None:
-    """Raise :class:`PlanError` naming the first figure of ``cluster`` outside :data:`FIGURE_RANGES` (the
-    cost model would give infinite or degenerate times, and the integer program unbounded coefficients)."""
-
-    def check(what: str, where: str, value: float) -> None:
-        lo, hi = FIGURE_RANGES[what]
-        if not (math.isfinite(value) and lo <= value <= hi):
-            raise PlanError(
-                f"{where}: {what} {value:g} is outside the range the planner supports ({lo:g} .. {hi:g})"
-            )
-
-    for name, k in sorted(cluster.kinds.items()):
-        where = f"cluster {cluster.name!r}, device kind {name!r}"
-        check("peak FLOP/s", where, k.flops(dtype))
-        check("memory bandwidth (B/s)", where, k.memory_bandwidth_bytes_s)
-        check("memory (bytes)", where, k.memory_bytes)
-    for h in cluster.hosts:
-        where = f"cluster {cluster.name!r}, host {h.name!r}"
-        check("link bandwidth (B/s)", where, h.link.bandwidth_bytes_s)
-        check("link latency (s)", where, h.link.latency_s)
-    where = f"cluster {cluster.name!r}, network"
-    check("link bandwidth (B/s)", where, cluster.network.bandwidth_bytes_s)
-    check("link latency (s)", where, cluster.network.latency_s)
-
-
-def _validate(
-    global_batch: int, microbatches: int | None, schedule: str | None, time_limit_s: float, workers: int
-) -> None:
-    if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
-        raise PlanError(f"global_batch must be a positive integer, got {global_batch!r}")
-    if microbatches is not None:
-        if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
-            raise PlanError(f"microbatches must be a positive integer, got {microbatches!r}")
-        if global_batch % microbatches:
-            raise PlanError(
-                f"global_batch {global_batch} is not divisible into {microbatches} microbatches "
-                f"(remainder {global_batch % microbatches})"
-            )
-    if schedule is not None and schedule not in ("1f1b", "gpipe"):
-        raise PlanError(f"schedule must be 1f1b or gpipe for the planner, got {schedule!r}")
-    if not time_limit_s > 0:
-        raise PlanError(f"time_limit_s must be > 0, got {time_limit_s}")
-    if workers < 1:
-        raise PlanError(f"workers must be >= 1, got {workers}")
-
-
 def plan(
     graph: OpGraph,
+    request: PlanRequest | None = None,
+    /,
     *,
-    cluster: str | Cluster | dict,
-    global_batch: int,
-    microbatches: int | None = None,
-    schedule: str | None = None,
-    dtype: str = "fp32",
-    optimizer: str = "adam",
-    time_limit_s: float = 10.0,
-    workers: int = 2,
     progress: Callable[[SolverProgress], None] | None = None,
-    baselines: bool = True,
     clock: Callable[[], float] = time.perf_counter,
-    matmul_precision: str | None = None,
+    **fields: Any,
 ) -> Plan:
-    """The fastest plan the search finds for ``graph`` on ``cluster`` (checked, deterministic).
+    """The fastest plan the search finds for ``graph`` under ``request`` (checked, deterministic).
+
+    ``request`` is the :class:`~distplan.request.PlanRequest` a door built (see [Note: the request spine]
+    in ``distplan.request``); from Python, its fields may be given as keywords instead
+    (``plan(graph, cluster="a100x4-t4x4", global_batch=64)``).
 
     Decides the stages (contiguous node ranges at block boundaries), each stage's group of ``dp``
     same-kind devices on one host, the data-parallel degree, the microbatch count and, unless given, the
@@ -1625,13 +1566,17 @@ def plan(
     The plan's ``solver`` report carries status, objective, bound, gap and seconds; ``baselines`` maps
     each baseline's name to its predicted iteration time (None where it does not fit).
 
-    ``time_limit_s`` bounds the whole call's wall time (baselines, warm starts, bounds, integer programs);
-    the answer is decided by deterministic work limits sized well inside it, so the same request gives the
-    same plan and report on a quiet or a busy machine. Only if the machine is so slow that the limit is
-    reached does the search stop early, and the report's notes say so (see [Note: determinism]).
-    ``clock``: the wall clock the limit is measured on (tests script it). ``matmul_precision``: how matmuls
-    run (``tf32`` for fp32 tensors on TF32 tensor cores; default the dtype's own), priced here and set by the
-    lowering. A cluster with calibrations (``distplan profile``) is priced with its measured figures.
+    ``request.time_limit_s`` bounds the whole call's wall time (baselines, warm starts, bounds, integer
+    programs); the answer is decided by deterministic work limits sized well inside it, so the same request
+    gives the same plan and report on a quiet or a busy machine. Only if the machine is so slow that the
+    limit is reached does the search stop early, and the report's notes say so (see [Note: determinism]).
+    ``progress``: called with the solver's progress. ``clock``: the wall clock the limit is measured on
+    (tests script it). A cluster with calibrations (``distplan profile``) is priced with its measured
+    figures; ``request.matmul_precision`` is priced here and set by the lowering.
+
+    Raises:
+        PlanError: an invalid request (naming the field) or an empty graph.
+        InfeasiblePlanError: no layout fits (naming the memory that is short, and by how much).
 
         >>> from distplan.planner.synthetic import synthetic_transformer
         >>> g = synthetic_transformer(layers=4, hidden=512, heads=8, seq=256, vocab=1000)
@@ -1640,24 +1585,15 @@ def plan(
     """
     from .baselines import baseline_layouts
 
-    budget = Budget(time_limit_s, clock=clock)
-    _validate(global_batch, microbatches, schedule, time_limit_s, workers)
+    req = as_request(request, **fields)
+    budget = Budget(req.time_limit_s, clock=clock)
     if not graph.nodes:
         raise PlanError(f"graph {graph.name!r} has no nodes")
-    c = load_cluster(cluster)
-    check_cluster_figures(c, dtype=dtype)
-    request = make_request(
-        graph,
-        c,
-        global_batch=global_batch,
-        dtype=dtype,
-        optimizer=optimizer,
-        microbatches=microbatches,
-        schedule=schedule,
-        time_limit_s=time_limit_s,
-        matmul_precision=matmul_precision,
+    c = req.cluster
+    global_batch, microbatches, schedule = req.global_batch, req.microbatches, req.schedule
+    cost = CostModel(
+        graph, c, dtype=req.dtype, optimizer=req.optimizer, matmul_precision=req.matmul_precision
     )
-    cost = CostModel(graph, c, dtype=dtype, optimizer=optimizer, matmul_precision=matmul_precision)
     base = (
         baseline_layouts(
             graph,
@@ -1667,7 +1603,7 @@ def plan(
             schedule=schedule,
             stop=lambda: budget.expired("the baselines"),
         )
-        if baselines
+        if req.baselines
         else {}
     )
     extra = [(name, b.stages, b.candidate) for name, b in base.items() if b is not None]
@@ -1677,8 +1613,8 @@ def plan(
         global_batch=global_batch,
         microbatches=microbatches,
         schedule=schedule,
-        time_limit_s=time_limit_s,
-        workers=workers,
+        time_limit_s=req.time_limit_s,
+        workers=req.workers,
         progress=progress,
         extra=extra,
         budget=budget,
@@ -1687,7 +1623,7 @@ def plan(
     return build_plan(
         graph,
         cost,
-        request,
+        req,
         res.stages,
         schedule=cand.schedule,
         microbatches=cand.microbatches,

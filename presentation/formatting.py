@@ -1,5 +1,5 @@
 """Short human text for numbers and names: the one place the report page, the demo, the progress line and
-the CLI tables format durations, sizes, FLOPs, counts, layer lists and device lists.
+the CLI tables format durations, sizes, FLOPs, counts, parallel degrees, layer lists and device lists.
 
     >>> format_seconds(0.0123), format_bytes(3.5 * 2**20), format_count(124_439_808)
     ('12.3 ms', '3.5 MiB', '124M')
@@ -13,11 +13,18 @@ planner keeps to its own messages and does not import presentation.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from distplan.units import format_bytes as _core_bytes
+
+if TYPE_CHECKING:
+    from distplan.plan import Plan
 
 __all__ = [
     "device_ranges",
     "format_bytes",
     "format_count",
+    "format_degrees",
     "format_elapsed",
     "format_flops",
     "format_seconds",
@@ -50,13 +57,16 @@ def format_elapsed(s: float) -> str:
 
 def format_bytes(n: float | None) -> str:
     """A size in bytes in binary units, three significant digits: ``512 B``, ``3.5 MiB``, ``71.4 GiB``;
-    ``-`` for ``None``."""
-    if n is None:
-        return "-"
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f} B"
+    ``-`` for ``None`` (core's :func:`distplan.units.format_bytes`, which the planner's messages use too)."""
+    return "-" if n is None else _core_bytes(n)
+
+
+def format_degrees(plan: Plan) -> str:
+    """The parallel degrees of a plan in a few words: ``dp 4`` where every stage shares one data-parallel
+    degree and has no tensor parallelism, else each stage's ``dp x tp`` (``dp/tp 2x1, 1x2``)."""
+    if plan.uniform_dp:
+        return f"dp {plan.stages[0].dp}"
+    return "dp/tp " + ", ".join(f"{s.dp}x{s.tp}" for s in plan.stages)
 
 
 def format_flops(n: float) -> str:

@@ -36,6 +36,7 @@ from distplan.presentation.colours import STAGE_COLOURS, stage_colour, tint
 from distplan.presentation.formatting import (
     device_ranges,
     format_bytes,
+    format_degrees,
     format_flops,
     format_seconds,
     layer_summary,
@@ -302,7 +303,9 @@ def _cards(plan: Plan) -> tuple[_Card, ...]:
         )
     used = len(plan.devices_used)
     total = plan.request.cluster.num_devices
-    cards.append(_Card("devices used", f"{used} / {total}", f"{plan.num_stages} stages × dp {plan.dp}"))
+    cards.append(
+        _Card("devices used", f"{used} / {total}", f"{plan.num_stages} stages × {format_degrees(plan)}")
+    )
     return tuple(cards)
 
 
@@ -439,11 +442,11 @@ def report_page(plan: Plan, graph: OpGraph | None = None, timeline: Timeline | N
         )
     own, baselines = _baseline_lines(plan)
     return ReportPage(
-        title=f"distplan: {req.graph_name} on {cluster.name}",
-        graph_name=req.graph_name,
+        title=f"distplan: {plan.graph.name} on {cluster.name}",
+        graph_name=plan.graph.name,
         cluster_name=cluster.name,
         subtitle=(
-            f"{plan.num_stages} pipeline stages × data-parallel {plan.dp}, {plan.schedule}, "
+            f"{plan.num_stages} pipeline stages × {format_degrees(plan)}, {plan.schedule}, "
             f"{plan.num_microbatches} microbatches of {plan.microbatch_size}"
         ),
         layout=plan.layout,

@@ -86,13 +86,11 @@ def report_command(
     if timeline is not None and timeline_svg is not None:
         write_output(
             timeline_svg,
-            render_timeline_svg(timeline, title=f"{plan.request.graph_name} on {plan.request.cluster.name}"),
+            render_timeline_svg(timeline, title=f"{plan.graph.name} on {plan.request.cluster.name}"),
         )
         typer.echo(f"wrote {timeline_svg}")
     if timeline is not None and timeline_png is not None:
-        write_timeline_png(
-            timeline, timeline_png, title=f"{plan.request.graph_name} on {plan.request.cluster.name}"
-        )
+        write_timeline_png(timeline, timeline_png, title=f"{plan.graph.name} on {plan.request.cluster.name}")
         typer.echo(f"wrote {timeline_png}")
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from distplan.presentation.formatting import (
     device_ranges,
     format_bytes,
+    format_degrees,
     format_seconds,
     layer_summary,
     plural,
@@ -34,7 +35,7 @@ def plan_table(plan: Plan, graph: OpGraph) -> Table:
     cluster = plan.request.cluster
     s = plan.solver
     title = (
-        f"Plan: {plural(plan.num_stages, 'stage')} x dp {plan.dp} on {len(plan.devices_used)} of "
+        f"Plan: {plural(plan.num_stages, 'stage')} x {format_degrees(plan)} on {len(plan.devices_used)} of "
         f"{cluster.num_devices} devices, {plan.schedule}, "
         f"{plural(plan.num_microbatches, 'microbatch', 'microbatches')} of {plan.microbatch_size} "
         f"(solver {s.status}, gap {s.gap * 100:.1f}%, {s.seconds:.1f} s)"

@@ -432,10 +432,14 @@ class Pricer:
 # ---------------------------------------------------------------------------------------------- plans
 def global_layout(plan: Plan, devices: Sequence[int]) -> str:
     """``plan.layout`` with the sub-cluster's device ``i`` written as ``devices[i]`` (global indices)."""
-    schedule, m, b, stages = parse_layout(plan.layout)
-    parts = [f"{schedule} m{m}x{b}"]
-    for a, e, devs in stages:
-        parts.append(f"{a}:{e}@{','.join(str(devices[d]) for d in devs)}")
+    layout = parse_layout(plan.layout)
+    parts = [f"{layout.schedule} m{layout.num_microbatches}x{layout.microbatch_size}"]
+    for st in layout.stages:
+        text = f"{st.start}:{st.end}@{','.join(str(devices[d]) for d in st.devices)}"
+        text += f" tp{st.tp}" if st.tp != 1 else ""
+        text += f" rc={st.recompute}" if st.recompute != "none" else ""
+        text += f" sh={st.shard}" if st.shard != "none" else ""
+        parts.append(text)
     return " | ".join(parts)
 
 

@@ -5,7 +5,8 @@ Layered like the FastAPI full-stack template: ``*Base`` holds the fields a clien
 (``Cluster``, ``OpGraph``, ``Plan``) through ``distplan.service.specs`` before any work starts; nothing
 below the routes sees a pydantic object.
 
-Request models are strict (``"8"`` is not an integer) and reject unknown fields, so a typo in a field name
+Bounds of request fields come from the one table of accepted ranges (``distplan.limits``), which
+``PlanRequest`` checks again for every door. Request models are strict (``"8"`` is not an integer) and reject unknown fields, so a typo in a field name
 is a 422 that names it rather than a silently ignored option.
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+
+from distplan.limits import REQUEST_RANGES as _R
 
 __all__ = [
     "BuiltinModel",
@@ -114,21 +117,34 @@ class PlanBase(_Request):
 
     model: ModelSpec = Field(description="`{builtin, config}`, `{hf_config}` or `{graph}`.")
     batch: int = Field(
-        1, ge=1, le=65_536, description="Batch size of the example input the model is traced at."
+        1,
+        ge=_R["batch"].low,
+        le=_R["batch"].high,
+        description="Batch size of the example input the model is traced at.",
     )
     seq: int = Field(
-        128, ge=1, le=1_048_576, description="Sequence length of the example input (token models)."
+        128,
+        ge=_R["seq"].low,
+        le=_R["seq"].high,
+        description="Sequence length of the example input (token models).",
     )
     cluster: str | dict[str, Any] = Field(
         description="A preset name (see `GET /v1/clusters`) or an inline cluster (same schema as the YAML presets; "
         "its `calibrations` list holds ids of calibrations uploaded to `POST /v1/calibrations`, or their contents)."
     )
     global_batch: int = Field(
-        ge=1, le=2**24, description="Samples per training iteration, over all replicas."
+        ge=_R["global_batch"].low,
+        le=_R["global_batch"].high,
+        description="Samples per training iteration, over all replicas.",
     )
-    microbatches: int | None = Field(None, ge=1, le=2**20, description="Fix the number of microbatches.")
-    schedule: Literal["gpipe", "1f1b", "interleaved-1f1b"] | None = Field(
-        None, description="Fix the schedule."
+    microbatches: int | None = Field(
+        None,
+        ge=_R["microbatches"].low,
+        le=_R["microbatches"].high,
+        description="Fix the number of microbatches.",
+    )
+    schedule: Literal["gpipe", "1f1b"] | None = Field(
+        None, description="Fix the schedule (default: the planner chooses)."
     )
     dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Compute dtype (bf16/fp16: mixed precision)."
@@ -142,7 +158,10 @@ class PlanBase(_Request):
         "adam", description="Optimizer whose state is counted."
     )
     time_limit_s: float | None = Field(
-        None, gt=0, le=3600, description="Solver time limit in seconds (clamped to the server's cap)."
+        None,
+        gt=_R["time_limit_s"].low,
+        le=_R["time_limit_s"].high,
+        description="Wall-clock limit of the planning in seconds (clamped to the server's cap).",
     )
 
 

@@ -373,7 +373,6 @@ async def create_plan(
         "request": spec.request,
         "graph": spec.graph,
         "max_graph_nodes": settings.max_graph_nodes,
-        "solver_threads": settings.solver_threads,
     }
     artifacts = {"graph": spec.graph_json} if spec.graph_json is not None else None
     rec, job = await run_in_threadpool(

@@ -12,7 +12,8 @@ graph schema): a request gets the same answer whether the workers are warm, busy
   ``OpGraph.from_dict`` (cycles, dangling inputs, negative sizes) and its numbers range-checked;
 - a cluster is a preset name (never a file path) or an inline cluster, its device count is capped and its
   figures must lie in physical ranges (a 1e-300 B/s link would overflow the planner's integer times);
-- the batch arithmetic is checked by ``PlanRequest``'s own rules.
+- the request's fields, the cluster's figures and the batch arithmetic are checked by ``PlanRequest``'s own
+  rules (one table of ranges for every door, ``distplan.limits``).
 
 The canonical request is plain JSON: the cluster in full, the graph by content hash, the solver time limit
 after the server cap. Its hash is the plan id (:func:`plan_id`), so the same request is solved once.
@@ -30,8 +31,9 @@ from distplan._serde import canonical_hash
 from distplan.cluster import Cluster
 from distplan.errors import CalibrationError, GraphError, ModelSpecError, PlanError, ProfileError
 from distplan.graph import OpGraph
-from distplan.plan import PlanRequest
+from distplan.limits import FIGURE_RANGES
 from distplan.profiles import list_presets, load_cluster, preset_cluster
+from distplan.request import PlanRequest
 from distplan.service.catalog import Catalog
 from distplan.service.models import BuiltinModel, GraphModel, HFConfigModel, PlanCreate, ValidationCreate
 from distplan.service.settings import Settings
@@ -69,53 +71,28 @@ class ValidationSpec:
     request: dict[str, Any]
 
 
-# Physical ranges for the figures of an inline cluster. The core accepts any positive number; the planner's
-# integer time units need the results to stay within int64, and no real device is outside these.
-_RANGES: tuple[tuple[str, float, float, str], ...] = (
-    ("memory", 2**20, 2**50, "bytes"),
-    ("memory bandwidth", 1e6, 1e16, "bytes/s"),
-    ("peak FLOP/s", 1e6, 1e19, "FLOP/s"),
-    ("link bandwidth", 1e3, 1e16, "bytes/s"),
-    ("link latency", 0.0, 10.0, "s"),
-    ("measured time", 1e-9, 1e4, "s"),
-)
-
-
-def _in_range(what: str, where: str, value: float) -> None:
-    for name, lo, hi, unit in _RANGES:
-        if name == what and not lo <= value <= hi:
-            raise ProfileError(
-                f"{where}: {what} {value:g} {unit} is outside the range this service plans for ({lo:g}..{hi:g})"
-            )
-
-
-def _check_ranges(cluster: Cluster) -> None:
-    for k in cluster.kinds.values():
-        where = f"cluster {cluster.name!r}: device kind {k.name!r}"
-        _in_range("memory", where, k.memory_bytes)
-        _in_range("memory bandwidth", where, k.memory_bandwidth_bytes_s)
-        for dtype, flops in k.peak_flops.items():
-            _in_range("peak FLOP/s", f"{where} ({dtype})", flops)
-        if k.calibration is not None:
-            _check_measured(f"{where} calibration", k.calibration.to_dict())
-    links = [(f"host {h.name!r}", h.link) for h in cluster.hosts] + [("network", cluster.network)]
-    for name, link in links:
-        where = f"cluster {cluster.name!r}: {name} link"
-        _in_range("link bandwidth", where, link.bandwidth_bytes_s)
-        _in_range("link latency", where, link.latency_s)
-        if link.calibration is not None:
-            _check_measured(f"{where} calibration", link.calibration.to_dict())
-
-
 def _check_measured(where: str, data: Any) -> None:
-    """Every measured time of a calibration (a curve's ``seconds``) within :data:`_RANGES`."""
+    """Every measured time of a calibration (a curve's ``seconds``) within the range of
+    :data:`distplan.limits.FIGURE_RANGES` ("measured time")."""
     if isinstance(data, dict):
         for key, value in data.items():
             if key == "seconds" and isinstance(value, list):
                 for i, t in enumerate(value):
-                    _in_range("measured time", f"{where}.seconds[{i}]", float(t))
+                    FIGURE_RANGES["measured time"].check("measured time", t, where=f"{where}.seconds[{i}]")
             else:
                 _check_measured(f"{where}.{key}", value)
+
+
+def _check_calibrations(cluster: Cluster) -> None:
+    for k in cluster.kinds.values():
+        if k.calibration is not None:
+            _check_measured(
+                f"cluster {cluster.name!r}: device kind {k.name!r} calibration", k.calibration.to_dict()
+            )
+    links = [(f"host {h.name!r}", h.link) for h in cluster.hosts] + [("network", cluster.network)]
+    for name, link in links:
+        if link.calibration is not None:
+            _check_measured(f"cluster {cluster.name!r}: {name} link calibration", link.calibration.to_dict())
 
 
 def check_cluster(
@@ -149,7 +126,8 @@ def check_cluster(
         cluster = preset_cluster(spec)
     else:
         cluster = load_cluster(dict(spec))
-        _check_ranges(cluster)
+        # Its figures are checked by PlanRequest (distplan.limits); measured times here.
+        _check_calibrations(cluster)
     if cluster.num_devices > max_devices:
         raise ProfileError(
             f"cluster {cluster.name!r} has {cluster.num_devices} devices, more than this server's limit of {max_devices}"
@@ -255,19 +233,17 @@ def plan_spec(
     else:
         graph = _graph(body.model, max_nodes=settings.max_graph_nodes)
         model = {"graph": graph.content_hash, "name": graph.name}
-    # PlanRequest's own checks (microbatches divide the batch, ...) with placeholders for the graph.
-    PlanRequest(
-        graph_name="request",
-        graph_hash="-",
-        structure_hash="-",
+    # The request spine (see [Note: the request spine] in distplan.request): built once here, checked by its
+    # own rules, stored with the job and read back by the worker.
+    plan_request = PlanRequest(
         cluster=cluster,
         global_batch=body.global_batch,
-        trace_batch=body.batch,
         dtype=body.dtype,
         optimizer=body.optimizer,
         microbatches=body.microbatches,
         schedule=body.schedule,
         time_limit_s=time_limit,
+        workers=settings.solver_threads,
         matmul_precision=body.matmul_precision,
     )
     request = {
@@ -275,19 +251,12 @@ def plan_spec(
         # An uploaded graph fixes its own example input size.
         "batch": None if graph is not None else body.batch,
         "seq": None if graph is not None else body.seq,
-        "cluster": cluster.to_dict(),
-        "global_batch": body.global_batch,
-        "microbatches": body.microbatches,
-        "schedule": body.schedule,
-        "dtype": body.dtype,
-        "optimizer": body.optimizer,
-        "time_limit_s": time_limit,
-        # Only when asked for, so requests of the dtype's own precision keep their ids.
-        **({} if body.matmul_precision is None else {"matmul_precision": body.matmul_precision}),
+        # The request's own fields beside the model's: the worker reads them back with PlanRequest.from_dict.
+        **plan_request.to_dict(),
     }
     graph_dict = graph.to_dict() if graph is not None else None
     return PlanSpec(
-        id=canonical_hash({"kind": "plan", "v": 1, **request}),
+        id=canonical_hash({"kind": "plan", "v": 2, **request}),
         request=request,
         graph=graph_dict,
         graph_json=graph.to_json() if graph is not None else None,

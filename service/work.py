@@ -109,25 +109,15 @@ def catalog() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- tasks
 def run_plan(payload: dict[str, Any]) -> dict[str, str]:
     """Trace (or read) the graph, plan, simulate, emit the launcher; return the artifacts as text."""
-    from distplan.cluster import Cluster
     from distplan.planner import plan as make_plan
     from distplan.planner import simulate
+    from distplan.request import PlanRequest
 
     request = payload["request"]
+    # The PlanRequest the route built and checked (see [Note: the request spine] in distplan.request).
+    plan_request = PlanRequest.from_dict(request)
     graph = build_graph(request, payload.get("graph"), max_nodes=int(payload["max_graph_nodes"]))
-    cluster = Cluster.from_dict(request["cluster"])
-    plan = make_plan(
-        graph,
-        cluster=cluster,
-        global_batch=request["global_batch"],
-        microbatches=request["microbatches"],
-        schedule=request["schedule"],
-        dtype=request["dtype"],
-        optimizer=request["optimizer"],
-        time_limit_s=request["time_limit_s"],
-        workers=int(payload["solver_threads"]),
-        matmul_precision=request.get("matmul_precision"),
-    )
+    plan = make_plan(graph, plan_request)
     timeline = simulate(plan, graph)
     artifacts = {
         "plan": plan.to_json(indent=None),

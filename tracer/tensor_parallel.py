@@ -272,6 +272,7 @@ class _Finder:
         self.from_input = self._flags(lambda n: False, placeholder=True)
         self.batch = batch or self._batch()
         self.taken: set[fx.Node] = set()  # nodes of accepted regions (split or whole)
+        self.splits: dict[str, tuple[int | None, tuple[int, ...]]] = {}  # parameter -> (dim, pieces) split
         self.failed: set[fx.Node] = set()
         self.rejected: dict[str, str] = {}
         self.regions: list[TensorParallelRegion] = []
@@ -1120,6 +1121,20 @@ class _Finder:
     ) -> None:
         order = sorted(nodes, key=self.pos.__getitem__)
         whole_order = sorted(set(whole) - nodes, key=self.pos.__getitem__)
+        # A tied parameter (an embedding reused as the output projection) has one split for every region
+        # that reads it: a region that would split it another way stays replicated.
+        for p in params.values():
+            prev = self.splits.get(p.name) if p.split else None
+            if prev is not None and prev != (p.dim, p.pieces):
+                self.rejected[order[0].name] = (
+                    f"parameter {p.name!r} is shared with an earlier region that splits it along dim {prev[0]}, "
+                    f"and this region would split it along dim {p.dim}"
+                )
+                self.failed.update(nodes)
+                return
+        for p in params.values():
+            if p.split:
+                self.splits[p.name] = (p.dim, p.pieces)
         ops = [self.opnode[n.name] for n in order]
         wops = [self.opnode[n.name] for n in whole_order]
         keep_whole = set(whole_input_nodes)

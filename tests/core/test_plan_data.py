@@ -3,19 +3,30 @@ import dataclasses
 import pytest
 
 from distplan.errors import PlanError
-from distplan.plan import Plan, PlanRequest, Stage, build_rank_map, parse_layout
+from distplan.plan import (
+    GraphRef,
+    Layout,
+    LayoutStage,
+    Plan,
+    PlanRequest,
+    Stage,
+    build_rank_map,
+    parse_layout,
+)
 from distplan.profiles import load_cluster
+
+GRAPH = GraphRef("g", "h" * 32, "s" * 32)
 
 
 def make_plan(devs0=(8, 9), devs1=(0, 1), *, global_batch=16, mb=4) -> Plan:
     c = load_cluster("a100x8-v100x8")
-    req = PlanRequest("g", "h" * 32, "s" * 32, c, global_batch=global_batch)
+    req = PlanRequest(c, global_batch=global_batch)
     stages = (
         Stage(0, 0, 10, devs0, c.devices()[devs0[0]].kind, dp=len(devs0), memory_bytes=2**30),
         Stage(1, 10, 20, devs1, c.devices()[devs1[0]].kind, dp=len(devs1), memory_bytes=2**30),
     )
     ranks = build_rank_map(c, [s.devices for s in stages])
-    return Plan(req, stages, mb, global_batch // (mb * len(devs0)), "1f1b", ranks)
+    return Plan(req, GRAPH, stages, mb, global_batch // mb, "1f1b", ranks)
 
 
 def test_rank_map_is_host_major() -> None:
@@ -34,18 +45,20 @@ def test_rank_map_is_host_major() -> None:
 def test_plan_round_trip_and_layout() -> None:
     p = make_plan()
     assert Plan.from_json(p.to_json()) == p
-    assert p.layout == "1f1b m4x2 | 0:10@8,9 | 10:20@0,1"
-    assert parse_layout(p.layout) == ("1f1b", 4, 2, [(0, 10, (8, 9)), (10, 20, (0, 1))])
+    assert p.layout == "1f1b m4x4 | 0:10@8,9 | 10:20@0,1"
+    assert parse_layout(p.layout) == Layout(
+        "1f1b", 4, 4, (LayoutStage(0, 10, (8, 9)), LayoutStage(10, 20, (0, 1)))
+    )
     assert make_plan().id == p.id
 
 
 def test_check_rejects_bad_plans() -> None:
     with pytest.raises(PlanError, match="device 8 is used by stages 0 and 1"):
         make_plan((8, 9), (8, 10)).check()
-    with pytest.raises(PlanError, match="4 microbatches x 1 samples x dp 2 = 8, but global_batch is 10"):
+    with pytest.raises(PlanError, match="4 microbatches x 2 samples = 8, but global_batch is 10"):
         make_plan(global_batch=10).check()
     with pytest.raises(PlanError, match="not divisible into 3 microbatches"):
-        PlanRequest("g", "h", "s", load_cluster("h100x8"), global_batch=16, microbatches=3)
+        PlanRequest(load_cluster("h100x8"), global_batch=16, microbatches=3)
     d = make_plan().to_dict()
     d["schema_version"] = 7
     with pytest.raises(PlanError, match="schema_version: 7 is not supported"):
@@ -94,12 +107,12 @@ def test_memory_messages_show_small_budgets_in_a_readable_unit() -> None:
             ],
         }
     )
-    req = PlanRequest("g", "h" * 32, "s" * 32, c, global_batch=2)
+    req = PlanRequest(c, global_batch=2)
     stages = (
         Stage(0, 0, 10, (0,), "tiny-cpu", memory_bytes=30_000),
         Stage(1, 10, 20, (1,), "tiny-cpu", memory_bytes=1_000),
     )
-    p = Plan(req, stages, 2, 1, "gpipe", build_rank_map(c, [s.devices for s in stages]))
+    p = Plan(req, GRAPH, stages, 2, 1, "gpipe", build_rank_map(c, [s.devices for s in stages]))
     with pytest.raises(
         PlanError,
         match=r"stage 0 needs 29.3 KiB per device but a tiny-cpu has 21 KiB usable \(8.33 KiB short\)",

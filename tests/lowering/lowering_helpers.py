@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 from distplan.graph import OpGraph
-from distplan.plan import Plan, PlanRequest, Stage, build_rank_map
+from distplan.plan import GraphRef, Plan, PlanRequest, Stage, build_rank_map
 from distplan.planner import evaluate
 from distplan.profiles import load_cluster
+from distplan.request import PLANNER_SCHEDULES
 from distplan.tracer import trace
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,16 +52,20 @@ def hand_plan(
         for i in range(len(devices))
     )
     dp = len(devices[0])
+    # The request records what a planner would be asked; interleaved-1f1b plans are written by hand only.
     req = PlanRequest(
-        g.name,
-        g.content_hash,
-        g.structure_hash,
         c,
         global_batch=microbatches * microbatch_size * dp,
-        schedule=schedule,
+        schedule=schedule if schedule in PLANNER_SCHEDULES else None,
     )
     return Plan(
-        req, stages, microbatches, microbatch_size, schedule, build_rank_map(c, [s.devices for s in stages])
+        req,
+        GraphRef.of(g),
+        stages,
+        microbatches,
+        microbatch_size * dp,
+        schedule,
+        build_rank_map(c, [s.devices for s in stages]),
     )
 
 

@@ -152,7 +152,7 @@ def test_initial_parameters_are_identical_by_name_whatever_the_plan(tmp_path: Pa
     very tensors the single-device reproducible initialisation draws."""
     spec = "gpt2-tiny"
     a = layout_plan(spec, f"gpipe m2x1 | 0:{cut(spec, 0.5)}@0 | {cut(spec, 0.5)}:{{n}}@1", global_batch=2)
-    b = layout_plan(spec, f"gpipe m2x1 | 0:{cut(spec, 0.3)}@0,1 | {cut(spec, 0.3)}:{{n}}@2,3", global_batch=4)
+    b = layout_plan(spec, f"gpipe m2x2 | 0:{cut(spec, 0.3)}@0,1 | {cut(spec, 0.3)}:{{n}}@2,3", global_batch=4)
     want = initialize(resolve_model(spec, batch=1, seq=8, device="meta").module, seed=0)
     persistent = {n for n, s in _slots(spec).items() if s.persistent}
     got = []
@@ -177,7 +177,7 @@ def test_safetensors_folder_on_four_ranks_gives_the_single_device_first_loss(tmp
     writer.module.save_pretrained(folder, max_shard_size="100KB")
     assert (folder / "model.safetensors.index.json").exists()
     plan = layout_plan(
-        spec, f"1f1b m2x1 | 0:{cut(spec, 0.6)}@0,1 | {cut(spec, 0.6)}:{{n}}@2,3", global_batch=4
+        spec, f"1f1b m2x2 | 0:{cut(spec, 0.6)}@0,1 | {cut(spec, 0.6)}:{{n}}@2,3", global_batch=4
     )
     losses = _train(plan, tmp_path, 4, "--model", spec, "--checkpoint", str(folder), "--steps", "1")
     hf = AutoModelForCausalLM.from_pretrained(folder)
@@ -197,7 +197,7 @@ def test_save_under_one_plan_resume_under_another(tmp_path: Path) -> None:
     checkpoint fine-tuned from (weights only) gives the loss of step 2."""
     spec = "gpt2-tiny"
     a = layout_plan(spec, f"1f1b m4x1 | 0:{cut(spec, 0.4)}@0 | {cut(spec, 0.4)}:{{n}}@1", global_batch=4)
-    b = layout_plan(spec, f"gpipe m2x1 | 0:{cut(spec, 0.7)}@0,1 | {cut(spec, 0.7)}:{{n}}@2,3", global_batch=4)
+    b = layout_plan(spec, f"gpipe m2x2 | 0:{cut(spec, 0.7)}@0,1 | {cut(spec, 0.7)}:{{n}}@2,3", global_batch=4)
     ref = _reference(spec, 4, 4, optimizer="adam", lr=3e-3)
     opts = ("--model", spec, "--optimizer", "adam", "--lr", "0.003")
     first = _train(a, tmp_path, 2, *opts, "--steps", "2", "--save", "ck")

@@ -64,7 +64,7 @@ def _passed(report: ValidationReport, *, ranks: int) -> None:
 # ---------------------------------------------------------------------------------------------- keyword inputs
 def test_keyword_mask_is_cut_into_replicas_and_microbatches() -> None:
     spec = "fault_models:masked_stack"
-    plan = _plan(spec, "gpipe m2x2 | 0:{a}@0,1 | {a}:{n}@2,3", global_batch=8)
+    plan = _plan(spec, "gpipe m2x4 | 0:{a}@0,1 | {a}:{n}@2,3", global_batch=8)
     report = validate(plan, spec, steps=2, tolerance=TOL)
     _passed(report, ranks=4)
     assert report.reference == "global-batch" and report.random_ops == ()
@@ -158,7 +158,7 @@ def test_batchnorm_under_microbatching_is_named_and_compared_with_its_buffers() 
 
 def test_batchnorm2d_and_a_counter_with_data_parallel_replicas() -> None:
     spec = "fault_models:conv_bn"
-    plan = _plan(spec, "gpipe m2x2 | 0:{c0}@0,1 | {c0}:{n}@2,3", global_batch=8, cuts=["relu"])
+    plan = _plan(spec, "gpipe m2x4 | 0:{c0}@0,1 | {c0}:{n}@2,3", global_batch=8, cuts=["relu"])
     report = validate(plan, spec, tolerance=TOL)
     _passed(report, ranks=4)
     assert report.batch_stat_layers == ("bn1 (BatchNorm2d)", "bn2 (BatchNorm2d)")

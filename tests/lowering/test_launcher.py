@@ -24,7 +24,7 @@ def _two_host_plan() -> Plan:
     b = cut("gpt-tiny", 0.5)
     # stage 0 on the T4 host (host index 1), stage 1 on the A100 host (host index 0); dp 2 each
     return layout_plan(
-        "gpt-tiny", f"1f1b m2x1 | 0:{b}@4,5 | {b}:{{n}}@0,1", global_batch=4, cluster="a100x4-t4x4"
+        "gpt-tiny", f"1f1b m2x2 | 0:{b}@4,5 | {b}:{{n}}@0,1", global_batch=4, cluster="a100x4-t4x4"
     )
 
 

@@ -41,7 +41,7 @@ def _assert_passed(report, *, ranks: int) -> None:  # type: ignore[no-untyped-de
         # 4 stages, 1F1B; Llama: rotary cos/sin made in stage 0 are relayed to stages 2 and 3
         ("llama-tiny", "1f1b m4x1 | 0:{a}@0 | {a}:{b}@1 | {b}:{c}@2 | {c}:{n}@3", 4, 4),
         # 2 stages, each data-parallel over 2 ranks; BERT encoder
-        ("bert-tiny", "gpipe m2x1 | 0:{b}@0,1 | {b}:{n}@2,3", 4, 4),
+        ("bert-tiny", "gpipe m2x2 | 0:{b}@0,1 | {b}:{n}@2,3", 4, 4),
         # 2 stages, 1F1B, Adam is not used here (see test_adam); hand-written MLP
         ("mlp-tiny", "1f1b m4x2 | 0:{b}@0 | {b}:{n}@1", 8, 2),
     ],
@@ -182,7 +182,7 @@ def trace_gpt2():  # type: ignore[no-untyped-def]
 def test_too_many_ranks_keep_stages_with_one_replica() -> None:
     spec = "gpt-tiny"
     b = cut(spec, 0.5)
-    plan = layout_plan(spec, f"gpipe m2x1 | 0:{b}@0,1 | {b}:{{n}}@2,3", global_batch=4)
+    plan = layout_plan(spec, f"gpipe m2x2 | 0:{b}@0,1 | {b}:{{n}}@2,3", global_batch=4)
     assert plan.world_size == 4
     report = validate(plan, spec, max_ranks=2, tolerance=TOL)
     _assert_passed(report, ranks=2)

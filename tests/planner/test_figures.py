@@ -39,33 +39,38 @@ def _kind(**fig: object) -> dict:
     [
         (
             _cluster(link={"bandwidth_bytes_s": 1e-300, "latency_us": 5}),
-            "host 'h0': link bandwidth (B/s) 1e-300",
+            "host 'h0' link: link bandwidth 1e-300",
         ),
         (
             _cluster(network={"bandwidth_bytes_s": 1e-300, "latency_us": 5}),
-            "network: link bandwidth (B/s) 1e-300",
+            "network link: link bandwidth 1e-300",
         ),
-        (_cluster(kind=_kind(peak_flops={"fp32": 1e300})), "peak FLOP/s 1e+300"),
-        (_cluster(kind=_kind(peak_flops={"fp32": 1e-300})), "peak FLOP/s 1e-300"),
-        (_cluster(kind=_kind(memory_bandwidth_bytes_s=1e-300)), "memory bandwidth (B/s) 1e-300"),
-        (_cluster(kind=_kind(memory_bytes=1e30)), "memory (bytes) 1e+30"),
-        (_cluster(link={"bandwidth_gbyte_s": 300, "latency_s": 1e6}), "link latency (s) 1e+06"),
-        (_cluster(network={"bandwidth_gbit_s": 100, "latency_s": 1e6}), "network: link latency (s) 1e+06"),
+        (_cluster(kind=_kind(peak_flops={"fp32": 1e300})), "peak FLOP/s (fp32) 1e+300"),
+        (_cluster(kind=_kind(peak_flops={"fp32": 1e-300})), "peak FLOP/s (fp32) 1e-300"),
+        (_cluster(kind=_kind(memory_bandwidth_bytes_s=1e-300)), "memory bandwidth 1e-300"),
+        (_cluster(kind=_kind(memory_bytes=1e30)), "memory 1e+30"),
+        (_cluster(link={"bandwidth_gbyte_s": 300, "latency_s": 1e6}), "link: link latency 1e+06"),
+        (_cluster(network={"bandwidth_gbit_s": 100, "latency_s": 1e6}), "network link: link latency 1e+06"),
     ],
 )
 def test_absurd_figures_are_named(cluster: dict, words: str) -> None:
-    with pytest.raises(PlanError, match="outside the range the planner supports") as e:
+    with pytest.raises(PlanError, match="outside the accepted range") as e:
         plan(GRAPH, cluster=cluster, global_batch=4, time_limit_s=2)
     assert words in str(e.value)
 
 
-def test_one_byte_of_memory_is_infeasible_with_the_shortfall() -> None:
-    # Sizes in the unit that shows them (not "0.0 GiB"): 16 bytes per fp32 Adam parameter, 4 devices x 1 B.
+def test_one_byte_of_memory_is_refused_by_name() -> None:
+    with pytest.raises(PlanError, match=r"device kind 'x': memory 1 is outside the accepted range 1024 \.\."):
+        plan(GRAPH, cluster=_cluster(kind=_kind(memory_bytes=1)), global_batch=4, time_limit_s=2)
+
+
+def test_kibibytes_of_memory_are_infeasible_with_the_shortfall() -> None:
+    # Sizes in the unit that shows them (not "0.0 GiB"): 16 bytes per fp32 Adam parameter, 4 devices x 2 KiB.
     need = format_bytes(4 * GRAPH.param_bytes)
     with pytest.raises(InfeasiblePlanError) as e:
-        plan(GRAPH, cluster=_cluster(kind=_kind(memory_bytes=1)), global_batch=4, time_limit_s=2)
+        plan(GRAPH, cluster=_cluster(kind=_kind(memory_bytes=2048)), global_batch=4, time_limit_s=2)
     assert f"needs at least {need} across devices" in str(e.value)
-    assert f"has 4 B usable ({format_bytes(4 * GRAPH.param_bytes - 4)} short)" in str(e.value)
+    assert f"has 8 KiB usable ({format_bytes(4 * GRAPH.param_bytes - 8192)} short)" in str(e.value)
     assert need.endswith(" MiB")
 
 

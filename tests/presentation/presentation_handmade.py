@@ -7,7 +7,7 @@ depending on what the solver chooses.
 from __future__ import annotations
 
 from distplan.graph import OpGraph, OpNode, TensorMeta, make_graph
-from distplan.plan import Plan, PlanRequest, Predictions, SolverReport, Stage, build_rank_map
+from distplan.plan import GraphRef, Plan, PlanRequest, Predictions, SolverReport, Stage, build_rank_map
 from distplan.profiles import load_cluster
 from distplan.timeline import Timeline, TimelineEvent
 
@@ -78,14 +78,15 @@ def handmade_plan(graph: OpGraph | None = None) -> Plan:
                 param_bytes=2**28,
             )
         )
-    req = PlanRequest(g.name, g.content_hash, g.structure_hash, c, global_batch=16)
+    req = PlanRequest(c, global_batch=16)
     ranks = build_rank_map(c, [s.devices for s in stages])
     mem = {d: s.memory_bytes for s in stages for d in s.devices}
     plan = Plan(
         req,
+        GraphRef.of(g),
         tuple(stages),
         4,
-        2,
+        4,
         "1f1b",
         ranks,
         predictions=Predictions(0.25, 64.0, 0.3, mem),

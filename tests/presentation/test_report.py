@@ -49,7 +49,7 @@ def test_page_shows_every_stage_and_device_and_is_self_contained() -> None:
 def test_page_escapes_names() -> None:
     graph = gpt_like_graph()
     plan = handmade_plan(graph)
-    evil = replace(plan, request=replace(plan.request, graph_name="<script>alert(1)</script>"))
+    evil = replace(plan, graph=replace(plan.graph, name="<script>alert(1)</script>"))
     page = render_report(evil)
     assert "<script>alert(1)</script>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page

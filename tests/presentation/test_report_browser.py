@@ -55,7 +55,7 @@ def check_page_in_browser(html_file: Path, plan: Plan, screenshot: Path) -> None
             assert errors == [], errors
             # Self-contained: the only request is the page itself.
             assert requests == [html_file.as_uri()], requests
-            assert plan.request.graph_name in page.title()
+            assert plan.graph.name in page.title()
 
             for s in plan.stages:
                 for section in ("#cluster", "#stages", "#model", "#timeline"):

@@ -123,7 +123,7 @@ def test_plan_hf_config_on_mixed_cluster(client: httpx.Client) -> None:
     _, done = _plan_until_done(client, body)
     plan = Plan.from_dict(done["plan"])
     plan.check()
-    assert plan.request.graph_name  # traced from the config
+    assert plan.graph.name  # traced from the config
     assert done["request"]["model"]["hf_config"]["model_type"] == "llama"
     lj = client.get(f"/v1/plans/{done['id']}/launcher").json()
     assert lj["model_spec"] == "config.json" and '"llama"' in lj["files"]["config.json"]
