@@ -25,9 +25,9 @@ time read off its class's curve at its size (interpolated, see [Note: curves] th
 
 Python-level nodes (``getitem``) and inputs cost nothing. What the pipeline runtime adds is priced too:
 the fixed cost of each microbatch's forward and backward on a stage, the loss on the last stage
-(cross-entropy over the outputs of a causal LM, mean squared error otherwise), the scaling of every
-gradient by ``1 / M`` after the last backward (``M > 1``), the gradient synchronisation as the runner
-does it (concatenate, all-reduce, copy back, divide) and the optimizer step per parameter tensor. A class
+(cross-entropy over the outputs of a causal LM, mean squared error otherwise; the runtime scales the loss,
+not the gradients, by ``1 / M``), the gradient synchronisation as the runner does it (concatenate,
+all-reduce, copy back) and the optimizer step per parameter tensor. A class
 or precision the calibration lacks falls back to the datasheet formula for those nodes; the plan's
 ``predictions.figures`` says which figures were measured. The integer program sees the per-node part and
 the per-tensor optimizer costs; the per-stage fixed costs are added when the chosen layout is priced.
@@ -569,10 +569,8 @@ class CostModel:
         allreduce_link: Link,
         send_link: Link | None,
         send_streams: int = 1,
-        microbatches: int = 1,
     ) -> StageCost:
-        """All predicted costs of one stage (``send_link`` None for the last stage); ``microbatches`` is
-        the plan's count (a calibrated kind pays the runtime's gradient scaling when it is over 1)."""
+        """All predicted costs of one stage (``send_link`` None for the last stage)."""
         f, b = self.compute_time(start, end, kind, microbatch)
         pbytes = self.param_bytes(start, end)
         send = 0.0
@@ -591,16 +589,14 @@ class CostModel:
             optimizer = float(opt[end] - opt[start]) + sum(self.optimizer_time(x, kind) for x in extra)
             one_pass = float(passes[end] - passes[start])
             elem = cal.ops.get("elementwise")
-            if elem is not None:
+            if elem is not None and dp > 1:
+                # The runner concatenates the gradients, all-reduces the buffer and copies each gradient
+                # back (lowering.sharding.coalesced_all_reduce); the loss is summed over the replicas too.
                 grad = pbytes / self.param_elem_bytes * self.grad_bytes_per_param
                 one_pass += sum(elem.fwd.time(2 * x) for x in extra)
-                if microbatches > 1:
-                    optimizer += one_pass  # gradients scaled by 1 / M after the last backward
-                if dp > 1:
-                    # concatenate, all-reduce, copy back and divide each gradient; the loss is averaged too
-                    allreduce += elem.fwd.time(2 * grad) + 2 * one_pass
-                    if end == self.n:
-                        allreduce += self.allreduce_time(self.param_elem_bytes, dp=dp, link=allreduce_link)
+                allreduce += elem.fwd.time(2 * grad) + one_pass
+                if end == self.n:
+                    allreduce += self.allreduce_time(self.param_elem_bytes, dp=dp, link=allreduce_link)
         return StageCost(
             fwd_s=f,
             bwd_s=b,

@@ -130,7 +130,6 @@ def layout_cost(
                 allreduce_link=_group_link(cluster, devs, st.devices),
                 send_link=send_link,
                 send_streams=streams,
-                microbatches=microbatches,
             )
         )
     if cost.shared:
