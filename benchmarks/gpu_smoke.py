@@ -128,11 +128,11 @@ def make_plan(model: str, n: int, device: str, *, seq: int, optimizer: str) -> A
         if stages == 2 and acc >= total / 2:
             cut = i + 1
             break
-    m = 4
+    m = 4  # microbatches of dp samples: one sample per replica (the layout's size is over all replicas)
     if stages == 2:
         first = ",".join(str(d) for d in range(dp))
         second = ",".join(str(d) for d in range(dp, 2 * dp))
-        layout = f"1f1b m{m}x1 | 0:{cut}@{first} | {cut}:{len(graph.nodes)}@{second}"
+        layout = f"1f1b m{m}x{dp} | 0:{cut}@{first} | {cut}:{len(graph.nodes)}@{second}"
     else:
         layout = f"1f1b m{m}x1 | 0:{len(graph.nodes)}@0"
     return evaluate(
