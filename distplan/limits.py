@@ -7,7 +7,7 @@ accepted or refused the same way whichever door it comes through, with a message
 value and the range.
 
 Why these bounds: the planner prices in integer time units for CP-SAT, and the products of the figures
-below stay inside int64 over this range (see ``distplan.planner.search``); outside it times become
+below stay inside int64 over this range (see ``distplan.planner.problem``); outside it times become
 infinite or degenerate. The figure ranges are about 1000x beyond any accelerator or interconnect made so
 far, either way; the small end of memory admits the tiny budgets tests use to force pipeline stages on
 small models.

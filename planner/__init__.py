@@ -12,12 +12,12 @@ Plans from ``OpGraph`` JSON alone; never imports torch.
 
 from __future__ import annotations
 
+from .api import plan
 from .baselines import BASELINES, baselines
 from .coarsen import Blocks, coarsen
 from .cost import CostModel, CostOptions
 from .evaluate import StageSpec, evaluate
 from .ilp import SolverProgress
-from .search import plan
 from .simulate import simulate
 
 __all__ = [

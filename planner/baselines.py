@@ -29,10 +29,10 @@ from distplan.graph import OpGraph
 from distplan.plan import Plan, SolverReport
 from distplan.request import PlanRequest, as_request
 
+from .candidates import Candidate, candidate_microbatches, data_parallel_degrees
 from .coarsen import coarsen, layer_starts
 from .cost import CostModel
 from .evaluate import StageSpec, build_plan, layout_cost
-from .search import Candidate, candidate_microbatches
 
 __all__ = ["BASELINES", "BaselineLayout", "baseline_layouts", "baselines"]
 
@@ -95,11 +95,6 @@ def _best_over_microbatches(
     return best
 
 
-def _dps(global_batch: int, n: int, microbatches: int | None) -> list[int]:
-    per = global_batch // microbatches if microbatches else global_batch
-    return [d for d in range(1, n + 1) if global_batch % d == 0 and per % d == 0]
-
-
 def _layer_cut_points(graph: OpGraph) -> list[int]:
     starts = layer_starts(graph)
     if starts:
@@ -146,7 +141,7 @@ def _pipeline_baseline(
     points = _layer_cut_points(graph)
     n = len(graph.nodes)
     best: BaselineLayout | None = None
-    for dp in _dps(global_batch, len(devs), microbatches):
+    for dp in data_parallel_degrees(global_batch, len(devs), microbatches):
         groups = _rank_groups(devs, dp)
         if not groups:
             continue
@@ -210,7 +205,7 @@ def _homogeneous(
     blocks = coarsen(graph)
     bounds_arr = np.array(blocks.bounds)
     options: list[tuple[float, BaselineLayout]] = []
-    for dp in _dps(global_batch, len(devs), microbatches):
+    for dp in data_parallel_degrees(global_batch, len(devs), microbatches):
         groups = _rank_groups(devs, dp)
         if not groups:
             continue
@@ -254,7 +249,7 @@ def _data_parallel(
     best: BaselineLayout | None = None
     for kind in sorted(cost.cluster.kinds):
         ids = [d.index for d in devs if d.kind == kind]
-        options = [d for d in _dps(global_batch, len(ids), microbatches)]
+        options = data_parallel_degrees(global_batch, len(ids), microbatches)
         if not options:
             continue
         dp = max(options)
@@ -282,7 +277,7 @@ def baseline_layouts(
 ) -> dict[str, BaselineLayout | None]:
     """Every baseline's best layout under ``cost`` (None where it does not fit). ``stop`` is asked before
     each baseline; once it answers True the remaining ones are left out of the result (the planner's time
-    limit, see ``search.Budget``)."""
+    limit, see ``distplan.planner.search.Budget``)."""
     sched = schedule or "1f1b"
     kw = {"global_batch": global_batch, "microbatches": microbatches, "schedule": sched}
     makers: dict[str, Callable[[], BaselineLayout | None]] = {

@@ -1,7 +1,7 @@
 """The stage-partition-and-placement integer program, solved with OR-Tools CP-SAT.
 
 One model per (data-parallel degree ``D``, microbatch count ``M``, schedule); the caller enumerates those
-(``distplan.planner.search``). All quantities arrive as integers in :class:`StageProblem`: times in
+(``distplan.planner.candidates``) and builds each model's data (``distplan.planner.problem``). All quantities arrive as integers in :class:`StageProblem`: times in
 ``time_unit_s`` units, memory in KiB, every per-block quantity as a *prefix array* over block boundaries
 ``0..B`` so that a stage ``[end[s-1], end[s])`` costs ``A[end[s]] - A[end[s-1]]`` (one element constraint
 per stage and array, no products).
@@ -48,7 +48,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ortools.sat.python import cp_model
 
@@ -57,6 +57,7 @@ __all__ = [
     "SharedGroup",
     "SolverProgress",
     "StageProblem",
+    "StageSlot",
     "StageSolution",
     "solve_stage_problem",
 ]
@@ -127,16 +128,25 @@ class SolverProgress:
     label: str = ""
 
 
+class StageSlot(NamedTuple):
+    """One stage of a solution: blocks ``[first, end)`` on a group of type ``group`` (an index into
+    ``StageProblem.groups``). A named tuple, so ``(first, end, group)`` literals read as one."""
+
+    first: int
+    end: int
+    group: int
+
+
 @dataclass(frozen=True, slots=True)
 class StageSolution:
-    """Status, objective and bound (integer units), wall seconds, and the stages as
-    ``(first_block, end_block, group_type)``; empty when no solution was found."""
+    """Status, objective and bound (integer units), wall seconds, and the stages in pipeline order; empty
+    when no solution was found."""
 
     status: str
     objective: int
     bound: int
     seconds: float
-    stages: tuple[tuple[int, int, int], ...]
+    stages: tuple[StageSlot, ...]
 
 
 class _Progress(cp_model.CpSolverSolutionCallback):
@@ -159,7 +169,7 @@ class _Progress(cp_model.CpSolverSolutionCallback):
 def solve_stage_problem(
     p: StageProblem,
     *,
-    hint: Sequence[tuple[int, int, int]] | None = None,
+    hint: Sequence[StageSlot] | None = None,
     workers: int = 2,
     deterministic_time: float = 5.0,
     time_limit_s: float = 30.0,
@@ -167,7 +177,10 @@ def solve_stage_problem(
     label: str = "",
     log: bool = False,
 ) -> StageSolution:
-    """Build and solve the model; ``hint`` is a solution in the same form as ``StageSolution.stages``."""
+    """Build and solve the model; ``hint`` is a solution in the same form as ``StageSolution.stages``.
+
+    ``deterministic_time`` is CP-SAT's deterministic work limit (the answer depends on it alone) and
+    ``time_limit_s`` a wall-clock cap (see [Note: determinism] in ``distplan.planner.search``)."""
     model = cp_model.CpModel()
     nb, ns, m = p.num_blocks, p.max_stages, p.microbatches
     groups = p.groups
@@ -408,14 +421,14 @@ def solve_stage_problem(
     name = solver.status_name(status)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return StageSolution(name, 0, 0, seconds, ())
-    stages: list[tuple[int, int, int]] = []
+    stages: list[StageSlot] = []
     first = 0
     for s in range(ns):
         if not solver.boolean_value(used[s]):
             break
         last = int(solver.value(end[s]))
         gi = next(gi for gi in range(len(groups)) if solver.boolean_value(y[s, gi]))
-        stages.append((first, last, gi))
+        stages.append(StageSlot(first, last, gi))
         first = last
     return StageSolution(
         name,

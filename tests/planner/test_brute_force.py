@@ -19,20 +19,13 @@ import pytest
 
 from distplan.errors import InfeasiblePlanError
 from distplan.planner import plan
+from distplan.planner.bounds import fill_bound, lower_bound, min_bottleneck
+from distplan.planner.candidates import Candidate, candidate_dp, candidate_microbatches
 from distplan.planner.coarsen import coarsen
 from distplan.planner.cost import CostModel
 from distplan.planner.evaluate import StageSpec, layout_cost
 from distplan.planner.ilp import solve_stage_problem
-from distplan.planner.search import (
-    Candidate,
-    _fill_bound,
-    _lower_bound,
-    _min_bottleneck,
-    build_problem,
-    candidate_dp,
-    candidate_microbatches,
-    int_objective,
-)
+from distplan.planner.problem import build_problem, int_objective
 from distplan.planner.synthetic import random_chain_graph, random_cluster
 
 SEEDS = range(24)
@@ -99,11 +92,11 @@ def test_integer_program_matches_exhaustive_search(seed: int, shared: int) -> No
         for m in candidate_microbatches(global_batch // dp, max_stages=4):
             schedule = "gpipe" if (seed + m) % 4 == 0 else "1f1b"
             cand = Candidate(dp, m, global_batch // (dp * m), schedule)
-            prob, _ = build_problem(cost, blocks, cand)
+            prob = build_problem(cost, blocks, cand).problem
             expected = _brute_int(prob)
             sol = solve_stage_problem(prob, workers=1, deterministic_time=20.0, time_limit_s=60.0)
-            t_star = _min_bottleneck(prob)
-            t_runs = _min_bottleneck(prob, runs=True)
+            t_star = min_bottleneck(prob)
+            t_runs = min_bottleneck(prob, runs=True)
             if expected is None:
                 assert sol.status == "INFEASIBLE", (dp, m)
                 continue
@@ -113,9 +106,9 @@ def test_integer_program_matches_exhaustive_search(seed: int, shared: int) -> No
             assert t_star <= t_runs <= _brute_bottleneck(prob), (dp, m, t_star, t_runs)
             # the fill relaxation's bound too, whatever incumbent it is given
             for upper in (expected, expected + 1, 2 * expected, 10 * expected):
-                assert _fill_bound(prob, t_runs, upper) <= expected, (dp, m, upper)
+                assert fill_bound(prob, t_runs, upper) <= expected, (dp, m, upper)
             # the bounds the search reports must be bounds: LP/fluid relaxation <= the true optimum
-            assert _lower_bound(prob) <= expected, (dp, m)
+            assert lower_bound(prob) <= expected, (dp, m)
             assert sol.status == "OPTIMAL", (dp, m, sol.status)
             assert sol.objective == expected, (dp, m, sol.objective, expected)
             assert int_objective(prob, sol.stages) == expected
@@ -288,14 +281,14 @@ def test_bounds_hold_on_raw_integer_data(seed: int) -> None:
         # The integer program agrees with the exhaustive search on this data too (shared groups included).
         sol = solve_stage_problem(prob, workers=1, deterministic_time=20.0, time_limit_s=60.0)
         assert (sol.status, sol.objective) == ("OPTIMAL", expected)
-    t_star = _min_bottleneck(prob)
+    t_star = min_bottleneck(prob)
     if expected is None:
-        assert _lower_bound(prob) >= 0
+        assert lower_bound(prob) >= 0
         return
-    t_runs = _min_bottleneck(prob, runs=True)
+    t_runs = min_bottleneck(prob, runs=True)
     assert t_star is not None and t_runs is not None
     assert t_star <= t_runs <= _brute_bottleneck(prob), (t_star, t_runs, _brute_bottleneck(prob))
-    assert _lower_bound(prob) <= expected
-    assert _lower_bound(prob, expected) <= expected
+    assert lower_bound(prob) <= expected
+    assert lower_bound(prob, expected) <= expected
     for upper in (expected, expected + 1, 3 * expected):
-        assert _fill_bound(prob, t_runs, upper) <= expected, upper
+        assert fill_bound(prob, t_runs, upper) <= expected, upper
