@@ -56,7 +56,7 @@ from distplan._serde import get_bool, get_float, get_int, get_map, get_str
 from distplan.cluster import Cluster, Link
 from distplan.errors import DistplanError
 from distplan.graph import OpGraph, dtype_bytes
-from distplan.plan import Plan, build_rank_map, parse_layout
+from distplan.plan import PLAN_SCHEMA_VERSION, Plan, build_rank_map, parse_layout
 
 from .model import JobSpec, SchedulerError
 from .shapes import Pool, Shape
@@ -83,12 +83,12 @@ def plan_on(graph: OpGraph, cluster: Cluster, job: JobSpec, *, time_limit_s: flo
     """The plan of ``job`` on ``cluster`` (a shape's sub-cluster): the scheduler's one call into the planner.
 
     Raises whatever the planner raises (``InfeasiblePlanError`` when no layout fits memory, ``PlanError``
-    for a batch that no data-parallel degree divides).
+    for a batch that no data-parallel degree divides or a figure out of range).
     """
     from distplan.planner import plan
+    from distplan.request import PlanRequest
 
-    return plan(
-        graph,
+    request = PlanRequest(
         cluster=cluster,
         global_batch=job.global_batch,
         dtype=job.dtype,
@@ -97,6 +97,7 @@ def plan_on(graph: OpGraph, cluster: Cluster, job: JobSpec, *, time_limit_s: flo
         workers=1,
         baselines=False,
     )
+    return plan(graph, request)
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,6 +405,7 @@ class Pricer:
             raise SchedulerError("no price cache file to save to (give a path)")
         doc = {
             "schema_version": PRICE_CACHE_VERSION,
+            "plan_schema_version": PLAN_SCHEMA_VERSION,
             "prices": {k: v.to_dict() for k, v in self._cache.items()},
         }
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -412,18 +414,29 @@ class Pricer:
         tmp.replace(p)
 
     def load(self, path: str | Path) -> None:
-        """Merge a cache file written by :meth:`save` (a file of another version is ignored: prices are
-        re-planned)."""
+        """Merge a cache file written by :meth:`save`. A file of another cache or plan version is ignored, and
+        so is an entry that does not read back: those prices are planned again.
+
+        Raises:
+            SchedulerError: the file cannot be read or is not JSON.
+        """
         p = Path(path)
         try:
             doc = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise SchedulerError(f"price cache {str(p)!r} cannot be read: {e}") from e
-        if not isinstance(doc, Mapping) or doc.get("schema_version") != PRICE_CACHE_VERSION:
+        if (
+            not isinstance(doc, Mapping)
+            or doc.get("schema_version") != PRICE_CACHE_VERSION
+            or doc.get("plan_schema_version") != PLAN_SCHEMA_VERSION
+            or not isinstance(doc.get("prices"), Mapping)
+        ):
             return
-        prices = get_map(doc.get("prices", {}), f"{p}.prices", SchedulerError)
-        for k, v in prices.items():
-            self._cache[str(k)] = Price.from_dict(v, f"{p}.prices[{k}]")
+        for k, v in doc["prices"].items():
+            try:
+                self._cache[str(k)] = Price.from_dict(v, f"{p}.prices[{k}]")
+            except DistplanError:
+                continue
 
     def __len__(self) -> int:
         return len(self._cache)

@@ -130,6 +130,30 @@ def test_price_reads_back_with_its_plan(graphs) -> None:
     assert Price.from_dict(json.loads(json.dumps(price.to_dict()))) == price
 
 
+def test_price_cache_file_is_reused_and_stale_entries_are_planned_again(tmp_path, graphs) -> None:
+    from distplan.scheduler.shapes import Shape, pools_of
+
+    c = make_cluster("one", per_host=1)
+    pool = pools_of(c)[0]
+    path = tmp_path / "prices.json"
+    first = Pricer(c, cache_path=path)
+    price = first.price(job("j"), graphs["tiny"], pool, Shape(0, 1, 1))
+    first.save()
+    again = Pricer(c, cache_path=path)
+    assert again.price(job("j"), graphs["tiny"], pool, Shape(0, 1, 1)) == price
+    assert (again.calls, again.hits) == (0, 1)
+    doc = json.loads(path.read_text())
+    (key,) = doc["prices"]
+    doc["prices"][key]["plan"]["stages"] = "not stages"  # written by another distplan, say
+    path.write_text(json.dumps(doc))
+    assert len(Pricer(c, cache_path=path)) == 0
+    path.write_text(json.dumps({**doc, "plan_schema_version": -1}))
+    assert len(Pricer(c, cache_path=path)) == 0
+    path.write_text("{")
+    with pytest.raises(SchedulerError, match="cannot be read"):
+        Pricer(c, cache_path=path)
+
+
 def test_state_round_trip_continues_identically(graphs, sources) -> None:
     cluster = make_cluster("two-hosts", per_host=2, hosts=2)
     pricer = Pricer(cluster)
