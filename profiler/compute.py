@@ -29,6 +29,7 @@ import contextlib
 import functools
 import itertools
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,21 @@ def cache_bytes(device: torch.device) -> int:
     return best or 32 << 20
 
 
+def memory_limit(device: torch.device, sharing: int = 1) -> float:
+    """Bytes one measurement may allocate: a quarter of the device's memory shared by ``sharing`` ranks
+    measuring at once (a CPU's RAM, a GPU's free memory), at most 4 GiB. Curves stop growing before a size
+    needs more (beyond it they extrapolate)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        total = float(free)
+    else:
+        try:
+            total = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            total = 8.0 * 2**30
+    return min(4.0 * 2**30, total / (4 * max(1, sharing)))
+
+
 def _pool(nbytes_each: float, llc: int) -> int:
     """How many distinct weights of ``nbytes_each`` to rotate over (see [Note: cold weights])."""
     return max(1, min(POOL_MAX, math.ceil(2 * llc / max(nbytes_each, 1.0))))
@@ -188,7 +204,7 @@ def _fwd_bwd(
 
 # ---------------------------------------------------------------------------------------------- classes
 def _matmul(
-    device: torch.device, precision: str, budget: Budget, tick: Callable[[], None], llc: int
+    device: torch.device, precision: str, budget: Budget, tick: Callable[[], None], llc: int, mem: float
 ) -> OpTimes:
     fwd_pts, bwd_pts = [], []
     prec = functools.partial(matmul_precision, precision, device)
@@ -197,8 +213,11 @@ def _matmul(
         # range from h -> h to h -> 4h on T = batch x sequence tokens).
         h = max(4, round((target / 12) ** (1 / 3) / 4) * 4)
         t, k, n = 2 * h, h, 3 * h
+        count = _pool(4.0 * n * k, llc)
+        if 4.0 * (3 * t * (k + n) + count * (2 * n * k + t * n)) > mem:
+            break
         x = torch.randn(t, k, device=device, requires_grad=True)
-        ws = [torch.randn(n, k, device=device, requires_grad=True) for _ in range(_pool(4.0 * n * k, llc))]
+        ws = [torch.randn(n, k, device=device, requires_grad=True) for _ in range(count)]
         tf, tb = _fwd_bwd([functools.partial(F.linear, x, w) for w in ws], budget, prec)
         flops = 2.0 * t * k * n
         fwd_pts.append((flops, tf))
@@ -227,14 +246,17 @@ def _attention(device: torch.device, precision: str, budget: Budget, tick: Calla
     return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
 
 
-def _stream(device: torch.device, budget: Budget, tick: Callable[[], None], llc: int) -> OpTimes:
+def _stream(device: torch.device, budget: Budget, tick: Callable[[], None], llc: int, mem: float) -> OpTimes:
     """A one-token linear (matrix-vector product) against bytes moved (input + weight + output): how fast
     cold weights stream, forward and backward (see [Note: cold weights])."""
     fwd_pts, bwd_pts = [], []
     for target in _geometric(1e3, 1e11, budget.points_per_decade):
         k = max(4, round(math.sqrt(target / 4) / 4) * 4)
+        count = _pool(4.0 * k * k, llc)
+        if 4.0 * count * (3 * k * k + 4 * k) > mem:  # weights, their gradients, one more for the backward
+            break
         x = torch.randn(1, k, device=device, requires_grad=True)
-        ws = [torch.randn(k, k, device=device, requires_grad=True) for _ in range(_pool(4.0 * k * k, llc))]
+        ws = [torch.randn(k, k, device=device, requires_grad=True) for _ in range(count)]
         tf, tb = _fwd_bwd([functools.partial(F.linear, x, w) for w in ws], budget)
         nbytes = 4.0 * (k * k + 2 * k)
         fwd_pts.append((nbytes, tf))
@@ -280,6 +302,7 @@ def _memory_class(
     device: torch.device,
     budget: Budget,
     tick: Callable[[], None],
+    mem: float,
     ops: Sequence[
         tuple[str, Callable[[int], tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], float]]]
     ],
@@ -290,6 +313,8 @@ def _memory_class(
     weights, if any, are leaves that require grad."""
     fwd_pts, bwd_pts = [], []
     for target in _geometric(64, 1e11, budget.points_per_decade):
+        if (CHAIN + 4) * target > mem:  # the input, a constant, the chain's saved values, a gradient
+            break
         tfs, tbs, sizes = [], [], []
         for _, build in ops:
             x, op, nbytes = build(int(target))
@@ -347,19 +372,22 @@ def _norm_ops(device: torch.device) -> list[tuple[str, _Build]]:
     return [("layer_norm", layer_norm), ("softmax", softmax)]
 
 
-def _embedding(device: torch.device, budget: Budget, tick: Callable[[], None], llc: int) -> OpTimes:
+def _embedding(
+    device: torch.device, budget: Budget, tick: Callable[[], None], llc: int, mem: float
+) -> OpTimes:
     """Embedding: the forward reads only the gathered rows (keyed by output bytes); the backward writes a
     dense gradient as large as the table (keyed by bytes moved, the table included, as the tracer counts)."""
     fwd_pts, bwd_pts = [], []
     dim = 64
     for target in _geometric(256, 1e10, budget.points_per_decade):
         tokens = max(1, int(target) // (4 * dim))
-        vocab = 16 * tokens
+        # A table several times the tokens it serves, as vocabularies are, within the memory limit.
+        vocab = max(1024, min(16 * tokens, int(mem / 8 / (4 * dim))))
+        count = _pool(4.0 * vocab * dim, llc)
+        if 4.0 * (count * 3 * vocab * dim + 4 * tokens * dim) > mem:
+            break
         idx = torch.randint(0, vocab, (1, tokens), device=device)
-        tables = [
-            torch.randn(vocab, dim, device=device, requires_grad=True)
-            for _ in range(_pool(4.0 * vocab * dim, llc))
-        ]
+        tables = [torch.randn(vocab, dim, device=device, requires_grad=True) for _ in range(count)]
         tf, tb = _fwd_bwd([functools.partial(F.embedding, idx, w) for w in tables], budget)
         out_bytes = 4.0 * tokens * dim
         fwd_pts.append((out_bytes, tf))
@@ -381,13 +409,17 @@ def _view(device: torch.device, budget: Budget) -> OpTimes:
     return OpTimes(Curve((1.0,), (tf,)), Curve((1.0,), (tb,)))
 
 
-def _optimizer(device: torch.device, name: str, budget: Budget, tick: Callable[[], None]) -> Curve:
+def _optimizer(
+    device: torch.device, name: str, budget: Budget, tick: Callable[[], None], mem: float
+) -> Curve:
     """Seconds of one optimizer step per parameter tensor, against the tensor's bytes (8 equal tensors,
     stepped together as the runtime steps a stage's parameters, divided)."""
     pts = []
     count = 8
     for target in _geometric(64, 4e9, budget.points_per_decade):
         n = max(1, int(target) // 4)
+        if count * 4 * 4.0 * n > mem:  # weights, gradients, two states
+            break
         params = [torch.nn.Parameter(torch.randn(n, device=device)) for _ in range(count)]
         for p in params:
             p.grad = torch.randn_like(p)
@@ -534,6 +566,7 @@ def measure_device(
     per_curve = max(2, math.ceil(10 * budget.points_per_decade))
     total = per_curve * (2 * len(precs) + 4 + len(optimizers)) + 2
     llc = cache_bytes(dev)
+    mem = memory_limit(dev, sharing)
     sync = barrier or (lambda: None)
 
     def ticker(what: str) -> Callable[[], None]:
@@ -550,24 +583,24 @@ def measure_device(
             matmul, attention = {}, {}
             for p in precs:
                 sync()
-                matmul[p] = _matmul(dev, p, budget, ticker(f"matmul {p}"), llc)
+                matmul[p] = _matmul(dev, p, budget, ticker(f"matmul {p}"), llc, mem)
                 sync()
                 attention[p] = _attention(dev, p, budget, ticker(f"attention {p}"))
             sync()
-            stream = _stream(dev, budget, ticker("weight streaming"), llc)
+            stream = _stream(dev, budget, ticker("weight streaming"), llc, mem)
             ops = {}
             sync()
-            ops["elementwise"] = _memory_class(dev, budget, ticker("elementwise"), _elementwise_ops(dev))
+            ops["elementwise"] = _memory_class(dev, budget, ticker("elementwise"), mem, _elementwise_ops(dev))
             sync()
-            ops["norm"] = _memory_class(dev, budget, ticker("norm"), _norm_ops(dev))
+            ops["norm"] = _memory_class(dev, budget, ticker("norm"), mem, _norm_ops(dev))
             sync()
-            ops["embedding"] = _embedding(dev, budget, ticker("embedding"), llc)
+            ops["embedding"] = _embedding(dev, budget, ticker("embedding"), llc, mem)
             sync()
             ops["view"] = _view(dev, budget)
             opt = {}
             for name in optimizers:
                 sync()
-                opt[name] = _optimizer(dev, name, budget, ticker(f"optimizer {name}"))
+                opt[name] = _optimizer(dev, name, budget, ticker(f"optimizer {name}"), mem)
             mb_f = mb_b = 0.0
             if runtime:
                 ticker("runtime overhead")()
