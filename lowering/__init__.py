@@ -12,6 +12,12 @@
   ``torchrun`` command per host.
 - :func:`split_graph`: the graph surgery (stage modules from a captured graph and cut positions).
 
+Each stage has its own data- and tensor-parallel degree, recomputation and sharding: where every chunk of a
+microbatch runs and in which order (``distplan.lowering.parallel``), the schedule executor that runs any
+such plan (``distplan.lowering.executor``), tensor parallelism with DTensor on the stage graph
+(``distplan.lowering.stages``), recomputation (``distplan.lowering.recompute``), ZeRO-1/2/3 with FSDP2
+(``distplan.lowering.sharding``) and the memory a step really takes (``distplan.lowering.memory``).
+
 Models whose output is a structure (dict, tuple, dataclass, ``ModelOutput``) take an ``output=`` selector
 (``distplan.lowering.outputs``); keyword inputs with a batch dimension are cut with the positional inputs
 (``distplan.lowering.batching``); random ops, batch statistics and buffers written by the forward are found

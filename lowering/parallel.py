@@ -448,11 +448,8 @@ def _simulate(layout: ParallelLayout) -> Iterator[tuple[Action, ...]]:
 
 
 def _global_microbatch(plan: Any) -> int:
-    """``b``, rows of one microbatch over all replicas of a stage. Schema 2 stores it as ``microbatch_size``;
-    schema 1 stored the rows per replica, with one dp for all stages."""
-    if hasattr(plan, "replica_microbatch") or int(getattr(plan, "schema_version", 1)) >= 2:
-        return int(plan.microbatch_size)
-    return int(plan.microbatch_size) * int(plan.stages[0].dp)
+    """``b``, rows of one microbatch over all replicas of a stage (plan schema 2's ``microbatch_size``)."""
+    return int(plan.microbatch_size)
 
 
 def _recompute_of(stage: Any) -> str:

@@ -62,6 +62,7 @@ _SDPA_NAMES = (
     "_scaled_dot_product_flash_attention_for_cpu",
     "_flash_attention_forward",
     "_efficient_attention_forward",
+    "sdpa_math",  # the same op written out for DTensor on the CPU (distplan.lowering.stages)
 )
 _SOFTMAX_NAMES = ("softmax", "_softmax", "_safe_softmax")
 _MATMUL_NAMES = ("matmul", "bmm", "baddbmm", "einsum", "__matmul__")
