@@ -673,6 +673,9 @@ _COMM_FRAMES = (
     "batch_isend_irecv",
     "rendezvous",
     "_store_based_barrier",
+    # distplan's schedule executor waits on its receives and sends here (lowering/executor.py)
+    " in _recv",
+    " in _drain_sends",
 )
 
 
