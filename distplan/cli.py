@@ -1,26 +1,45 @@
-"""The ``distplan`` command line.
+"""The ``distplan`` command line: the one top-level CLI.
 
-Each pipeline stage registers its own sub-commands from its package's ``cli.py`` (``register(app)``), so
-the stages stay independent. Those modules import torch and other heavy libraries inside the command
-functions only, which keeps ``distplan --help`` and ``distplan plan graph.json`` fast.
+Every command lives in a command module, imported here statically and registered in pipeline order::
+
+    distplan.cli                                  app, main (errors), option_of   <- the entry point
+      distplan.presentation.trace_cli             trace, models
+      distplan.presentation.catalogue_cli         clusters, device-kinds
+      distplan.planner.cli                        plan, simulate
+      distplan.lowering.cli                       lower, validate
+      distplan.profiler.cli                       profile
+      distplan.presentation.report_cli            report
+      distplan.presentation.demo_cli              demo
+      distplan.scheduler.cli                      schedule
+      distplan.service.cli                        serve
+        distplan.presentation.cli_support         output files, --set, shared options (below them all)
+        distplan.presentation.progress            the live progress line on stderr
+
+No module imports this one back (``tests/test_architecture.py`` checks it). The command modules import
+only typer and distplan's core at their top; torch, the tracer and other heavy parts are imported inside
+the command functions, so ``distplan --help`` (and any command) starts without torch.
 
 Errors a user can cause (:class:`~distplan.errors.DistplanError`) print one paragraph and exit with code 2;
+an error about a plan-request field (``DistplanError.field``) names it as its option (:func:`option_of`).
 ``--debug`` (anywhere on the line) or ``DISTPLAN_DEBUG=1`` shows the traceback too.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-from pathlib import Path
-from typing import Any, NoReturn
 
 import typer
 
 from distplan.errors import DistplanError
+from distplan.lowering import cli as lowering_cli
+from distplan.planner import cli as planner_cli
+from distplan.presentation import catalogue_cli, demo_cli, report_cli, trace_cli
+from distplan.profiler import cli as profiler_cli
+from distplan.scheduler import cli as scheduler_cli
+from distplan.service import cli as service_cli
 
-__all__ = ["app", "fail", "main", "option_of", "write_output"]
+__all__ = ["app", "main", "option_of"]
 
 app = typer.Typer(
     name="distplan",
@@ -31,119 +50,16 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# Sub-packages that contribute commands, in the order of the pipeline.
-_COMMAND_MODULES = (
-    "distplan.tracer.cli",
-    "distplan.planner.cli",
-    "distplan.lowering.cli",
-    "distplan.profiler.cli",
-    "distplan.service.cli",
-    "distplan.presentation.report_cli",
-    "distplan.presentation.demo_cli",
-    "distplan.scheduler.cli",
-)
-
-_registered = False
-
-
-def _register_all() -> None:
-    global _registered
-    if _registered:
-        return
-    for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # that stage has no commands yet
-                continue
-            raise
-        module.register(app)
-    _registered = True
-
-
-@app.command("clusters")
-def clusters_command(
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-) -> None:
-    """List the built-in cluster presets: name, device count and the device kinds each holds."""
-    import json
-
-    from distplan.profiles import list_presets, preset_cluster
-
-    rows: list[dict[str, Any]] = []
-    for name in list_presets():
-        c = preset_cluster(name)
-        rows.append(
-            {
-                "name": name,
-                "num_devices": c.num_devices,
-                "num_hosts": len(c.hosts),
-                "kinds": c.kind_counts(),
-                "description": c.description,
-            }
-        )
-    if json_out:
-        typer.echo(json.dumps({"clusters": rows}, indent=1))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title="cluster presets (use with --cluster NAME, or pass a YAML file)")
-    for col in ("name", "devices", "hosts", "kinds", "description"):
-        t.add_column(col)
-    for r in rows:
-        kinds = ", ".join(f"{n} x {k}" for k, n in r["kinds"].items())
-        t.add_row(str(r["name"]), str(r["num_devices"]), str(r["num_hosts"]), kinds, str(r["description"]))
-    Console().print(t)
-
-
-@app.command("device-kinds")
-def device_kinds_command(
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-) -> None:
-    """List the device-kind catalogue: memory, bandwidth and peak TFLOP/s per dtype."""
-    import json
-
-    from distplan.profiles import device_kinds
-
-    kinds = device_kinds()
-    if json_out:
-        typer.echo(json.dumps({"kinds": [k.to_dict() for k in kinds.values()]}, indent=1))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title="device kinds")
-    for col in ("name", "memory GiB", "HBM GB/s", "fp32", "tf32", "bf16", "fp16", "efficiency"):
-        t.add_column(col)
-    for k in kinds.values():
-        tf = [
-            f"{k.peak_flops[d] / 1e12:g}" if d in k.peak_flops else "-"
-            for d in ("fp32", "tf32", "bf16", "fp16")
-        ]
-        t.add_row(
-            k.name,
-            f"{k.memory_bytes / 2**30:g}",
-            f"{k.memory_bandwidth_bytes_s / 1e9:g}",
-            *tf,
-            f"{k.efficiency:g}",
-        )
-    Console().print(t)
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """Print an error paragraph to stderr and exit (for commands' own argument checks)."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def write_output(path: Path, text: str) -> None:
-    """Write a command's output file (making its folder); an OS error becomes a one-line DistplanError."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    except OSError as e:
-        raise DistplanError(f"cannot write {str(path)!r}: {e.strerror}") from e
+# In the order `distplan --help` lists them: the pipeline, then the tools around it.
+trace_cli.register(app)
+catalogue_cli.register(app)
+planner_cli.register(app)
+lowering_cli.register(app)
+profiler_cli.register(app)
+report_cli.register(app)
+demo_cli.register(app)
+scheduler_cli.register(app)
+service_cli.register(app)
 
 
 # Request fields whose command-line option is not ``--`` + the field with dashes.
@@ -160,10 +76,12 @@ def option_of(field: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the ``distplan`` command line on ``argv`` (default: ``sys.argv[1:]``) and exit with its code:
+    0 done, 1 a check failed (``validate``) or a distplan bug, 2 a user error (one paragraph on stderr),
+    130 interrupted."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("DISTPLAN_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
-    _register_all()
     try:
         # Without standalone mode, click returns a command's `typer.Exit(code)` instead of exiting.
         rc = app(args=args, prog_name="distplan", standalone_mode=False)

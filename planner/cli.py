@@ -1,19 +1,19 @@
 """``distplan plan`` and ``distplan simulate``.
 
-The tracer is imported inside the command, and only when MODEL is not a graph JSON file, so planning a
-saved graph never loads torch.
+A command module, registered by ``distplan.cli``. The tracer is imported inside the command, and only when
+MODEL is not a graph JSON file, so planning a saved graph never loads torch.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from distplan.errors import PlanError
+from distplan.presentation.cli_support import check_output, check_trace_size, json_option, write_output
 from distplan.units import format_bytes
 
 __all__ = ["load_graph", "plan_summary", "register"]
@@ -21,9 +21,12 @@ __all__ = ["load_graph", "plan_summary", "register"]
 _DEFAULT_CLUSTER = "a100x8-v100x8"
 
 
-def load_graph(model: str, *, batch: int = 1, seq: int | None = None) -> Any:
+def load_graph(model: str, *, batch: int = 1, seq: int | None = None, progress: Any | None = None) -> Any:
     """An ``OpGraph`` from a graph JSON file, or traced from a model spec (built-in name, config.json or
-    ``package.module:function``) by ``distplan.tracer``."""
+    ``package.module:function``) by ``distplan.tracer`` at ``batch`` x ``seq`` (the tracer's default
+    ``seq`` when None). ``progress`` (a :class:`~distplan.presentation.progress.ProgressLine`) is retitled
+    while tracing. Raises :class:`PlanError` for a ``.json`` file that is not JSON, and the tracer's errors.
+    """
     from distplan.graph import OpGraph
 
     p = Path(model)
@@ -35,6 +38,8 @@ def load_graph(model: str, *, batch: int = 1, seq: int | None = None) -> Any:
             raise PlanError(f"{model}: not valid JSON: {e}") from e
         if isinstance(data, dict) and "nodes" in data:
             return OpGraph.load(p)
+    if progress is not None:
+        progress.set_title(f"tracing {model} (batch {batch}, seq {seq}) on the meta device")
     from distplan.tracer import trace  # imported lazily: it pulls in torch
 
     kw: dict[str, Any] = {"batch": batch}
@@ -221,23 +226,25 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(
             2, "--workers", help="CP-SAT worker threads (the plan does not depend on it). Default: 2."
         ),
-        seq: int | None = typer.Option(
-            None, "--seq", help="Sequence length when tracing MODEL (default: 512; ignored for a graph JSON)."
+        seq: int = typer.Option(
+            512, "--seq", help="Sequence length when tracing MODEL (ignored for a graph JSON). Default: 512."
         ),
         batch: int = typer.Option(1, "--batch", help="Batch size when tracing MODEL. Default: 1."),
         out: Path | None = typer.Option(
             None, "--out", help="Write the plan JSON here (default: not written)."
         ),
-        json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+        json_out: bool = json_option("one JSON object instead of a table"),
         no_baselines: bool = typer.Option(
             False, "--no-baselines", help="Skip the baselines (default: price them)."
         ),
     ) -> None:
         """Plan pipeline stages and device placement for a model on a cluster."""
         from distplan.planner import plan as make_plan
+        from distplan.presentation.progress import ProgressLine
         from distplan.request import as_request
 
-        # The request is built (and checked) before the model is traced: a bad option fails at once.
+        # The request (and the output, and the trace size) is checked before the model is traced: a bad
+        # option fails at once, named as its option (see [Note: the request spine] in distplan.request).
         request = as_request(
             cluster=cluster,
             global_batch=global_batch,
@@ -250,28 +257,15 @@ def register(app: typer.Typer) -> None:
             baselines=not no_baselines,
             matmul_precision=matmul_precision,
         )
-        graph = load_graph(model, batch=batch, seq=seq)
-        progress = None
-        live = None
-        if not json_out and sys.stderr.isatty():
-            from rich.console import Console
-            from rich.live import Live
-
-            live = Live(console=Console(stderr=True), transient=True)
-            live.start()
-
-            def progress(p: Any) -> None:
-                live.update(  # type: ignore[union-attr]
-                    f"[{p.label}] best {p.objective_s:.4g} s, bound {p.bound_s:.4g} s, {p.elapsed_s:.1f} s"
-                )
-
-        try:
-            p = make_plan(graph, request, progress=progress)
-        finally:
-            if live is not None:
-                live.stop()
+        check_trace_size(batch=batch, seq=seq)
         if out is not None:
-            p.save(out)
+            check_output(out, option="--out")
+        with ProgressLine(f"loading {model}", json_out=json_out) as show:
+            graph = load_graph(model, batch=batch, seq=seq, progress=show)
+            show.set_title(f"planning on {request.cluster.name} ({request.cluster.num_devices} devices)")
+            p = make_plan(graph, request, progress=show)
+        if out is not None:
+            write_output(out, p.to_json(), option="--out")
         summary = plan_summary(p)
         if json_out:
             typer.echo(json.dumps(summary, indent=1))
@@ -291,20 +285,22 @@ def register(app: typer.Typer) -> None:
             "--graph",
             help="The plan's graph JSON, checked against the plan and passed to the simulator (default: none).",
         ),
-        json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+        json_out: bool = json_option("one JSON object instead of text"),
     ) -> None:
         """Simulate one training iteration of a plan, event by event."""
         from distplan.graph import OpGraph
         from distplan.plan import Plan
         from distplan.planner import simulate
 
+        if timeline is not None:
+            check_output(timeline, option="--timeline")
         p = Plan.load(plan_file)
         graph = OpGraph.load(graph_file) if graph_file is not None else None
         if graph is not None:
             p.check(graph)
         tl = simulate(p, graph)
         if timeline is not None:
-            timeline.write_text(tl.to_chrome_trace_json())
+            write_output(timeline, tl.to_chrome_trace_json(), option="--timeline")
         result = {
             "iteration_time_s": tl.iteration_time_s,
             "predicted_iteration_time_s": p.predictions.iteration_time_s,

@@ -117,20 +117,22 @@ def run_demo(
     Raises the pipeline's own :class:`~distplan.errors.DistplanError` subclasses on bad input; a failed
     validation is *returned* (``result.passed is False``), not raised, so the caller can show it.
     """
-    from distplan.planner import plan as make_plan
-    from distplan.planner import simulate
-    from distplan.profiles import load_cluster
-    from distplan.tracer import trace
+    from distplan.limits import REQUEST_RANGES
+    from distplan.request import as_request
 
-    if global_batch < 1:
-        raise DistplanError(f"--global-batch must be >= 1, got {global_batch}")
-    if seq < 1:
-        raise DistplanError(f"--seq must be >= 1, got {seq}")
+    # The request (and the trace size) is checked before anything heavy is loaded: a bad value fails at
+    # once, naming its field (see [Note: the request spine] in distplan.request).
+    request = as_request(cluster=cluster, global_batch=global_batch, time_limit_s=time_limit_s)
+    REQUEST_RANGES["seq"].check("seq", seq)
     if steps < 1:
         raise DistplanError(f"--steps must be >= 1, got {steps}")
+    from distplan.planner import plan as make_plan
+    from distplan.planner import simulate
+    from distplan.tracer import trace  # loads torch
+
     cb = _PhaseCallback(progress)
     seconds: dict[str, float] = {}
-    the_cluster = load_cluster(cluster)
+    the_cluster = request.cluster
 
     cb.phase(f"tracing {model} (seq {seq}) on the meta device")
     t0 = time.perf_counter()
@@ -139,9 +141,7 @@ def run_demo(
 
     cb.phase(f"planning on {the_cluster.name} ({the_cluster.num_devices} devices)")
     t0 = time.perf_counter()
-    plan = make_plan(
-        graph, cluster=the_cluster, global_batch=global_batch, time_limit_s=time_limit_s, progress=cb
-    )
+    plan = make_plan(graph, request, progress=cb)
     seconds["plan"] = time.perf_counter() - t0
 
     cb.phase("simulating one iteration")

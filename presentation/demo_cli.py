@@ -1,4 +1,6 @@
-"""``distplan demo``: the README's main job (see :mod:`distplan.presentation.demo`)."""
+"""``distplan demo``: the README's main job (see :mod:`distplan.presentation.demo`).
+
+A command module, registered by ``distplan.cli``."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from distplan.cli import write_output
+from distplan.presentation.cli_support import check_output, json_option, write_output
 from distplan.presentation.demo import (
     DEFAULT_CLUSTER,
     DEFAULT_GLOBAL_BATCH,
@@ -39,7 +41,7 @@ def demo_command(
     ),
     seq: int = typer.Option(DEFAULT_SEQ, "--seq", help="Sequence length the model is traced and planned at."),
     time_limit: float = typer.Option(
-        DEFAULT_TIME_LIMIT_S, "--time-limit", help="Solver time limit in seconds."
+        DEFAULT_TIME_LIMIT_S, "--time-limit", help="Wall-clock limit of the planning, in seconds."
     ),
     steps: int = typer.Option(1, "--steps", help="Training steps the CPU validation runs and compares."),
     validate: bool = typer.Option(
@@ -54,9 +56,7 @@ def demo_command(
     plan_out: Path | None = typer.Option(
         None, "--plan-out", help="Also save the plan JSON here (default: none).", show_default=False
     ),
-    json_out: bool = typer.Option(
-        False, "--json", help="Print one JSON object instead of tables (no progress)."
-    ),
+    json_out: bool = json_option("one JSON object instead of tables (no progress)"),
     inject_fault: str | None = typer.Option(
         None, "--inject-fault", hidden=True, help="Testing aid passed to the validation (e.g. raise:1)."
     ),
@@ -74,6 +74,9 @@ def demo_command(
     from distplan.presentation.progress import ProgressLine
     from distplan.presentation.tables import plan_table
 
+    for path, option in ((plan_out, "--plan-out"), (report, "--report")):
+        if path is not None:
+            check_output(path, option=option)
     console = Console(width=None if sys.stdout.isatty() else 120, highlight=False)
     with ProgressLine("starting", json_out=json_out) as show:
         result = run_demo(
@@ -88,11 +91,12 @@ def demo_command(
             inject_fault=inject_fault,
         )
     if plan_out is not None:
-        write_output(plan_out, result.plan.to_json())
+        write_output(plan_out, result.plan.to_json(), option="--plan-out")
     if report is not None:
         from distplan.presentation.report import render_report
 
-        write_output(report, render_report(result.plan, graph=result.graph, timeline=result.timeline))
+        page = render_report(result.plan, graph=result.graph, timeline=result.timeline)
+        write_output(report, page, option="--report")
     if json_out:
         typer.echo(json.dumps(summary_dict(result), indent=1))
     else:

@@ -1,4 +1,6 @@
-"""``distplan report``: write a plan's report page (and its timeline as SVG / PNG) from a plan file."""
+"""``distplan report``: write a plan's report page (and its timeline as SVG / PNG) from a plan file.
+
+A command module, registered by ``distplan.cli``."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from distplan.cli import write_output
+from distplan.presentation.cli_support import check_output, write_output
 
 if TYPE_CHECKING:
     from distplan.graph import OpGraph
@@ -17,12 +19,9 @@ if TYPE_CHECKING:
 __all__ = ["register", "report_command"]
 
 
-def _simulate(plan: Plan, graph: OpGraph | None) -> Timeline | None:
-    try:
-        from distplan.planner import simulate
-    except ImportError:  # a checkout without the planner: the page says the timeline is missing
-        typer.echo("note: no timeline (the planner's simulator is not available); pass --timeline", err=True)
-        return None
+def _simulate(plan: Plan, graph: OpGraph | None) -> Timeline:
+    from distplan.planner import simulate
+
     return simulate(plan, graph)
 
 
@@ -33,7 +32,9 @@ def report_command(
         show_default=False,
         metavar="PLAN.json",
     ),
-    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="Where to write the HTML page."),
+    out: Path = typer.Option(
+        Path("report.html"), "--out", "-o", help="Where to write the HTML page. Default: report.html."
+    ),
     graph_file: Path | None = typer.Option(
         None,
         "--graph",
@@ -67,30 +68,34 @@ def report_command(
     capacity, the model's layers coloured by stage, the simulated timeline (one row per device), the
     baselines and the solver report. It needs no network to view.
     """
-    from distplan.errors import DistplanError
+    import tempfile
+
     from distplan.graph import OpGraph
     from distplan.plan import Plan
     from distplan.presentation.pictures import render_timeline_svg, write_timeline_png
     from distplan.presentation.report import render_report
 
+    for path, option in ((out, "--out"), (timeline_svg, "--timeline-svg"), (timeline_png, "--timeline-png")):
+        if path is not None:
+            check_output(path, option=option)
     plan = Plan.load(plan_file)
     graph = OpGraph.load(graph_file) if graph_file is not None else None
     if graph is not None:
         plan.check(graph)
     timeline = _load_timeline(timeline_file) if timeline_file is not None else _simulate(plan, graph)
     page = render_report(plan, graph=graph, timeline=timeline)
-    write_output(out, page)
+    write_output(out, page, option="--out")
     typer.echo(f"wrote {out} ({len(page) / 1024:.0f} KiB): open it in a browser")
-    if timeline is None and (timeline_svg is not None or timeline_png is not None):
-        raise DistplanError("--timeline-svg/--timeline-png need a timeline: pass --timeline timeline.json")
-    if timeline is not None and timeline_svg is not None:
-        write_output(
-            timeline_svg,
-            render_timeline_svg(timeline, title=f"{plan.graph.name} on {plan.request.cluster.name}"),
-        )
+    title = f"{plan.graph.name} on {plan.request.cluster.name}"
+    if timeline_svg is not None:
+        write_output(timeline_svg, render_timeline_svg(timeline, title=title), option="--timeline-svg")
         typer.echo(f"wrote {timeline_svg}")
-    if timeline is not None and timeline_png is not None:
-        write_timeline_png(timeline, timeline_png, title=f"{plan.graph.name} on {plan.request.cluster.name}")
+    if timeline_png is not None:
+        # chromium draws into a file of its own; the one output writer puts it in place.
+        with tempfile.TemporaryDirectory(prefix="distplan-report-") as tmp:
+            drawn = Path(tmp) / "timeline.png"
+            write_timeline_png(timeline, drawn, title=title)
+            write_output(timeline_png, drawn.read_bytes(), option="--timeline-png")
         typer.echo(f"wrote {timeline_png}")
 
 

@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     ) -> None:
         """Simulate a job set on a cluster under a scheduling policy and print JCT, waits and utilisation."""
-        from distplan.cli import write_output
+        from distplan.presentation.cli_support import write_output
         from distplan.profiles import load_cluster
         from distplan.scheduler import JobSet, Pricer, make_policy, simulate
         from distplan.scheduler.model import SchedulerError

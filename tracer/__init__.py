@@ -7,8 +7,9 @@ Parts: :mod:`~distplan.tracer.zoo` (model specs: built-in zoo, Hugging Face conf
 :mod:`~distplan.tracer.capture` (``torch.export`` / ``torch.fx``; refuses custom autograd Functions whose
 backward a graph cannot keep), :mod:`~distplan.tracer.annotate` (FLOPs, bytes, activation memory per node),
 :mod:`~distplan.tracer.flops` (FLOP formulas torch lacks: grouped expert matmuls and other contractions),
-:mod:`~distplan.tracer.tensor_parallel` (what a tensor-parallel group can split: ``OpGraph.tensor_parallel``)
-and :mod:`~distplan.tracer.cli` (``distplan trace``, ``distplan models``).
+:mod:`~distplan.tracer.tensor_parallel` (what a tensor-parallel group can split: ``OpGraph.tensor_parallel``).
+Its commands (``distplan trace``, ``distplan models``) are :mod:`distplan.presentation.trace_cli`, outside
+this package, whose import loads torch.
 """
 
 from __future__ import annotations

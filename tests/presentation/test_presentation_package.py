@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "presentation"
 CORE = {p.stem for p in (ROOT / "distplan").glob("*.py")} - {"__init__", "cli"}
 STAGES = ("distplan.tracer", "distplan.planner", "distplan.lowering")
-# Modules that run pipeline stages (the demo runs the whole pipeline; `distplan report` simulates a plan
-# given without a timeline) or register commands with the CLI.
-RUNNERS = {"demo", "demo_cli", "report_cli"}
+# Modules that run pipeline stages: the demo (the whole pipeline) and the command modules (`*_cli`:
+# `distplan trace` traces, `distplan report` simulates a plan given without a timeline, ...).
+RUNNERS = {"demo"} | {p.stem for p in PACKAGE.glob("*_cli.py")}
 
 
 def _distplan_imports(path: Path) -> set[str]:

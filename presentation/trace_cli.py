@@ -1,11 +1,12 @@
-"""``distplan trace`` and ``distplan models``.
+"""``distplan trace`` and ``distplan models``: a model to an annotated graph, and the built-in zoo.
 
-Heavy imports (torch, transformers) happen inside the commands so ``distplan --help`` stays fast.
+A command module (registered by ``distplan.cli``). It lives here rather than in the tracer package because
+importing anything from ``distplan.tracer`` imports torch (the package loads its parts eagerly): the tracer
+is imported inside the commands, so ``distplan --help`` and every other command start without torch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from pathlib import Path
@@ -13,9 +14,16 @@ from typing import Any
 
 import typer
 
+from distplan.presentation.cli_support import (
+    check_output,
+    json_option,
+    overrides_option,
+    parse_overrides,
+    write_output,
+)
 from distplan.presentation.formatting import format_bytes, format_count, format_flops
 
-__all__ = ["register", "summary_dict"]
+__all__ = ["models_command", "register", "summary_dict", "trace_command"]
 
 _NUMERIC = re.compile(r"^\d+$")
 
@@ -69,22 +77,6 @@ def _op(target: str) -> str:
     return target
 
 
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    from distplan.errors import ModelSpecError
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ModelSpecError(f"--set expects KEY=VALUE (e.g. num_hidden_layers=2), got {item!r}")
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw  # a bare string such as hidden_act=gelu
-        out[key.strip()] = value
-    return out
-
-
 def _print_summary(graph: Any, info: dict[str, Any], top: int) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -134,92 +126,76 @@ def _print_summary(graph: Any, info: dict[str, Any], top: int) -> None:
     console.print(t)
 
 
+def trace_command(
+    model: str = typer.Argument(
+        ...,
+        help="Built-in model name (see `distplan models`), path to a Hugging Face config.json, "
+        "or an importable factory package.module:function.",
+    ),
+    batch: int = typer.Option(1, "--batch", "-b", help="Batch size of the example inputs. Default: 1."),
+    seq: int = typer.Option(
+        512,
+        "--seq",
+        "-s",
+        help="Sequence length of the example input_ids of language models. Default: 512.",
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Write the annotated graph as JSON to this file. Default: not written."
+    ),
+    json_out: bool = json_option("one JSON object (model, num_nodes, num_params, ...) instead of tables"),
+    device: str = typer.Option(
+        "meta",
+        "--device",
+        help="Device the model is built on: meta (no weights allocated) or cpu (real random weights). "
+        "Default: meta.",
+    ),
+    overrides: list[str] = overrides_option(),
+    top: int = typer.Option(10, "--top", help="Rows of the largest-activations table. Default: 10."),
+) -> None:
+    """Trace a model into an annotated graph (shapes, FLOPs, bytes, memory) and summarise it."""
+    from distplan.presentation.progress import ProgressLine
+
+    # Options are checked before the model is built (batch and seq by resolve_model, first thing).
+    config_overrides = parse_overrides(overrides)
+    if out is not None:
+        check_output(out, option="--out")
+    from distplan.tracer.api import trace_bundle
+    from distplan.tracer.zoo import resolve_model
+
+    with ProgressLine(f"tracing {model} (batch {batch}, seq {seq}) on {device}", json_out=json_out):
+        bundle = resolve_model(model, batch=batch, seq=seq, device=device, config_overrides=config_overrides)
+        graph = trace_bundle(bundle)
+    if out is not None:
+        write_output(out, graph.to_json(), option="--out")
+    info = summary_dict(graph, out=str(out) if out is not None else None)
+    if json_out:
+        typer.echo(json.dumps(info))
+        return
+    _print_summary(graph, info, top)
+    if out is not None:
+        typer.echo(f"graph written to {out}")
+
+
+def models_command(json_out: bool = json_option()) -> None:
+    """List the built-in models (use their names with `distplan trace`, `distplan plan`, ...)."""
+    from distplan.tracer.zoo import list_models
+
+    infos = list_models()
+    if json_out:
+        typer.echo(json.dumps({"models": [m.to_dict() for m in infos]}, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="built-in models (random weights, built from configs)")
+    for col in ("name", "family", "kind", "params", "description"):
+        t.add_column(col)
+    for m in infos:
+        t.add_row(m.name, m.family, m.kind, format_count(m.approx_params), m.description)
+    Console().print(t)
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``trace`` and ``models`` commands to the distplan CLI."""
-
-    @app.command("trace")
-    def trace_command(
-        model: str = typer.Argument(
-            ...,
-            help="Built-in model name (see `distplan models`), path to a Hugging Face config.json, "
-            "or an importable factory package.module:function.",
-        ),
-        batch: int = typer.Option(1, "--batch", "-b", help="Batch size of the example inputs. Default: 1."),
-        seq: int = typer.Option(
-            512,
-            "--seq",
-            "-s",
-            help="Sequence length of the example input_ids of language models. Default: 512.",
-        ),
-        out: Path | None = typer.Option(
-            None, "--out", "-o", help="Write the annotated graph as JSON to this file. Default: not written."
-        ),
-        json_out: bool = typer.Option(
-            False,
-            "--json",
-            help="Print one JSON object (model, num_nodes, num_params, ...) instead of tables.",
-        ),
-        device: str = typer.Option(
-            "meta",
-            "--device",
-            help="Device the model is built on: meta (no weights allocated) or cpu (real random weights). "
-            "Default: meta.",
-        ),
-        overrides: list[str] = typer.Option(
-            [],
-            "--set",
-            help="Override a config field, KEY=VALUE (JSON value), repeatable, e.g. --set num_hidden_layers=2. "
-            "Default: none.",
-        ),
-        top: int = typer.Option(10, "--top", help="Rows of the largest-activations table. Default: 10."),
-    ) -> None:
-        """Trace a model into an annotated graph (shapes, FLOPs, bytes, memory) and summarise it."""
-        from distplan.cli import fail
-        from distplan.tracer.api import trace_bundle
-        from distplan.tracer.zoo import resolve_model
-
-        if out is not None and out.parent and not out.parent.exists():
-            fail(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")
-        from rich.console import Console
-
-        err = Console(stderr=True)
-        # A spinner on a terminal only: large models take tens of seconds; pipes and logs stay clean.
-        status = err.status(f"tracing {model} (batch {batch}, seq {seq}) on {device} ...")
-        with status if err.is_terminal else contextlib.nullcontext():
-            bundle = resolve_model(
-                model, batch=batch, seq=seq, device=device, config_overrides=_parse_overrides(overrides)
-            )
-            graph = trace_bundle(bundle)
-        if out is not None:
-            try:
-                graph.save(out)
-            except OSError as e:
-                fail(f"cannot write --out {str(out)!r}: {e.strerror or e}")
-        info = summary_dict(graph, out=str(out) if out is not None else None)
-        if json_out:
-            typer.echo(json.dumps(info))
-            return
-        _print_summary(graph, info, top)
-        if out is not None:
-            typer.echo(f"graph written to {out}")
-
-    @app.command("models")
-    def models_command(
-        json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-    ) -> None:
-        """List the built-in models (use their names with `distplan trace`, `distplan plan`, ...)."""
-        from distplan.tracer.zoo import list_models
-
-        infos = list_models()
-        if json_out:
-            typer.echo(json.dumps({"models": [m.to_dict() for m in infos]}, indent=1))
-            return
-        from rich.console import Console
-        from rich.table import Table
-
-        t = Table(title="built-in models (random weights, built from configs)")
-        for col in ("name", "family", "kind", "params", "description"):
-            t.add_column(col)
-        for m in infos:
-            t.add_row(m.name, m.family, m.kind, format_count(m.approx_params), m.description)
-        Console().print(t)
+    app.command("trace")(trace_command)
+    app.command("models")(models_command)
