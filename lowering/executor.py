@@ -80,6 +80,13 @@ class _Saved:
     loss: torch.Tensor | None = None
 
 
+def _wait_p2p(work: Any) -> None:
+    """Wait for one transfer. The name is how the validation tells, from a stack dump, a rank waiting on
+    a peer from a rank that hangs (``_COMM_FRAMES`` in ``distplan.lowering.validation``)."""
+    if work is not None:
+        work.wait()
+
+
 @dataclass
 class _Mailbox:
     """Receives of one rank, posted per peer in the peer's send order (see [Note: why our own executor])."""
@@ -113,8 +120,7 @@ class _Mailbox:
             self.next[m.src] = i + 1
         bufs, works = self.posted.pop(m)
         for w in works:
-            if w is not None:
-                w.wait()
+            _wait_p2p(w)
         return bufs
 
 
@@ -187,8 +193,7 @@ class PipelineExecutor:
         if all_:
             with self.region("p2p"):
                 for w, _ in self._sends:
-                    if w is not None:
-                        w.wait()
+                    _wait_p2p(w)
             self._sends.clear()
             return
         self._sends = [(w, t) for w, t in self._sends if w is not None and not w.is_completed()]

@@ -20,7 +20,10 @@
   from the first product to the second. Each region becomes a submodule of the stage run under the same
   non-reentrant checkpoint; values the region reads are its inputs (saved), values read after it are its
   outputs. A region whose outputs are read before all its inputs exist (which a topological order cannot
-  produce for the patterns above) is left as it is.
+  produce for the patterns above) is left as it is. A fused kernel never stores the scores (it keeps its
+  inputs, output and a per-row log-sum-exp), so recomputing it saves little; the scores are real only in
+  attention written out (``attn_implementation="eager"``, or the DTensor form on the CPU), where the
+  saving is ``b * heads * s^2`` values per layer and microbatch.
 
 Random ops inside a recomputed region replay the same draws (``checkpoint`` restores the RNG state), so
 recomputation never changes the numerics. Parameters keep their objects (only their attribute paths move

@@ -669,6 +669,7 @@ _PEER_FAILURE = ("connection closed by peer", "connection reset", "broken pipe",
 
 _COMM_FRAMES = (
     "distributed_c10d.py",
+    "_wait_p2p",  # the schedule executor waiting on a transfer (distplan.lowering.executor)
     "_wait_batch_p2p",
     "batch_isend_irecv",
     "rendezvous",
