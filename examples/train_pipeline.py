@@ -51,8 +51,9 @@ def local_cluster(world_size: int, memory_mib: float) -> dict[str, object]:
     """This machine as a one-host cluster of ``world_size`` CPU ranks, each with ``memory_mib`` of memory.
 
     The device kind is defined inline (any datasheet numbers work the same way). The small memory budget
-    is what makes the tiny model need a pipeline, as a large model would on real GPUs; with a large budget
-    the planner would rightly keep the whole model on each rank (data parallel).
+    is what makes the tiny model need splitting, as a large model would on real GPUs: into pipeline stages,
+    or with its optimizer state (or more) sharded over the data-parallel replicas, whichever the planner
+    finds faster; with a large budget it would rightly keep the whole model on each rank (data parallel).
     """
     return {
         "name": f"this-machine-{world_size}",
