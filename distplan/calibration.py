@@ -200,6 +200,10 @@ class DeviceCalibration:
     Attributes:
         ops: per memory-bound / fixed-cost class (``norm``, ``embedding``, ``elementwise``, ``view``) the
             forward and backward seconds against bytes moved (see [Note: op classes]).
+        targets: per ATen operator (``aten.tanh.default``, ``aten.mean.dim``, ...) whose cost per byte is far
+            from its class's (transcendental functions run 3-20x longer per element than an add; reductions
+            write little), its own forward and backward seconds against bytes moved; a node of such a target
+            is priced by it rather than by its class.
         matmul / attention: per matmul precision (:data:`PRECISIONS`) the forward and backward seconds of
             a matrix multiply / fused attention against forward FLOPs. A precision not listed was not
             measured: the cost model prices it from the datasheet and says so.
@@ -222,6 +226,7 @@ class DeviceCalibration:
     ops: Mapping[str, OpTimes]
     matmul: Mapping[str, OpTimes]
     attention: Mapping[str, OpTimes] = field(default_factory=dict)
+    targets: Mapping[str, OpTimes] = field(default_factory=dict)
     stream: OpTimes | None = None
     cache_bytes: int = 0
     attention_kernel: str = "math"
@@ -255,6 +260,9 @@ class DeviceCalibration:
             raise _E(f"threads: expected an integer >= 1, got {self.threads}")
         if self.cache_bytes < 0:
             raise _E(f"cache_bytes: expected an integer >= 0, got {self.cache_bytes}")
+        for t in self.targets:
+            if not t.startswith("aten."):
+                raise _E(f"targets: {t!r} is not an ATen operator name (aten.<op>.<overload>)")
 
     @property
     def fused_attention(self) -> bool:
@@ -267,6 +275,12 @@ class DeviceCalibration:
         out += [c for c, t in (("matmul", self.matmul), ("attention", self.attention)) if t]
         return tuple(c for c in OP_CLASSES if c in out)
 
+    def node_times(self, target: str, cls: str, precision: str) -> OpTimes | None:
+        """The curves pricing a node of operator ``target`` in class ``cls``: the operator's own when
+        measured (:attr:`targets`), else its class's (:meth:`op_times`)."""
+        own = self.targets.get(target)
+        return own if own is not None else self.op_times(cls, precision)
+
     def op_times(self, cls: str, precision: str) -> OpTimes | None:
         """The curves pricing op class ``cls`` at matmul ``precision``; None when not measured."""
         if cls in PRECISION_CLASSES:
@@ -278,6 +292,7 @@ class DeviceCalibration:
             "ops": {k: v.to_dict() for k, v in self.ops.items()},
             "matmul": {k: v.to_dict() for k, v in self.matmul.items()},
             "attention": {k: v.to_dict() for k, v in self.attention.items()},
+            "targets": {k: v.to_dict() for k, v in self.targets.items()},
             "stream": None if self.stream is None else self.stream.to_dict(),
             "cache_bytes": self.cache_bytes,
             "attention_kernel": self.attention_kernel,
@@ -305,6 +320,7 @@ class DeviceCalibration:
                 ops=table("ops", True),
                 matmul=table("matmul", True),
                 attention=table("attention", False),
+                targets=table("targets", False),
                 stream=None if m.get("stream") is None else OpTimes.from_dict(m["stream"], f"{path}.stream"),
                 cache_bytes=get_int(m, "cache_bytes", path, _E, 0),
                 attention_kernel=get_str(m, "attention_kernel", path, _E, "math"),

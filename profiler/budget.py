@@ -37,6 +37,6 @@ class Budget:
 
 MODES: dict[str, Budget] = {
     "quick": Budget("quick", 0.02, 1.0, 0.01, 1 << 22, 3),
-    "default": Budget("default", 0.08, 1.5, 0.05, 1 << 25, 5),
+    "default": Budget("default", 0.06, 1.5, 0.05, 1 << 25, 5),
     "thorough": Budget("thorough", 0.4, 3.0, 0.5, 1 << 28, 9),
 }

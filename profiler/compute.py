@@ -6,6 +6,10 @@ Each op runs as in training: inputs and weights require grad, so the forward rec
 the backward is timed on its own by re-running ``torch.autograd.backward(out, grad, retain_graph=True)``,
 which accumulates into the leaves' ``.grad`` as every microbatch after the first does.
 
+Ops are called as the runtime's stage programs call them: through the ATen overloads an exported graph
+holds (``torch.ops.aten.linear.default``, ``aten.view.default``, ...), whose Python dispatch costs more
+than ``torch.nn.functional``'s or a tensor method's, which is most of a small op's time on a CPU.
+
 Sizes are computed as the tracer counts them (``distplan.tracer.annotate``), so a curve's key is the
 number a graph node carries: forward FLOPs ``2 T K N`` of a linear and ``4 B H S^2 D`` of attention,
 bytes moved = distinct inputs (weights included) + outputs. Memory-bound ops are timed in short chains
@@ -42,6 +46,8 @@ from distplan.calibration import Curve, DeviceCalibration, OpTimes
 from distplan.errors import CalibrationError
 
 from .budget import Budget
+
+aten = torch.ops.aten
 
 __all__ = [
     "CHAIN",
@@ -218,7 +224,7 @@ def _matmul(
             break
         x = torch.randn(t, k, device=device, requires_grad=True)
         ws = [torch.randn(n, k, device=device, requires_grad=True) for _ in range(count)]
-        tf, tb = _fwd_bwd([functools.partial(F.linear, x, w) for w in ws], budget, prec)
+        tf, tb = _fwd_bwd([functools.partial(aten.linear.default, x, w) for w in ws], budget, prec)
         flops = 2.0 * t * k * n
         fwd_pts.append((flops, tf))
         bwd_pts.append((flops, tb))
@@ -235,7 +241,7 @@ def _attention(device: torch.device, precision: str, budget: Budget, tick: Calla
     lengths = sorted({max(8, round(x / 8) * 8) for x in _geometric(8, 16384, budget.points_per_decade)})
     for s in lengths:
         q, k, v = (torch.randn(1, heads, s, dim, device=device, requires_grad=True) for _ in range(3))
-        sdpa = functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
+        sdpa = functools.partial(aten.scaled_dot_product_attention.default, q, k, v, None, 0.0, True)
         tf, tb = _fwd_bwd(sdpa, budget, prec)
         flops = 4.0 * heads * s * s * dim  # torch's FlopCounter formula for SDPA's forward (QK^T and PV)
         fwd_pts.append((flops, tf))
@@ -257,7 +263,7 @@ def _stream(device: torch.device, budget: Budget, tick: Callable[[], None], llc:
             break
         x = torch.randn(1, k, device=device, requires_grad=True)
         ws = [torch.randn(k, k, device=device, requires_grad=True) for _ in range(count)]
-        tf, tb = _fwd_bwd([functools.partial(F.linear, x, w) for w in ws], budget)
+        tf, tb = _fwd_bwd([functools.partial(aten.linear.default, x, w) for w in ws], budget)
         nbytes = 4.0 * (k * k + 2 * k)
         fwd_pts.append((nbytes, tf))
         bwd_pts.append((nbytes, tb))
@@ -274,19 +280,19 @@ def _shape(n: int) -> tuple[int, int]:
 
 
 def _add(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    return x + c
+    return aten.add.Tensor(x, c)  # type: ignore[no-any-return]
 
 
 def _mul(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    return x * c
+    return aten.mul.Tensor(x, c)  # type: ignore[no-any-return]
 
 
 def _gelu(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x)
+    return aten.gelu.default(x)  # type: ignore[no-any-return]
 
 
 def _silu(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    return F.silu(x)
+    return aten.silu.default(x)  # type: ignore[no-any-return]
 
 
 _ELEMENTWISE: tuple[tuple[str, int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], ...] = (
@@ -331,6 +337,55 @@ def _memory_class(
     return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
 
 
+#: Operators measured one by one (see ``DeviceCalibration.targets``): (ATen name, bytes moved per element
+#: of the input as the tracer counts them, op on a positive input, whether the op keeps the shape so it
+#: can be chained).
+_TARGETS: tuple[tuple[str, int, Callable[[torch.Tensor], torch.Tensor], bool], ...] = (
+    ("aten.tanh.default", 8, aten.tanh.default, True),
+    ("aten.exp.default", 8, aten.exp.default, True),
+    ("aten.sigmoid.default", 8, aten.sigmoid.default, True),
+    ("aten.silu.default", 8, aten.silu.default, True),
+    ("aten.gelu.default", 8, aten.gelu.default, True),
+    ("aten.erf.default", 8, aten.erf.default, True),
+    ("aten.sin.default", 8, aten.sin.default, True),
+    ("aten.cos.default", 8, aten.cos.default, True),
+    ("aten.rsqrt.default", 8, aten.rsqrt.default, True),
+    ("aten.sqrt.default", 8, aten.sqrt.default, True),
+    ("aten.pow.Tensor_Scalar", 8, functools.partial(aten.pow.Tensor_Scalar, exponent=2.0), True),
+    ("aten.neg.default", 8, aten.neg.default, True),
+    ("aten.mean.dim", 4, functools.partial(aten.mean.dim, dim=[-1], keepdim=True), False),
+    ("aten.sum.dim_IntList", 4, functools.partial(aten.sum.dim_IntList, dim=[-1], keepdim=True), False),
+    ("aten.softmax.int", 8, functools.partial(aten.softmax.int, dim=-1), True),
+)
+
+
+def _targets(
+    device: torch.device, budget: Budget, tick: Callable[[], None], mem: float
+) -> dict[str, OpTimes]:
+    """Curves of the operators of :data:`_TARGETS`, each against the bytes it moves."""
+    out: dict[str, OpTimes] = {}
+    sizes = _geometric(64, 1e11, max(1.0, budget.points_per_decade * 2 / 3))
+    for name, per_elem, op, chains in _TARGETS:
+        fwd_pts, bwd_pts = [], []
+        for target in sizes:
+            if (CHAIN + 4) * target > mem:
+                break
+            rows, width = _shape(max(1, int(target) // per_elem))
+            x = (torch.rand(rows, width, device=device) + 0.5).requires_grad_()
+            nbytes = float(per_elem * rows * width) + (4.0 * rows if not chains else 0.0)
+            if chains:
+                tf, tb = _fwd_bwd(functools.partial(_chain, op, x), budget, per=CHAIN)
+            else:
+                tf, tb = _fwd_bwd(functools.partial(op, x), budget)
+            fwd_pts.append((nbytes, tf))
+            bwd_pts.append((nbytes, tb))
+            if tf > budget.max_op_s:
+                break
+        out[name] = OpTimes(_curve(fwd_pts), _curve(bwd_pts))
+        tick()
+    return out
+
+
 def _chain(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     y = x
     for _ in range(CHAIN):
@@ -355,19 +410,23 @@ def _elementwise_ops(device: torch.device) -> list[tuple[str, _Build]]:
     return out
 
 
+def _layer_norm(x: torch.Tensor, shape: list[int], w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return aten.layer_norm.default(x, shape, w, b)  # type: ignore[no-any-return]
+
+
 def _norm_ops(device: torch.device) -> list[tuple[str, _Build]]:
     def layer_norm(nbytes: int) -> Any:
         rows, width = _shape(max(1, nbytes // 8))
         x = torch.randn(rows, width, device=device, requires_grad=True)
         w = torch.ones(width, device=device, requires_grad=True)
         b = torch.zeros(width, device=device, requires_grad=True)
-        op = functools.partial(F.layer_norm, normalized_shape=(width,), weight=w, bias=b)
+        op = functools.partial(_layer_norm, shape=[width], w=w, b=b)
         return x, op, float(8 * rows * width + 8 * width)
 
     def softmax(nbytes: int) -> Any:
         rows, width = _shape(max(1, nbytes // 8))
         x = torch.randn(rows, width, device=device, requires_grad=True)
-        return x, functools.partial(torch.softmax, dim=-1), float(8 * rows * width)
+        return x, functools.partial(aten.softmax.int, dim=-1), float(8 * rows * width)
 
     return [("layer_norm", layer_norm), ("softmax", softmax)]
 
@@ -388,7 +447,7 @@ def _embedding(
             break
         idx = torch.randint(0, vocab, (1, tokens), device=device)
         tables = [torch.randn(vocab, dim, device=device, requires_grad=True) for _ in range(count)]
-        tf, tb = _fwd_bwd([functools.partial(F.embedding, idx, w) for w in tables], budget)
+        tf, tb = _fwd_bwd([functools.partial(aten.embedding.default, w, idx) for w in tables], budget)
         out_bytes = 4.0 * tokens * dim
         fwd_pts.append((out_bytes, tf))
         bwd_pts.append((4.0 * vocab * dim + 8.0 * tokens + out_bytes, tb))
@@ -403,7 +462,8 @@ def _view(device: torch.device, budget: Budget) -> OpTimes:
     x = torch.randn(4, 8, device=device, requires_grad=True)
 
     def views(y: torch.Tensor) -> torch.Tensor:
-        return y.view(8, 4).view(4, 8).transpose(0, 1).transpose(0, 1)
+        y = aten.view.default(aten.view.default(y, [8, 4]), [4, 8])
+        return aten.transpose.int(aten.transpose.int(y, 0, 1), 0, 1)  # type: ignore[no-any-return]
 
     tf, tb = _fwd_bwd(functools.partial(_chain, views, x), budget, per=4 * CHAIN)
     return OpTimes(Curve((1.0,), (tf,)), Curve((1.0,), (tb,)))
@@ -564,7 +624,7 @@ def measure_device(
     torch.set_num_threads(threads)
     steps = {"n": 0}
     per_curve = max(2, math.ceil(10 * budget.points_per_decade))
-    total = per_curve * (2 * len(precs) + 4 + len(optimizers)) + 2
+    total = per_curve * (2 * len(precs) + 4 + len(optimizers)) + len(_TARGETS) + 2
     llc = cache_bytes(dev)
     mem = memory_limit(dev, sharing)
     sync = barrier or (lambda: None)
@@ -597,6 +657,8 @@ def measure_device(
             ops["embedding"] = _embedding(dev, budget, ticker("embedding"), llc, mem)
             sync()
             ops["view"] = _view(dev, budget)
+            sync()
+            targets = _targets(dev, budget, ticker("operators"), mem)
             opt = {}
             for name in optimizers:
                 sync()
@@ -613,6 +675,7 @@ def measure_device(
             ops=ops,
             matmul=matmul,
             attention=attention,
+            targets=targets,
             stream=stream,
             cache_bytes=llc // max(1, sharing),
             attention_kernel=kernel,

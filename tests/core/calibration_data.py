@@ -25,6 +25,7 @@ def device_calibration(scale: float = 1.0) -> DeviceCalibration:
             "view": OpTimes(Curve((1.0,), (1.5e-6 * scale,)), Curve((1.0,), (3e-6 * scale,))),
         },
         matmul={"fp32": op_times(5e10 / scale, 8e-6 * scale)},
+        targets={"aten.tanh.default": op_times(2e8 / scale, 9e-6 * scale)},
         attention={"fp32": op_times(3e10 / scale, 2e-5 * scale)},
         attention_kernel="flash",
         stream=op_times(1e10 / scale, 3e-6 * scale),

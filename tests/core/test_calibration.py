@@ -122,6 +122,10 @@ def test_malformed_calibration_names_file_and_field(tmp_path: Path) -> None:
         (lambda d: d.__setitem__("schema_version", 7), r"calibration.schema_version: 7 is not supported"),
         (lambda d: d.pop("kind"), r"bad-cal.json: calibration.kind: missing required field"),
         (
+            lambda d: d["device"]["targets"].__setitem__("tanh", d["device"]["ops"]["norm"]),
+            r"bad-cal.json: calibration.device.targets: 'tanh' is not an ATen operator name",
+        ),
+        (
             lambda d: d.update(device=None, link=None),
             r"bad-cal.json: calibration.device: missing, and so is link",
         ),

@@ -50,6 +50,10 @@ def test_profile_cli_writes_a_calibration_of_every_class_and_the_link(tmp_path: 
     assert set(dev.classes()) == set(OP_CLASSES)
     assert set(dev.matmul) == {"fp32"} and set(dev.attention) == {"fp32"}
     assert set(dev.optimizer) == {"adam", "adamw", "sgd"}
+    # Operators far from their class's cost per byte get their own curves.
+    assert {"aten.tanh.default", "aten.exp.default", "aten.mean.dim"} <= set(dev.targets)
+    assert dev.node_times("aten.tanh.default", "elementwise", "fp32") is dev.targets["aten.tanh.default"]
+    assert dev.node_times("aten.add.Tensor", "elementwise", "fp32") is dev.ops["elementwise"]
     curves = [t.fwd for t in dev.ops.values()] + [t.bwd for t in dev.ops.values()]
     curves += [dev.matmul["fp32"].fwd, dev.matmul["fp32"].bwd, *dev.optimizer.values()]
     for c in curves:
