@@ -159,7 +159,7 @@ def main() -> int:
     batch = runner.source.sample(plan.request.global_batch, seed=0)
     for step in range(start, start + args.steps):
         loss = runner.train_step(batch.args, batch.target, batch.kwargs)
-        if loss is not None and info.replica == 0:
+        if loss is not None and info.replica == 0 and info.tp_rank == 0:
             print(f"step {step}  loss {loss:.4f}  (rank {rank}, stage {info.stages[-1]})", flush=True)
 
     # 4. Every rank writes its part; a later run may resume it under another plan.

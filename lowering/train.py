@@ -12,7 +12,8 @@ distplan.lowering.train``. Everything it does is set by its arguments and the pl
     # resume weights, optimizer state and step count, under this plan or another (DCP reshards by name)
     torchrun --standalone --nproc-per-node 4 train.py --model gpt2 --resume ckpt/ --steps 100
 
-The ranks that run the last stage of the first replica print ``step K loss L`` per step (``K`` counts from
+The rank that runs the last stage of the first replica (its first tensor-parallel rank) prints ``step K
+loss L`` per step (``K`` counts from
 the resumed step). Exit code 0, or non-zero with the error of the failing rank (a collective carries
 ``--timeout``, so no rank waits on a dead peer for long).
 """
@@ -140,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k in range(start, start + args.steps):
         batch = next(data)
         loss = runner.train_step(batch.args, batch.target, batch.kwargs)
-        if loss is not None and info.replica == 0:
+        if loss is not None and info.replica == 0 and info.tp_rank == 0:
             print(f"step {k} loss {loss:.6f} (rank {info.rank}, stage {info.stages[-1]})", flush=True)
         done = k + 1
         if args.save and args.save_every and done % args.save_every == 0 and done < start + args.steps:

@@ -210,3 +210,22 @@ def test_save_under_one_plan_resume_under_another(tmp_path: Path) -> None:
     tuned = _train(a, tmp_path, 2, *opts, "--steps", "2", "--checkpoint", "ck")
     assert tuned[0][1] == pytest.approx(ref[2], rel=1e-5)
     assert abs(tuned[1][1] - ref[3]) > 1e-4 * abs(ref[3])
+
+
+@pytest.mark.slow
+def test_resume_across_tensor_parallel_pipeline_and_sharded_plans(tmp_path: Path) -> None:
+    """Adam under tensor parallelism (1 stage, tp 2: DTensor shards), resumed as a 2-stage pipeline, then as
+    one stage fully sharded over 2 replicas (FSDP2): DCP reshards each time and the losses stay those of one
+    device that never stopped."""
+    spec = "gpt2-tiny"
+    tp = layout_plan(spec, "gpipe m2x2 | 0:{n}@0,1 tp2", global_batch=4)
+    pp = layout_plan(spec, f"gpipe m2x2 | 0:{cut(spec, 0.5)}@0 | {cut(spec, 0.5)}:{{n}}@1", global_batch=4)
+    fs = layout_plan(spec, "gpipe m2x2 | 0:{n}@0,1 sh=full", global_batch=4)
+    ref = _reference(spec, 4, 6, optimizer="adam", lr=3e-3)
+    opts = ("--model", spec, "--optimizer", "adam", "--lr", "0.003")
+    got = _train(tp, tmp_path, 2, *opts, "--steps", "2", "--save", "a")
+    got += _train(pp, tmp_path, 2, *opts, "--steps", "2", "--resume", "a", "--save", "b")
+    got += _train(fs, tmp_path, 2, *opts, "--steps", "2", "--resume", "b")
+    assert [k for k, _ in got] == [0, 1, 2, 3, 4, 5]  # one line per step (the first tensor-parallel rank)
+    for (k, loss), want in zip(got, ref, strict=True):
+        assert loss == pytest.approx(want, rel=1e-5), (k, loss, want)
