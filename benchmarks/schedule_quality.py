@@ -91,7 +91,7 @@ def main() -> None:
     )
     ap.add_argument("--price-cache", type=Path, default=None, help="price cache file (default: none, cold)")
     ap.add_argument(
-        "--time-limit", type=float, default=0.5, help="planner time limit per shape (default: 0.5 s)"
+        "--time-limit", type=float, default=5.0, help="planner time limit per shape (default: 5 s)"
     )
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: all five)")
     ap.add_argument("--clusters", default=None, help="comma-separated presets (default: the three above)")

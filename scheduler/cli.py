@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
             14400.0, "--ageing-bound", help="distplan's ageing bound in seconds (default: 14400)."
         ),
         time_limit: float = typer.Option(
-            0.5, "--time-limit", help="Planner time limit per device-set shape, seconds (default: 0.5)."
+            5.0, "--time-limit", help="Planner time limit per device-set shape, seconds (default: 5)."
         ),
         price_cache: Path | None = typer.Option(
             None, "--price-cache", help="Read and write planner prices in this JSON file (default: none)."
