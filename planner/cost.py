@@ -16,7 +16,9 @@ TF32, bf16/fp16 autocast; ``PlanRequest.precision``) and at the dtype's for the 
 [Note: calibrated pricing]
 A kind with measured figures (``DeviceKind.calibration``, from ``distplan profile``) is priced by what the
 runtime was measured to do instead, op class by op class (``distplan.calibration.op_class``), each node's
-time read off its class's curve at its size (interpolated, see [Note: curves] there):
+time read off its class's curve at its size, or its operator's own curve for the operators a calibration
+measures one by one (``DeviceCalibration.targets``: tanh, exp, reductions, ...; interpolated, see [Note:
+curves] there):
 
     fwd(node) = curve[class].fwd(size(node, b)),  matmuls at least stream.fwd(bytes) (weights read from
                 memory bound small-batch matmuls)
@@ -278,6 +280,7 @@ class CostModel:
             [op_class(n.target, fwd_flops=n.fwd_flops, bytes_moved=n.bytes_moved) for n in nodes],
             dtype=object,
         )
+        self._target = np.array([n.target for n in nodes], dtype=object)
         # Inputs and Python-level nodes (getitem on a tuple) run no op.
         self._free = np.array(
             [n.op == "placeholder" or n.target.startswith("_operator.") for n in nodes], dtype=bool
@@ -404,6 +407,13 @@ class CostModel:
                 bw = np.maximum(bw, _curve_times(cal.stream.bwd, moved[mask]))
             fwd[mask] = f
             bwd[mask] = bw
+        # Operators measured one by one (DeviceCalibration.targets) are priced by their own curves.
+        memory_bound = (self._class == "elementwise") | (self._class == "norm")
+        for name, own in cal.targets.items():
+            mask = memory_bound & (self._target == name)
+            if mask.any():
+                fwd[mask] = _curve_times(own.fwd, moved[mask])
+                bwd[mask] = _curve_times(own.bwd, moved[mask])
         fwd[self._free] = 0.0
         bwd[self._free | ~self._grad] = 0.0
         # The loss runs on the last stage after the graph's outputs: charge it to the last node.
