@@ -24,6 +24,11 @@ backward (``M`` microbatches of ``L`` chunks), so the gradients a replica accumu
 replicas (the data-parallel *sum*, see ``distplan.lowering.sharding``) are the gradients of the mean loss
 over the whole batch, as on one device. Sends keep their tensors alive until completed; every send is
 waited for before :meth:`PipelineExecutor.run` returns.
+
+Limits: each stage output is kept whole until its backward (Megatron frees the data of sent outputs; we do
+not, to stay on public autograd APIs); a stage with ``dp_s`` smaller than ``lcm(dp)`` runs several chunk
+calls per microbatch (see [Note: chunks]); receives are posted when needed (no prefetch of the next
+action's inputs), so on GPUs transfers overlap compute only through the asynchronous sends.
 """
 
 from __future__ import annotations
