@@ -191,9 +191,9 @@ def test_tensor_parallel_and_fsdp_on_one_stage() -> None:
 
 # ---------------------------------------------------------------------------------------- random plans
 def _random_plan(rng: random.Random, spec: str, max_ranks: int = 4) -> Plan:
-    """A valid plan of the new space: 1-3 stages at random cuts, each with dp, tp in {1, 2} (at most
+    """A valid plan of the new space: 2 or 3 stages at random cuts, each with dp, tp in {1, 2} (at most
     ``max_ranks`` ranks in all), any recomputation and sharding, GPipe or 1F1B."""
-    n_stages = rng.randint(1, 3)
+    n_stages = rng.randint(2, 3)
     while True:
         opts = [{"dp": rng.choice([1, 2]), "tp": rng.choice([1, 2])} for _ in range(n_stages)]
         if sum(o["dp"] * o["tp"] for o in opts) <= max_ranks:
@@ -214,7 +214,9 @@ def _random_plan(rng: random.Random, spec: str, max_ranks: int = 4) -> Plan:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2, 3])
+# Three fixed draws (deterministic): dp 1 -> dp 2 with ZeRO-1; tp 2 -> dp 2 with ZeRO-2; three stages with
+# a dp 1 x tp 2 ZeRO-3 middle (ZeRO over one replica is none); recomputation of every kind among them.
+@pytest.mark.parametrize("seed", [2, 3, 7])
 def test_random_plans_of_the_new_space(seed: int) -> None:
     spec = "llama-tiny"
     plan = _random_plan(random.Random(seed), spec)
