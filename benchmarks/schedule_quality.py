@@ -14,9 +14,11 @@ replayed under every policy by the same simulator, with one price cache per clus
   second is measured on a 1,024-GPU cluster (``mixed-64``'s hosts sixteen times) over the first
   ``--scale-decisions`` decisions of a 2,000-job trace.
 
-Decision times are wall-clock seconds on this machine, pricing included: with a cold price cache (the
-default) the first jobs of each model pay for planning their shapes (``pricing`` columns); ``--price-cache
-FILE`` keeps prices between runs. ``--json OUT`` writes ``{"rows": [...]}`` with exactly the contract's keys
+Decision times are wall-clock seconds on this machine, reported twice: as measured, including the planner
+calls that price a model's shapes the first time it is seen (seconds each, with the deterministic 5 s
+limit), and without them (what every decision costs once prices are cached). With a cold cache (the
+default) the first jobs of each model pay for that planning; ``--price-cache FILE`` keeps prices between
+runs, so a second run shows warm figures throughout. ``--json OUT`` writes ``{"rows": [...]}`` with exactly the contract's keys
 per row; everything else goes to ``benchmarks/results/schedule_quality_details.json``.
 """
 
@@ -76,6 +78,25 @@ def row_of(m: dict[str, Any]) -> dict[str, Any]:
     for k in CONTRACT[3:]:
         out[k] = int(out[k]) if k == "preemptions" else float(out[k])
     return out
+
+
+def decision_goals(cname: str, m: dict[str, Any], goal_s: float) -> list[tuple[str, str, bool]]:
+    """The decision-time goal, twice: every decision as measured (planner calls for shapes seen the first
+    time included), and the same decisions without those planner calls (what a warm price cache gives)."""
+    return [
+        (
+            cname,
+            f"decision time p99 {m['decision_p99_s']:.2f} s, max {m['decision_max_s']:.2f} s over {m['decisions']} "
+            f"decisions, first-sight pricing included ({m['pricing_total_s']:.0f} s of planner calls; goal < {goal_s:g} s)",
+            m["decision_max_s"] < goal_s,
+        ),
+        (
+            cname,
+            f"decision time without first-sight pricing: p99 {m['allocation_p99_s']:.2f} s, max "
+            f"{m['allocation_max_s']:.2f} s (goal < {goal_s:g} s)",
+            m["allocation_max_s"] < goal_s,
+        ),
+    ]
 
 
 def main() -> None:
@@ -210,22 +231,9 @@ def main() -> None:
                 d["unfinished"] == 0,
             )
         )
-        goals.append(
-            (
-                cname,
-                f"decision time p99 {d['decision_p99_s']:.3f} s, max {d['decision_max_s']:.2f} s (goal < 1 s)",
-                d["decision_max_s"] < 1.0,
-            )
-        )
+        goals += decision_goals(cname, d, 1.0)
     if scale is not None:
-        goals.append(
-            (
-                scale["cluster"],
-                f"decision time p99 {scale['decision_p99_s']:.2f} s, max {scale['decision_max_s']:.2f} s over "
-                f"{scale['decisions']} decisions (goal < 10 s)",
-                scale["decision_max_s"] < 10.0,
-            )
-        )
+        goals += decision_goals(scale["cluster"], scale, 10.0)
     for cname, text, ok in goals:
         print(f"{'MET ' if ok else 'MISS'}  {cname:14s} {text}")
     RESULTS.mkdir(parents=True, exist_ok=True)
