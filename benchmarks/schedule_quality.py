@@ -174,6 +174,8 @@ def main() -> None:
             flush=True,
         )
         res = simulate(trace, big, make_policy("distplan"), pricer=pricer, max_decisions=scale_decisions)
+        if args.price_cache is not None:
+            pricer.save(args.price_cache)  # the shared cache: every cluster's prices
         m = res.metrics()
         scale = {k: m[k] for k in m if k.startswith(("decision", "allocation", "pricing", "max_active"))}
         scale.update(cluster=big.name, devices=big.num_devices, jobs=len(trace.jobs))
