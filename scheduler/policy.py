@@ -62,7 +62,13 @@ Each event costs a lookup of cached prices (a job's shapes are planned once, whe
 partners per job, among the ``COLOCATION_CANDIDATES`` most urgent waiting jobs) and one CP-SAT solve per
 non-empty level, all under one deterministic work budget (``deterministic_time``): a decision's time is
 bounded whatever the load, and when the budget runs out the best solution found stands (it is never worse
-than every running job staying, completed greedily with waiting jobs).
+than every running job staying, completed greedily with waiting jobs). Measured on this 2-core machine
+under other work (``benchmarks/schedule_quality.py``, prices cached): 64 GPUs / 200 jobs, p99 0.14 s and at
+most 0.16 s per decision; 1,024 GPUs / 2,000 jobs (up to 86 active jobs), p99 0.28 s, at most 0.39 s; the
+same cluster at four times the load (402 active jobs, 283 running), 7.4 s with the default budget, with the
+contended level's value within 0.7% of the optimum that CP-SAT needs 21 s to prove. The first time a model
+is seen, pricing its shapes adds planner calls of about a second each (tens of seconds for a large model on
+many shapes): that is the cost to move off the decision path (price when a graph is registered).
 """
 
 from __future__ import annotations
