@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from .allocate import AllocationProblem, solve_allocation
 from .baselines import FifoPolicy, GavelPolicy, StrictPriorityPolicy, TiresiasPolicy
-from .core import Assignment, Decision, JobRecord, Policy, PolicyResult, Scheduler, View
+from .core import Assignment, Decision, JobRecord, Policy, PolicyResult, Pricing, Scheduler, View
 from .model import (
     PRIORITIES,
     Allocation,
@@ -63,6 +63,7 @@ __all__ = [
     "Pool",
     "Price",
     "Pricer",
+    "Pricing",
     "RestartModel",
     "Scheduler",
     "SchedulerError",

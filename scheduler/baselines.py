@@ -33,14 +33,17 @@ order) where its shape fits memory and has free devices.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from ortools.linear_solver import pywraplp
 
+from distplan.graph import OpGraph
+
 from .core import Assignment, JobRecord, Policy, PolicyResult, View
-from .model import SchedulerError, priority_rank
-from .pricing import Price
-from .shapes import Placer, Shape
+from .model import JobSpec, SchedulerError, priority_rank
+from .pricing import Price, Pricer
+from .shapes import Placer, Pool, Shape
 
 __all__ = ["FifoPolicy", "GavelPolicy", "StrictPriorityPolicy", "TiresiasPolicy"]
 
@@ -59,6 +62,17 @@ def rigid_shapes(view: View, rec: JobRecord) -> list[tuple[Shape, Price]]:
         if price.feasible:
             out.append((shape, price))
     return out
+
+
+class _Rigid(Policy):
+    """A policy that asks each job for its rigid shape in every pool (see the module docstring)."""
+
+    def prepare(self, pricer: Pricer, job: JobSpec, graph: OpGraph, pools: Sequence[Pool]) -> None:
+        """Price the job's rigid shape in every pool (what :func:`rigid_shapes` and the reasons ask)."""
+        for pool in pools:
+            shape = pool.largest_shape(job.max_devices)
+            if shape is not None and shape.devices >= job.min_devices:
+                pricer.price(job, graph, pool, shape)
 
 
 def _no_fit(view: View, rec: JobRecord) -> str:
@@ -101,7 +115,7 @@ def _keep(placer: Placer, rec: JobRecord) -> Assignment | None:
     return Assignment(rec.shape, rec.placement.devices, rec.price)
 
 
-class FifoPolicy(Policy):
+class FifoPolicy(_Rigid):
     """First in, first out, head-of-line blocking, no preemption (see module docstring)."""
 
     name = "fifo"
@@ -132,7 +146,7 @@ class FifoPolicy(Policy):
         return res
 
 
-class TiresiasPolicy(Policy):
+class TiresiasPolicy(_Rigid):
     """Discretised 2D-LAS (see module docstring).
 
     Args:
@@ -239,7 +253,7 @@ class TiresiasPolicy(Policy):
         return res
 
 
-class GavelPolicy(Policy):
+class GavelPolicy(_Rigid):
     """Gavel's max-min fairness with round-based scheduling (see module docstring).
 
     Args:
@@ -363,7 +377,7 @@ class GavelPolicy(Policy):
         return res
 
 
-class StrictPriorityPolicy(Policy):
+class StrictPriorityPolicy(_Rigid):
     """Strict priority with naive preemption (see module docstring)."""
 
     name = "strict-priority"

@@ -121,7 +121,8 @@ def _print(s: dict[str, Any]) -> None:
     )
     con.print(
         f"{s['decisions']} decisions: p50 {s['decision_p50_s'] * 1e3:.0f} ms, p99 {s['decision_p99_s'] * 1e3:.0f} ms, "
-        f"max {s['decision_max_s'] * 1e3:.0f} ms (planner pricing {s['pricing_total_s']:.1f} s in all)"
+        f"max {s['decision_max_s'] * 1e3:.0f} ms; shapes priced at submission: {s['submit_planner_calls']} planner "
+        f"calls, {s['submit_pricing_total_s']:.1f} s in all, at most {s['submit_pricing_max_s']:.1f} s per job"
     )
     for u in s["unfinished_jobs"]:
         con.print(f"[yellow]unfinished[/yellow] {u['id']}: {u['reason']}")

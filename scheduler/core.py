@@ -18,6 +18,19 @@ A running job makes ``Placement.throughput_samples_s`` samples per second from `
 its checkpoint load and restart). Service is counted from ``since_s``: ``attained_device_s`` (devices x
 seconds, Tiresias's two-dimensional attained service) and ``service_s`` per pool (Gavel's time received
 per accelerator type). Waiting time is time submitted and not holding devices.
+
+[Note: pricing off the decision path]
+A model seen for the first time costs planner calls (about a second per device-set shape here, tens of
+seconds for a large model on many shapes). They are made when the job is *submitted*, not when a decision
+needs them: :meth:`Scheduler.submit` asks the policy to price every shape it may consult
+(:meth:`Policy.prepare`) before anything is decided, and records what that cost (:class:`Pricing`); the
+decisions then find every price in the cache, so their wall time is the allocation alone. The service goes
+one step further and prices in its worker processes before it submits (``distplan.service``), so a
+submission never waits for the planner in the API process either. Prices do not depend on when they are
+computed (the planner's work is deterministic, see [Note: pricing] in ``distplan.scheduler.pricing``), so
+decisions are the same whichever way they were priced. A decision that still misses the cache (a policy
+that asks for a shape its ``prepare`` did not price) plans it there and counts it in
+``Decision.planner_calls``.
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ __all__ = [
     "JobRecord",
     "Policy",
     "PolicyResult",
+    "Pricing",
     "Scheduler",
     "View",
 ]
@@ -232,9 +246,46 @@ class Policy:
     def next_tick(self, view: View) -> float | None:
         return None
 
+    def prepare(self, pricer: Pricer, job: JobSpec, graph: OpGraph, pools: Sequence[Pool]) -> None:
+        """Price every shape :meth:`decide` may ask about for ``job`` (see [Note: pricing off the decision
+        path]); the default is the job's elastic options (``Pricer.options``). A policy that asks for other
+        shapes prices those."""
+        pricer.options(job, graph, pools)
+
     def params(self) -> dict[str, Any]:
         """The constructor arguments, JSON-ready (saved with the scheduler state)."""
         return {}
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    """The pricing of one job's shapes when it was submitted: planner calls (cache misses) and their wall
+    seconds, and the shapes looked up in all (hits included)."""
+
+    job_id: str
+    time_s: float
+    planner_calls: int
+    seconds: float
+    lookups: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "time_s": self.time_s,
+            "planner_calls": self.planner_calls,
+            "seconds": self.seconds,
+            "lookups": self.lookups,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Pricing:
+        return cls(
+            job_id=str(d["job_id"]),
+            time_s=float(d["time_s"]),
+            planner_calls=int(d["planner_calls"]),
+            seconds=float(d["seconds"]),
+            lookups=int(d.get("lookups", 0)),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,7 +339,8 @@ class Scheduler:
         sources: graph key -> :class:`GraphSource`, kept in the state so a restored scheduler can rebuild
             the graphs without the caller (inline copies are stored for graphs given without a source).
         start_s: the clock at creation.
-        keep_decisions: keep every decision in :attr:`decisions` (their wall times feed the metrics).
+        keep_decisions: keep every decision in :attr:`decisions` (their wall times feed the metrics); the
+            last one is kept in :attr:`last_decision` either way (its reasons explain who waits).
     """
 
     def __init__(
@@ -314,16 +366,51 @@ class Scheduler:
         self.jobs: dict[str, JobRecord] = {}
         self.events: list[Event] = []
         self.decisions: list[Decision] = []
+        self.last_decision: Decision | None = None
+        self.pricings: list[Pricing] = []
         self.keep_decisions = keep_decisions
         self.drain_until: dict[int, float] = {}
         self.busy_device_s = 0.0
         self.now = float(start_s)
 
     # ------------------------------------------------------------------ events in
+    def prepare(self, job: JobSpec, graph: OpGraph | None = None) -> Pricing:
+        """Price the job's shapes now, outside any decision (see [Note: pricing off the decision path]);
+        :meth:`submit` calls it. Safe to call ahead, e.g. when a job is announced; the prices are cached.
+
+        Raises:
+            SchedulerError: the job's graph is unknown and not given.
+        """
+        g = graph if graph is not None else self.graphs.get(job.graph)
+        if g is None:
+            raise _E(
+                f"job {job.id!r}: graph {job.graph!r} is unknown (pass graph=... or give it at creation)"
+            )
+        calls, secs, looked = self.pricer.calls, self.pricer.seconds, self.pricer.calls + self.pricer.hits
+        self.policy.prepare(self.pricer, job, g, self.pools)
+        return Pricing(
+            job.id,
+            self.now,
+            self.pricer.calls - calls,
+            self.pricer.seconds - secs,
+            self.pricer.calls + self.pricer.hits - looked,
+        )
+
     def submit(
-        self, job: JobSpec, now: float | None = None, *, graph: OpGraph | None = None, decide: bool = True
+        self,
+        job: JobSpec,
+        now: float | None = None,
+        *,
+        graph: OpGraph | None = None,
+        decide: bool = True,
+        source: GraphSource | None = None,
     ) -> Decision | None:
-        """Add a job (at ``now``, default its arrival time) and decide.
+        """Add a job (at ``now``, default its arrival time), price its shapes (:meth:`prepare`) and decide.
+
+        Args:
+            graph: the job's graph, when the scheduler does not know ``job.graph`` yet.
+            source: where that graph comes from, kept in the state (default: an inline copy).
+            decide: decide now (else the caller calls :meth:`decide`, e.g. after several events).
 
         Raises:
             SchedulerError: a job with that id exists, or its graph is unknown and not given.
@@ -334,11 +421,14 @@ class Scheduler:
             raise _E(f"job {job.id!r} was already submitted")
         if graph is not None:
             self.graphs[job.graph] = graph
+            if source is not None:
+                self.sources[job.graph] = source
             self.sources.setdefault(job.graph, GraphSource("graph", {"graph": graph.to_dict()}))
         if job.graph not in self.graphs:
             raise _E(
                 f"job {job.id!r}: graph {job.graph!r} is unknown (pass graph=... or give it at creation)"
             )
+        self.pricings.append(self.prepare(job))
         self.jobs[job.id] = JobRecord(job, submitted_s=t, wait_since_s=t)
         self.events.append(
             Event(t, "arrival", job.id, f"{job.priority} job, {job.min_devices}-{job.max_devices} devices")
@@ -449,6 +539,7 @@ class Scheduler:
             info=res.info,
         )
         self.events.extend(changes)
+        self.last_decision = d
         if self.keep_decisions:
             self.decisions.append(d)
         return d
@@ -617,8 +708,8 @@ class Scheduler:
     def allocation(self) -> Allocation:
         """Who runs where now, and why the others wait (the last decision's reasons)."""
         reasons: dict[str, str] = {}
-        if self.decisions:
-            reasons = dict(self.decisions[-1].info.get("reasons", {}))
+        if self.last_decision is not None:
+            reasons = dict(self.last_decision.info.get("reasons", {}))
         running = tuple(r.placement for r in self.jobs.values() if r.running and r.placement is not None)
         waiting = tuple(
             WaitingJob(r.id, reasons.get(r.id, "waiting for devices"), r.wait_since_s or self.now)
@@ -635,28 +726,45 @@ class Scheduler:
         return plan_on_devices(rec.price.plan, self.cluster, rec.placement.devices)
 
     # ------------------------------------------------------------------ state
-    def to_dict(self) -> dict[str, Any]:
-        """The whole state as JSON-ready data (the price cache is the pricer's, saved apart)."""
+    def to_dict(self, *, graphs: bool = True, events: bool = True) -> dict[str, Any]:
+        """The whole state as JSON-ready data (the price cache is the pricer's, saved apart).
+
+        Args:
+            graphs: include the graphs' sources (a caller that stores graphs apart, as the service does by
+                content hash, leaves them out and hands them back to :meth:`from_dict`).
+            events: include the event log (a caller that appends events to a log of its own leaves it out).
+        """
         return {
             "schema_version": STATE_SCHEMA_VERSION,
             "time_s": self.now,
             "cluster": self.cluster.to_dict(),
             "policy": {"name": self.policy.name, "params": self.policy.params()},
             "pricing": {"time_limit_s": self.pricer.time_limit_s, "restart": self.pricer.restart.to_dict()},
-            "graphs": {k: v.to_dict() for k, v in self.sources.items()},
+            "graphs": {k: v.to_dict() for k, v in self.sources.items()} if graphs else {},
             "jobs": [r.to_dict() for r in self.jobs.values()],
-            "events": [e.to_dict() for e in self.events],
+            "events": [e.to_dict() for e in self.events] if events else [],
             "decisions": [d.to_dict() for d in self.decisions],
+            "last_decision": None if self.last_decision is None else self.last_decision.to_dict(),
+            "pricings": [p.to_dict() for p in self.pricings],
+            "keep_decisions": self.keep_decisions,
             "drain_until": {str(k): v for k, v in sorted(self.drain_until.items())},
             "busy_device_s": self.busy_device_s,
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], *, pricer: Pricer | None = None) -> Scheduler:
-        """Rebuild a scheduler from :meth:`to_dict` (graphs from their sources; the policy by name).
+    def from_dict(
+        cls,
+        d: Mapping[str, Any],
+        *,
+        pricer: Pricer | None = None,
+        graphs: Mapping[str, OpGraph] | None = None,
+    ) -> Scheduler:
+        """Rebuild a scheduler from :meth:`to_dict` (graphs from their sources, or ``graphs`` for those the
+        state left out; the policy by name).
 
         Raises:
-            SchedulerError: the state is of another version or malformed.
+            SchedulerError: the state is of another version or malformed, or a job's graph is neither in
+                the state nor in ``graphs``.
         """
         from .policy import make_policy
         from .pricing import RestartModel
@@ -676,19 +784,29 @@ class Scheduler:
                     restart=RestartModel.from_dict(pr["restart"]),
                 )
             sources = {str(k): GraphSource.from_dict(v) for k, v in d.get("graphs", {}).items()}
+            loaded = {k: v.load() for k, v in sources.items()}
+            loaded.update(graphs or {})
             s = cls(
                 cluster,
                 policy,
                 pricer=pricer,
-                graphs={k: v.load() for k, v in sources.items()},
+                graphs=loaded,
                 sources=sources,
                 start_s=float(d["time_s"]),
+                keep_decisions=bool(d.get("keep_decisions", True)),
             )
             for r in d["jobs"]:
                 rec = JobRecord.from_dict(r)
+                if rec.active and rec.spec.graph not in s.graphs:
+                    raise _E(
+                        f"scheduler state: job {rec.id!r} needs graph {rec.spec.graph!r}, which is not given"
+                    )
                 s.jobs[rec.id] = rec
             s.events = [Event.from_dict(e) for e in d.get("events", [])]
             s.decisions = [Decision.from_dict(x) for x in d.get("decisions", [])]
+            last = d.get("last_decision")
+            s.last_decision = Decision.from_dict(last) if last else (s.decisions[-1] if s.decisions else None)
+            s.pricings = [Pricing.from_dict(x) for x in d.get("pricings", [])]
             s.drain_until = {int(k): float(v) for k, v in d.get("drain_until", {}).items()}
             s.busy_device_s = float(d.get("busy_device_s", 0.0))
         except (KeyError, TypeError, ValueError) as e:

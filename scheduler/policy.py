@@ -40,14 +40,37 @@ does, but the program picks the victims (and their shrinking or moving) that los
 A normal or low job that has waited ``ageing_bound_s`` (4 h by default) without interruption becomes
 *aged*: it moves above every normal and low job, into a level of its own behind the jobs aged before it, and
 stays there until it finishes; the policy asks to be woken (``next_tick``) exactly when the bound is reached.
-Aged jobs are thus served first come, first served, each on its best shape, and only high-priority jobs and
-earlier-aged jobs can delay or preempt them: no normal or low job waits longer than ``ageing_bound_s`` plus
-the time high-priority and earlier-aged jobs hold the devices it needs. A high-priority job that waits as
-long moves above all other high jobs the same way. (The earliest ``AGED_LEVELS`` aged jobs get levels of
-their own; more share one.) The bound must suit the load: too tight a bound ages many jobs at once, and
-served in order they form a convoy -- measured on the benchmark's overloaded 16-GPU trace, 2 h aged 68 of
-200 jobs, doubled the average completion time against 4 h and still let jobs wait 11 h, where with 4 h six
-jobs aged and none waited longer than the bound.
+A high-priority job that waits as long moves above all other high jobs the same way. The earliest
+``AGED_LEVELS`` aged jobs get levels of their own (first come, first served); later ones share one level.
+The bound must suit the load: too tight a bound ages many jobs at once, and served in order they form a
+convoy -- measured on the benchmark's overloaded 16-GPU trace, 2 h aged 68 of 200 jobs and doubled the
+average completion time against 4 h.
+
+[Note: what waiting means]
+What the program guarantees, exactly (``DistplanPolicy.check_waits`` checks it; the tests run it after every
+decision of overloaded traces):
+
+  (W) after a decision whose solves are optimal (``info["statuses"]`` all ``OPTIMAL``), a job waits only if
+      none of its shapes fits the devices left free by the jobs running at its level or above.
+
+Why: every option of a job is worth more than waiting (values are floored at ``START_FLOOR`` of the
+option's throughput value, so even a start that costs more than the job's remaining work counts), and
+preempting jobs of lower levels to start it changes no value at its level or above; an optimum at its level
+therefore starts it whenever such devices exist. What (W) gives, and what it does not:
+
+* Priority without inversion: no low job holds devices a waiting normal or high job could start on, and no
+  non-aged job holds devices a waiting aged job could start on.
+* Ageing bounds the time *until a job is first in line*, not its wait: a normal or low job waits without
+  interruption at most ``ageing_bound_s``, then waits only while high-priority jobs and jobs aged before it
+  (and, past the first ``AGED_LEVELS`` aged jobs, others of the shared level) hold every device set it fits.
+  How long that is depends on the load. Under overload (more high-priority and aged work than devices) it
+  is unbounded, for this policy as for any: on the benchmark's overloaded ``a100x8-v100x8`` trace one job
+  waited 31,134 s in one stretch, 14,400 s to the bound and 16,734 s more while all 16 devices were held by
+  high-priority jobs and the six jobs aged before it, as (W) allows.
+* (W) is conditional on optimality: a decision cut short by its work budget (``deterministic_time``) keeps
+  the best solution found, which may leave a job waiting that (W) would start; its statuses say so.
+* The fairness variants (``max-min``, ``finish-time``) optimise a score before the levels' values and give
+  no such guarantee.
 
 Variants (``objective``): ``jct`` (default), ``throughput``; ``max-min`` -- Gavel's heterogeneity-aware
 max-min fairness (Narayanan et al., OSDI 2020) as an integer program: maximise the smallest
@@ -67,8 +90,9 @@ under other work (``benchmarks/schedule_quality.py``, prices cached): 64 GPUs / 
 most 0.16 s per decision; 1,024 GPUs / 2,000 jobs (up to 86 active jobs), p99 0.28 s, at most 0.39 s; the
 same cluster at four times the load (402 active jobs, 283 running), 7.4 s with the default budget, with the
 contended level's value within 0.7% of the optimum that CP-SAT needs 21 s to prove. The first time a model
-is seen, pricing its shapes adds planner calls of about a second each (tens of seconds for a large model on
-many shapes): that is the cost to move off the decision path (price when a graph is registered).
+is seen, pricing its shapes costs planner calls of about a second each (tens of seconds for a large model on
+many shapes); they are made when the job is submitted, not in a decision (see [Note: pricing off the
+decision path] in ``distplan.scheduler.core``).
 """
 
 from __future__ import annotations
@@ -95,7 +119,7 @@ from .model import Event, SchedulerError
 from .pricing import Price, colocation_slowdown
 from .shapes import Shape
 
-__all__ = ["DISTPLAN_OBJECTIVES", "LEVELS", "POLICIES", "DistplanPolicy", "make_policy"]
+__all__ = ["DISTPLAN_OBJECTIVES", "LEVELS", "POLICIES", "DistplanPolicy", "WaitCheck", "make_policy"]
 
 DISTPLAN_OBJECTIVES = ("jct", "throughput", "max-min", "finish-time")
 #: The lexicographic classes, most important first (see [Note: ageing] for the aged ones).
@@ -104,6 +128,8 @@ LEVELS = ("aged-high", "high", "aged", "normal", "low")
 AGED_LEVELS = 16
 #: Waiting jobs considered for co-location per decision (the most important and urgent).
 COLOCATION_CANDIDATES = 48
+#: Least fraction of an option's value its start or restart delay leaves (see [Note: what waiting means]).
+START_FLOOR = 0.05
 #: Priority weights of the fairness variants (Gavel's ``priority_weights``).
 PRIORITY_WEIGHTS = {"high": 4.0, "normal": 2.0, "low": 1.0}
 
@@ -132,6 +158,30 @@ def make_policy(name: str, **params: Any) -> Policy:
 
 
 POLICIES = ("distplan", "fifo", "las", "gavel", "strict-priority")
+
+
+@dataclass(frozen=True, slots=True)
+class WaitCheck:
+    """A waiting job after a decision, against (W) (see [Note: what waiting means]).
+
+    Attributes:
+        job_id: the job.
+        level: its lexicographic level (0 first); level_class: its class in :data:`LEVELS`.
+        held_above: devices held by the jobs running at its level or above.
+        fitting: its shapes that fit the devices those jobs leave free (``"2 x a100-sxm-80g"``); any
+            breaks (W).
+    """
+
+    job_id: str
+    level: int
+    level_class: str
+    held_above: int
+    fitting: tuple[str, ...]
+
+    @property
+    def holds(self) -> bool:
+        """Whether (W) holds for this job."""
+        return not self.fitting
 
 
 @dataclass(slots=True)
@@ -320,6 +370,7 @@ class DistplanPolicy(Policy):
         if not jobs:
             return res
         problem, meta = self._problem(view, jobs)
+        meta["levels"] = levels
         sol = solve_allocation(problem)
         self._assign(view, jobs, problem, meta, sol.choices, res)
         res.info = {
@@ -342,7 +393,8 @@ class DistplanPolicy(Policy):
         return view.pricer.restart_s(r.spec, g, 0, shape.hosts if r.has_checkpoint else 0)
 
     def _value(self, j: _Job, thr: float, delay: float) -> float:
-        return j.urgency * (thr / j.best) * max(0.0, 1.0 - delay / j.horizon)
+        # Floored above zero: see [Note: what waiting means].
+        return j.urgency * (thr / j.best) * max(START_FLOOR, 1.0 - delay / j.horizon)
 
     def _fair(self, view: View, j: _Job, thr: float, delay: float) -> float:
         """The job's fairness score if it runs at ``thr`` after ``delay`` (``thr = 0``: it waits)."""
@@ -600,11 +652,12 @@ class DistplanPolicy(Policy):
                 for a, b in ((pr.a, pr.b), (pr.b, pr.a)):
                     devices[a], shapes[a] = got, shape
                     partner[a] = (b, s)
+        waits: list[_Job] = []
         for i, c in enumerate(choices):
             j = jobs[i]
             r = j.rec
             if c.kind == "wait":
-                res.reasons[r.id] = self._wait_reason(view, j, placer)
+                waits.append(j)
                 continue
             if c.kind == "keep":
                 assert r.placement is not None and r.shape is not None and r.price is not None
@@ -625,6 +678,9 @@ class DistplanPolicy(Policy):
                 jobs[other[0]].rec.id if other else None,
                 other[1] if other else 1.0,
             )
+        held = {jid: a.devices for jid, a in res.assignments.items()}
+        for j in waits:
+            res.reasons[j.rec.id] = self._wait_reason(view, j, meta["levels"], held)
 
     # ------------------------------------------------------------------ reasons
     def _no_shape_reason(self, view: View, r: JobRecord) -> str:
@@ -644,13 +700,65 @@ class DistplanPolicy(Policy):
                 break
         return f"fits none of its device sets ({len(shapes)} tried); largest: {why}"
 
-    def _wait_reason(self, view: View, j: _Job, placer: Any) -> str:
+    def _fitting(
+        self,
+        view: View,
+        rec: JobRecord,
+        options: Sequence[tuple[Shape, Price]],
+        levels: dict[str, int],
+        held: dict[str, tuple[int, ...]],
+    ) -> tuple[list[Shape], list[str]]:
+        """The job's shapes that fit the devices left free by the jobs at its level or above (``held``: job
+        -> devices it runs on), and those jobs."""
+        mine = levels[rec.id]
+        above = sorted(jid for jid in held if jid != rec.id and levels.get(jid, len(levels) + 1) <= mine)
+        placer = view.placer([d for jid in above for d in held[jid]])
+        return [sh for sh, _ in options if placer.fits(sh)], above
+
+    def check_waits(self, view: View) -> list[WaitCheck]:
+        """Every waiting job of ``view`` against (W) (see [Note: what waiting means]): call it after a
+        decision (``View(scheduler)``). Jobs with no feasible shape are left out (nothing can start them)."""
+        levels = self._levels(view.records)
+        held = {r.id: r.placement.devices for r in view.running() if r.placement is not None}
+        out = []
+        for r in view.waiting():
+            opts = view.pricer.options(r.spec, view.graph(r), view.pools)
+            if not opts:
+                continue
+            fits, above = self._fitting(view, r, opts, levels, held)
+            out.append(
+                WaitCheck(
+                    r.id,
+                    levels[r.id],
+                    LEVELS[self._class(r)],
+                    sum(len(held[a]) for a in above),
+                    tuple(f"{sh.devices} x {view.pools[sh.pool].kind}" for sh in fits),
+                )
+            )
+        return out
+
+    def _wait_reason(
+        self, view: View, j: _Job, levels: dict[str, int], held: dict[str, tuple[int, ...]]
+    ) -> str:
+        """Why the job waits after this decision, in the terms of (W) (see [Note: what waiting means])."""
         small = min(j.options, key=lambda sp: (sp[0].devices, -sp[1].throughput_samples_s))
         kinds = sorted({view.pools[s.pool].kind for s, _ in j.options})
+        fits, above = self._fitting(view, j.rec, j.options, levels, held)
         level = LEVELS[self._class(j.rec)]
-        above = sum(1 for r in view.records if r.running and self._class(r) < self._class(j.rec))
+        if fits:
+            return (
+                f"{fits[0].devices} x {view.pools[fits[0].pool].kind} is free of jobs at its level ({level}) or "
+                "above, but the decision's work budget ran out before the program placed it; the next "
+                "decision tries again"
+            )
+        recs = {r.id: r for r in view.records}
+        by_class: dict[str, int] = {}
+        for jid in above:
+            c = LEVELS[self._class(recs[jid])]
+            by_class[c] = by_class.get(c, 0) + 1
+        who = ", ".join(f"{n} {c}" for c, n in sorted(by_class.items(), key=lambda cn: LEVELS.index(cn[0])))
         return (
-            f"its smallest device set ({small[0].devices} x {view.pools[small[0].pool].kind}; kinds "
-            f"{', '.join(kinds)}) is taken by jobs worth more now ({above} running at a higher level than "
-            f"{level})"
+            f"every device set it fits (smallest {small[0].devices} x {view.pools[small[0].pool].kind}; kinds "
+            f"{', '.join(kinds)}) is held by jobs at its level ({level}) or above: {len(above)} running"
+            + (f" ({who})" if who else "")
         )

@@ -10,8 +10,7 @@ re-planned. The planner runs with one worker, no baselines and a time limit (:at
 machine is so loaded that the wall-clock limit itself is reached (the plan's notes say so). Measured here
 (2 cores, load 5-10): with 0.5 s, 4 of 90 catalogue shapes on ``mixed-64`` came out up to 20% apart
 between two runs; with 5 s none did, at 0.75 s per shape on average. A job's shapes are priced once, when
-it is first seen, and only shapes between
-its minimum and maximum device counts; in each pool larger shapes are skipped once a plan leaves devices
+it is submitted (by its policy's ``prepare``), and only shapes between its minimum and maximum device counts; in each pool larger shapes are skipped once a plan leaves devices
 unused (more devices would not help), and such a shape is offered only when it is the smallest the job
 accepts there.
 
@@ -401,19 +400,56 @@ class Pricer:
         return self.restart.transfer_s(state_bytes(graph, job.optimizer), hosts, self.cluster.network)
 
     # ------------------------------------------------------------------ persistence
+    def entries(self) -> dict[str, Price]:
+        """A copy of the cache: price key -> :class:`Price` (what :meth:`merge` takes)."""
+        return dict(self._cache)
+
+    def merge(self, prices: Mapping[str, Price]) -> int:
+        """Add prices computed elsewhere (another process's pricer of the same cluster and time limit: keys
+        name everything a price depends on); returns how many were new."""
+        new = 0
+        for k, v in prices.items():
+            if k not in self._cache:
+                new += 1
+            self._cache[k] = v
+        return new
+
+    def document(self, keys: Sequence[str] | None = None) -> dict[str, Any]:
+        """The cache (or the entries ``keys``) as the JSON document :meth:`save` writes."""
+        chosen = self._cache if keys is None else {k: self._cache[k] for k in keys if k in self._cache}
+        return {
+            "schema_version": PRICE_CACHE_VERSION,
+            "plan_schema_version": PLAN_SCHEMA_VERSION,
+            "prices": {k: v.to_dict() for k, v in chosen.items()},
+        }
+
+    @staticmethod
+    def read_document(doc: Any, where: str = "price cache") -> dict[str, Price]:
+        """The prices of a :meth:`document`; one of another cache or plan version reads as empty, and an
+        entry that does not read back is left out (those prices are planned again)."""
+        if (
+            not isinstance(doc, Mapping)
+            or doc.get("schema_version") != PRICE_CACHE_VERSION
+            or doc.get("plan_schema_version") != PLAN_SCHEMA_VERSION
+            or not isinstance(doc.get("prices"), Mapping)
+        ):
+            return {}
+        out: dict[str, Price] = {}
+        for k, v in doc["prices"].items():
+            try:
+                out[str(k)] = Price.from_dict(v, f"{where}.prices[{k}]")
+            except DistplanError:
+                continue
+        return out
+
     def save(self, path: str | Path | None = None) -> None:
         """Write the cache as JSON (to ``path`` or :attr:`cache_path`)."""
         p = Path(path) if path is not None else self.cache_path
         if p is None:
             raise SchedulerError("no price cache file to save to (give a path)")
-        doc = {
-            "schema_version": PRICE_CACHE_VERSION,
-            "plan_schema_version": PLAN_SCHEMA_VERSION,
-            "prices": {k: v.to_dict() for k, v in self._cache.items()},
-        }
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(json.dumps(doc))
+        tmp.write_text(json.dumps(self.document()))
         tmp.replace(p)
 
     def load(self, path: str | Path) -> None:
@@ -428,18 +464,7 @@ class Pricer:
             doc = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise SchedulerError(f"price cache {str(p)!r} cannot be read: {e}") from e
-        if (
-            not isinstance(doc, Mapping)
-            or doc.get("schema_version") != PRICE_CACHE_VERSION
-            or doc.get("plan_schema_version") != PLAN_SCHEMA_VERSION
-            or not isinstance(doc.get("prices"), Mapping)
-        ):
-            return
-        for k, v in doc["prices"].items():
-            try:
-                self._cache[str(k)] = Price.from_dict(v, f"{p}.prices[{k}]")
-            except DistplanError:
-                continue
+        self.merge(self.read_document(doc, str(p)))
 
     def __len__(self) -> int:
         return len(self._cache)

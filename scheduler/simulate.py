@@ -16,7 +16,11 @@ times a running job was stopped, moved or resized by the scheduler; ``max_wait_s
 delay. A job's *queueing delay* is all the time it spent submitted but without devices (before its first
 start and after every preemption); ``max_continuous_wait_s`` is the longest single such stretch, the
 quantity the distplan policy's ageing bound limits. Decision times are wall-clock seconds per decision,
-pricing (planner calls on a cold cache) included.
+including any planner call a decision still makes (``pricing_total_s``: none when every shape was priced at
+submission). A job's shapes are priced when it is submitted (see [Note: pricing off the decision path] in
+``distplan.scheduler.core``): ``submit_pricing_total_s`` / ``submit_pricing_max_s`` are the wall seconds of
+that pricing in all and for the costliest submission (planner calls on a cold cache, lookups otherwise),
+``submit_planner_calls`` the planner calls it made.
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ class SimulationResult:
             short by ``max_decisions``).
         busy_device_s: device-seconds held by jobs.
         decisions: per decision, ``(wall seconds, pricing seconds, active jobs)``.
+        submissions: per submitted job, ``(wall seconds of pricing its shapes, planner calls)``.
         truncated: the run stopped at ``max_decisions``.
         scheduler: the scheduler at the end (its state, events and allocations).
     """
@@ -104,6 +109,7 @@ class SimulationResult:
     unfinished: tuple[tuple[str, str], ...]
     busy_device_s: float
     decisions: tuple[tuple[float, float, int], ...]
+    submissions: tuple[tuple[float, int], ...] = ()
     truncated: bool = False
     scheduler: Scheduler | None = field(default=None, compare=False, repr=False)
 
@@ -147,6 +153,9 @@ class SimulationResult:
             "allocation_p99_s": _pct(alloc, 99),
             "allocation_max_s": max(alloc, default=0.0),
             "pricing_total_s": float(sum(pricing)),
+            "submit_pricing_total_s": float(sum(x[0] for x in self.submissions)),
+            "submit_pricing_max_s": max((x[0] for x in self.submissions), default=0.0),
+            "submit_planner_calls": int(sum(x[1] for x in self.submissions)),
             "max_active_jobs": max((d[2] for d in self.decisions), default=0),
             "truncated": self.truncated,
         }
@@ -281,6 +290,7 @@ def simulate(
         unfinished=tuple(unfinished),
         busy_device_s=sched.busy_device_s,
         decisions=tuple(decisions),
+        submissions=tuple((p.seconds, p.planner_calls) for p in sched.pricings),
         truncated=truncated,
         scheduler=sched,
     )
