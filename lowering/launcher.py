@@ -69,16 +69,17 @@ class LauncherFiles:
 
 
 def host_commands(
-    plan: Plan, *, port: int = 29500, script: str = "train.py", args: str = ""
+    plan: Plan, *, port: int = 29500, script: str = "train.py", args: str = "", endpoint: str | None = None
 ) -> tuple[HostCommand, ...]:
     """One ``torchrun`` line per host of the plan (host-major, see [Note: rank order] in ``distplan.plan``);
-    ``args`` follow ``--host-index``."""
+    ``args`` follow ``--host-index``. ``endpoint``: the rendezvous ``host:port`` (default: the first host's
+    name and ``port``; a manifest passes a shell variable its engine sets)."""
     hosts: dict[int, tuple[str, int]] = {}
     for r in plan.rank_map:
         name, n = hosts.get(r.host_index, (r.host, 0))
         hosts[r.host_index] = (name, n + 1)
     order = sorted(hosts)
-    endpoint = f"{hosts[order[0]][0]}:{port}"
+    endpoint = endpoint or f"{hosts[order[0]][0]}:{port}"
     out = []
     for node_rank, h in enumerate(order):
         name, n = hosts[h]

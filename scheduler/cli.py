@@ -56,6 +56,28 @@ def register(app: typer.Typer) -> None:
             None, "--state", help="Write the scheduler's final state JSON here (default: none)."
         ),
         json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+        emit: str | None = typer.Option(
+            None,
+            "--emit",
+            help="Write the running jobs at --emit-at as manifests: k8s (Indexed Job) or slurm (sbatch) "
+            "(default: none).",
+        ),
+        emit_dir: Path | None = typer.Option(
+            None,
+            "--emit-dir",
+            help="Folder for the manifests, one file per job (default: none; required with --emit).",
+        ),
+        emit_at: float = typer.Option(
+            0.0,
+            "--emit-at",
+            help="Simulated time (s) whose allocation is emitted: the last decision at or before it "
+            "(default: 0; the first decision).",
+        ),
+        image: str = typer.Option(
+            "distplan:latest",
+            "--image",
+            help="Container image of the k8s manifests (default: distplan:latest).",
+        ),
     ) -> None:
         """Simulate a job set on a cluster under a scheduling policy and print JCT, waits and utilisation."""
         from distplan.presentation.cli_support import write_output
@@ -63,6 +85,12 @@ def register(app: typer.Typer) -> None:
         from distplan.scheduler import JobSet, Pricer, make_policy, simulate
         from distplan.scheduler.model import SchedulerError
 
+        if emit is not None and emit not in ("k8s", "slurm"):
+            raise SchedulerError(f"--emit must be k8s or slurm, got {emit!r}")
+        if (emit is None) != (emit_dir is None):
+            raise SchedulerError("--emit and --emit-dir go together (a format and a folder)")
+        if emit_at < 0:
+            raise SchedulerError(f"--emit-at must be a time >= 0 s, got {emit_at:g}")
         if not jobs.exists():
             raise SchedulerError(f"job set file {str(jobs)!r} does not exist")
         js = JobSet.load(jobs)
@@ -74,7 +102,14 @@ def register(app: typer.Typer) -> None:
             raise SchedulerError("--objective and --ageing-bound apply to --policy distplan only")
         pol = make_policy(policy, **params)
         pricer = Pricer(c, time_limit_s=time_limit, cache_path=price_cache)
-        result = simulate(js, c, pol, pricer=pricer, base_dir=jobs.parent)
+        snapshot: list[Any] = []
+
+        def capture(sched: Any, decision: Any) -> None:
+            # Keep the running jobs of the last decision at or before --emit-at.
+            if emit is not None and decision.time_s <= emit_at:
+                snapshot[:] = [_running_jobs(sched)]
+
+        result = simulate(js, c, pol, pricer=pricer, base_dir=jobs.parent, observe=capture)
         if price_cache is not None:
             pricer.save()
         sched = result.scheduler
@@ -84,10 +119,57 @@ def register(app: typer.Typer) -> None:
         if state_out is not None:
             write_output(state_out, json.dumps(sched.to_dict()))
         summary = schedule_summary(result)
+        if emit is not None and emit_dir is not None:
+            running = snapshot[0] if snapshot else []
+            summary["manifests"] = _emit(running, emit, emit_dir, image=image)
         if json_out:
             typer.echo(json.dumps(summary, indent=1))
             return
         _print(summary)
+
+
+def _running_jobs(sched: Any) -> list[dict[str, Any]]:
+    """What a manifest of each running job needs, taken at a decision: its spec, its plan on its devices,
+    steps left, whether it resumes from a checkpoint, its graph's sequence length."""
+    out = []
+    for rec in sched.jobs.values():
+        if not rec.running:
+            continue
+        spec = rec.spec
+        graph = sched.graphs[spec.graph]
+        done = int(rec.samples_done // spec.global_batch)
+        seq = graph.meta.get("seq")
+        out.append(
+            {
+                "spec": spec,
+                "plan": sched.plan(spec.id),
+                "steps": max(1, (spec.total_steps or spec.run_steps or 1) - done),
+                "resume": rec.has_checkpoint,
+                "seq": seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
+            }
+        )
+    return out
+
+
+def _emit(running: list[dict[str, Any]], fmt: str, folder: Path, *, image: str) -> list[str]:
+    """Write one manifest per running job (see ``distplan.presentation.manifests``); the files written."""
+    from distplan.lowering.launcher import host_commands, train_args
+    from distplan.presentation.cli_support import write_output
+    from distplan.presentation.manifests import RDZV, ManifestJob, render_manifest
+
+    written = []
+    for r in running:
+        spec = r["spec"]
+        ckpt = f"/checkpoints/{spec.id}"
+        # The job set names graphs, not model code: the graph's key is the train.py --model spec.
+        args = train_args(spec.graph, steps=r["steps"], seq=r["seq"] or 512, optimizer=spec.optimizer)
+        args += f" --save {ckpt}" + (f" --resume {ckpt}" if r["resume"] else "")
+        hosts = host_commands(r["plan"], args=args, endpoint=RDZV)
+        job = ManifestJob.from_plan(r["plan"], hosts, job_id=spec.id, priority=spec.priority, image=image)
+        path = folder / f"{job.name}.{'yaml' if fmt == 'k8s' else 'sbatch'}"
+        write_output(path, render_manifest(job, fmt))
+        written.append(str(path))
+    return written
 
 
 def _print(s: dict[str, Any]) -> None:
@@ -126,3 +208,5 @@ def _print(s: dict[str, Any]) -> None:
     )
     for u in s["unfinished_jobs"]:
         con.print(f"[yellow]unfinished[/yellow] {u['id']}: {u['reason']}")
+    for m in s.get("manifests", []):
+        con.print(f"manifest written: {m}")

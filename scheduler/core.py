@@ -443,7 +443,7 @@ class Scheduler:
             raise _E(f"job {job_id!r} is {rec.status}, it cannot finish")
         rec.status = "finished"
         rec.finish_s = now
-        rec.placement = None
+        rec.placement, rec.shape, rec.price = None, None, None
         self.events.append(Event(now, "finish", job_id, f"after {now - rec.submitted_s:.0f} s"))
         return self.decide(now, f"finish {job_id}") if decide else None
 
@@ -456,7 +456,7 @@ class Scheduler:
         self._end_wait(rec, now)
         rec.status = "cancelled"
         rec.finish_s = now
-        rec.placement = None
+        rec.placement, rec.shape, rec.price = None, None, None
         self.events.append(Event(now, "cancel", job_id, "cancelled by its user"))
         return self.decide(now, f"cancel {job_id}") if decide else None
 
@@ -468,7 +468,7 @@ class Scheduler:
         if not rec.running:
             raise _E(f"job {job_id!r} is {rec.status}, it cannot fail")
         rec.status = "waiting"
-        rec.placement = None
+        rec.placement, rec.shape, rec.price = None, None, None
         rec.wait_since_s = now
         rec.has_checkpoint = True
         self.events.append(Event(now, "fail", job_id, "crashed; resumes from its checkpoint"))

@@ -171,6 +171,7 @@ def simulate(
     base_dir: str | Path | None = None,
     max_decisions: int | None = None,
     on_decision: Callable[[Decision], None] | None = None,
+    observe: Callable[[Scheduler, Decision], None] | None = None,
 ) -> SimulationResult:
     """Replay ``jobs`` on ``cluster`` under ``policy`` (see the module docstring).
 
@@ -180,6 +181,7 @@ def simulate(
             to ``base_dir``).
         max_decisions: stop after this many decisions (for decision-time measurements at scale).
         on_decision: called after each decision (progress display).
+        observe: called after each decision with the scheduler (to inspect its state: allocations, waits).
 
     Raises:
         SchedulerError: a job has neither ``run_steps`` nor ``total_steps``; the policy misbehaves.
@@ -246,6 +248,8 @@ def simulate(
         decisions.append((time.perf_counter() - t0, d.pricing_seconds, d.active_jobs))
         if on_decision is not None:
             on_decision(d)
+        if observe is not None:
+            observe(sched, d)
         if max_decisions is not None and len(decisions) >= max_decisions:
             truncated = True
             break

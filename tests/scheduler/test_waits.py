@@ -31,41 +31,25 @@ from distplan.scheduler.core import View
 from distplan.scheduler.shapes import Shape, pools_of
 
 
-def _spy_scheduler(monkeypatch: pytest.MonkeyPatch) -> dict[str, Scheduler]:
-    """Keep a handle on the scheduler the simulator builds (to inspect it after each decision)."""
-    from distplan.scheduler import core
-
-    held: dict[str, Scheduler] = {}
-    real = core.Scheduler.__init__
-
-    def spy(self, *a, **kw):  # type: ignore[no-untyped-def]
-        real(self, *a, **kw)
-        held["s"] = self
-
-    monkeypatch.setattr(core.Scheduler, "__init__", spy)
-    return held
-
-
-def test_every_wait_of_an_overloaded_trace_is_justified(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_wait_of_an_overloaded_trace_is_justified() -> None:
     cluster = make_cluster("two-by-four", per_host=4, hosts=2)
     pricer = Pricer(cluster)
     trace = generate_trace(24, cluster, seed=2, load=3.0, catalogue=CATALOGUE[:2], pricer=pricer)
     bound = 900.0
     policy = DistplanPolicy(ageing_bound_s=bound)
-    held = _spy_scheduler(monkeypatch)
     checked: list[int] = []
     aged_waits = 0
 
-    def check(decision) -> None:  # type: ignore[no-untyped-def]
+    def check(sched: Scheduler, decision) -> None:  # type: ignore[no-untyped-def]
         nonlocal aged_waits
         assert all(s == "OPTIMAL" for s in decision.info.get("statuses", [])), decision.info
-        waits = policy.check_waits(View(held["s"]))
+        waits = policy.check_waits(View(sched))
         broken = [w for w in waits if not w.holds]
         assert broken == [], (decision.time_s, broken)
         checked.append(len(waits))
         aged_waits += sum(w.level_class == "aged" for w in waits)
 
-    res = simulate(trace, cluster, policy, pricer=pricer, on_decision=check)
+    res = simulate(trace, cluster, policy, pricer=pricer, observe=check)
     m = res.metrics()
     assert m["finished"] == len(trace.jobs)
     # Not vacuous: jobs waited at many decisions, aged jobs among them, and a single wait passed the bound
@@ -73,7 +57,8 @@ def test_every_wait_of_an_overloaded_trace_is_justified(monkeypatch: pytest.Monk
     assert sum(checked) > len(checked) and aged_waits > 0
     assert m["max_continuous_wait_s"] > bound
     # The waiting reasons speak of the same rule.
-    reasons = [e.detail for e in held["s"].events if e.kind == "preempt"]
+    assert res.scheduler is not None
+    reasons = [e.detail for e in res.scheduler.events if e.kind == "preempt"]
     assert any("held by jobs at its level" in r for r in reasons)
 
 
