@@ -50,7 +50,16 @@ from distplan._serde import (
 )
 from distplan.cluster import Cluster
 from distplan.errors import PlanError
-from distplan.request import DTYPES, MATMUL_PRECISIONS, OPTIMIZERS, GraphRef, PlanRequest, check_precision
+from distplan.request import (
+    DTYPES,
+    MATMUL_PRECISIONS,
+    OPTIMIZERS,
+    RECOMPUTE,
+    SHARD,
+    GraphRef,
+    PlanRequest,
+    check_precision,
+)
 from distplan.units import format_bytes
 
 __all__ = [
@@ -70,6 +79,7 @@ __all__ = [
     "RankAssignment",
     "SolverReport",
     "Stage",
+    "StageMemory",
     "build_rank_map",
     "check_precision",
     "parse_layout",
@@ -78,12 +88,6 @@ __all__ = [
 PLAN_SCHEMA_VERSION = 2
 Schedule = Literal["gpipe", "1f1b", "interleaved-1f1b"]
 SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved-1f1b")
-#: Activation recomputation of a stage: keep every activation; recompute the attention scores/softmax path
-#: (Korthikanti et al. 2022, "selective"); keep only the stage's inputs and recompute its forward ("full").
-RECOMPUTE: tuple[str, ...] = ("none", "selective", "full")
-#: Sharding over a stage's data-parallel replicas: ZeRO stages 1/2/3 (Rajbhandari et al. 2020) ``optimizer``,
-#: ``optimizer+gradients``, ``full`` (parameters too, FSDP).
-SHARD: tuple[str, ...] = ("none", "optimizer", "optimizer+gradients", "full")
 _E = PlanError
 
 
@@ -94,6 +98,56 @@ def _recompute(v: Any, path: str) -> str:
     if not isinstance(v, str):
         raise _E(f"{path}.recompute: expected one of {', '.join(RECOMPUTE)}, got {v!r}")
     return v
+
+
+@dataclass(frozen=True, slots=True)
+class StageMemory:
+    """Predicted peak memory of one device of a stage, by what holds it (bytes), and what recomputation and
+    sharding removed from it (see ``distplan.planner.cost`` for the formulas and their sources).
+
+    Attributes:
+        parameters: weights (the low-precision copies under mixed precision; under sharding, the gathered
+            weights plus this device's shard).
+        gradients: gradients.
+        optimizer: optimizer state (under mixed precision with the fp32 master weights); ``1 / dp`` of it
+            under sharding.
+        activations: what the schedule's in-flight microbatches keep for the backward, and what
+            recomputation holds while it runs.
+        recompute_saved: activation bytes the stage's recomputation does not keep (0 without).
+        shard_saved: state bytes the stage's sharding does not keep (0 without).
+    """
+
+    parameters: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    recompute_saved: int = 0
+    shard_saved: int = 0
+
+    def __post_init__(self) -> None:
+        for f in ("parameters", "gradients", "optimizer", "activations", "recompute_saved", "shard_saved"):
+            if getattr(self, f) < 0:
+                raise _E(f"stage memory: {f} must be >= 0, got {getattr(self, f)}")
+
+    @property
+    def total(self) -> int:
+        """Parameters + gradients + optimizer state + activations."""
+        return self.parameters + self.gradients + self.optimizer + self.activations
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "parameters": self.parameters,
+            "gradients": self.gradients,
+            "optimizer": self.optimizer,
+            "activations": self.activations,
+            "recompute_saved": self.recompute_saved,
+            "shard_saved": self.shard_saved,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str) -> StageMemory:
+        m = get_map(d, path, _E)
+        return cls(**{f: get_int(m, f, path, _E, 0, minimum=0) for f in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,13 +167,20 @@ class Stage:
         fwd_time_s / bwd_time_s: predicted time of one microbatch's forward / backward on one replica
             (recomputation included in the backward).
         send_time_s: predicted time to send one microbatch's activations to the next stage (0 for the last).
+        grad_send_time_s: predicted time for the next stage to send the gradients of those activations back
+            (0 for the last; differs from ``send_time_s`` where the two stages' tensor-parallel degrees
+            differ, since every tensor-parallel rank receives its own copy).
         allreduce_time_s: predicted gradient all-reduce time among the replicas once per iteration.
+        optimizer_time_s: predicted time of one rank's optimizer step once per iteration (0 in plans made
+            before it was recorded).
         memory_bytes: predicted peak memory per device.
         param_bytes: parameter bytes the stage holds (per replica), copies of shared parameters included.
         shared_param_bytes: the part of ``param_bytes`` that other stages hold too (a tied embedding and
             output projection; see [Note: shared parameters] in ``distplan.graph``).
         tied_allreduce_time_s: predicted time to sum the gradients of those shared parameters with the other
             stages holding them, once per iteration (before the data-parallel all-reduce).
+        memory: ``memory_bytes`` by what holds it, and what recomputation and sharding removed (None in
+            plans made without the breakdown).
     """
 
     index: int
@@ -141,6 +202,9 @@ class Stage:
     param_bytes: int = 0
     shared_param_bytes: int = 0
     tied_allreduce_time_s: float = 0.0
+    grad_send_time_s: float = 0.0
+    optimizer_time_s: float = 0.0
+    memory: StageMemory | None = None
 
     def __post_init__(self) -> None:
         p = f"stage {self.index}"
@@ -158,7 +222,15 @@ class Stage:
             raise _E(f"{p}: recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
         if self.shard not in SHARD:
             raise _E(f"{p}: shard must be one of {', '.join(SHARD)}, got {self.shard!r}")
-        for f in ("fwd_time_s", "bwd_time_s", "send_time_s", "allreduce_time_s", "tied_allreduce_time_s"):
+        for f in (
+            "fwd_time_s",
+            "bwd_time_s",
+            "send_time_s",
+            "grad_send_time_s",
+            "optimizer_time_s",
+            "allreduce_time_s",
+            "tied_allreduce_time_s",
+        ):
             if getattr(self, f) < 0:
                 raise _E(f"{p}: {f} must be >= 0, got {getattr(self, f)}")
         if not 0 <= self.shared_param_bytes <= max(self.param_bytes, 0):
@@ -188,6 +260,9 @@ class Stage:
             "param_bytes": self.param_bytes,
             "shared_param_bytes": self.shared_param_bytes,
             "tied_allreduce_time_s": self.tied_allreduce_time_s,
+            "grad_send_time_s": self.grad_send_time_s,
+            "optimizer_time_s": self.optimizer_time_s,
+            "memory": None if self.memory is None else self.memory.to_dict(),
         }
 
     @classmethod
@@ -218,6 +293,14 @@ class Stage:
             param_bytes=get_int(m, "param_bytes", path, _E, 0),
             shared_param_bytes=get_int(m, "shared_param_bytes", path, _E, 0),
             tied_allreduce_time_s=get_float(m, "tied_allreduce_time_s", path, _E, 0.0),
+            # Plans made before the two directions were priced apart sent gradients as fast as activations.
+            grad_send_time_s=get_float(
+                m, "grad_send_time_s", path, _E, get_float(m, "send_time_s", path, _E, 0.0)
+            ),
+            optimizer_time_s=get_float(m, "optimizer_time_s", path, _E, 0.0),
+            memory=None
+            if m.get("memory") is None
+            else StageMemory.from_dict(m.get("memory"), f"{path}.memory"),
         )
 
 

@@ -15,7 +15,8 @@ planner cannot plan is refused there, before anything is queued. Errors name the
 name (``PlanError.field``); each door says it in its own syntax. The plan records the request it answers
 (``Plan.request``) beside the graph it was made for (:class:`GraphRef`, ``Plan.graph``).
 
-Later plan-space options (tensor parallelism, recomputation, sharding) are fields of this object too.
+The plan-space options (tensor parallelism, recomputation, sharding) are fields of this object too; their
+defaults search everything the lowering runs.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ __all__ = [
     "MATMUL_PRECISIONS",
     "OPTIMIZERS",
     "PLANNER_SCHEDULES",
+    "RECOMPUTE",
+    "SHARD",
     "GraphRef",
     "PlanRequest",
     "as_request",
@@ -46,6 +49,12 @@ OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
 PLANNER_SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b")
 #: Matrix-multiply precisions a plan may name (see ``PlanRequest.matmul_precision``).
 MATMUL_PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16", "fp16")
+#: Activation recomputation of a stage: keep every activation; recompute the attention scores/softmax path
+#: (Korthikanti et al. 2022, "selective"); keep only the stage's inputs and recompute its forward ("full").
+RECOMPUTE: tuple[str, ...] = ("none", "selective", "full")
+#: Sharding over a stage's data-parallel replicas: ZeRO stages 1/2/3 (Rajbhandari et al. 2020) ``optimizer``,
+#: ``optimizer+gradients``, ``full`` (parameters too, FSDP).
+SHARD: tuple[str, ...] = ("none", "optimizer", "optimizer+gradients", "full")
 _E = PlanError
 
 
@@ -73,6 +82,18 @@ def _choice(field: str, value: object, choices: tuple[str, ...]) -> None:
         raise _E(f"{field} must be one of {', '.join(choices)}, got {value!r}", field=field)
 
 
+def _choices(field: str, value: object, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """``value`` (a non-empty list of ``choices``) as a tuple in the order of ``choices``."""
+    if isinstance(value, str) or not isinstance(value, (tuple, list)) or not value:
+        raise _E(
+            f"{field} must be a non-empty list of {', '.join(choices)}, got {value!r}",
+            field=field,
+        )
+    for v in value:
+        _choice(field, v, choices)
+    return tuple(c for c in choices if c in value)
+
+
 @dataclass(frozen=True, slots=True)
 class PlanRequest:
     """A plan request: the cluster, the training batch and the planner's settings (see [Note: the request
@@ -93,6 +114,12 @@ class PlanRequest:
             ``fp16`` under autocast); None for the dtype's own. The cost model prices it and the lowering
             sets it (:attr:`precision`).
         baselines: also price the baselines (what users do by hand) and record them in the plan.
+        tensor_parallel: let a stage split over a tensor-parallel group of one host (``tp > 1``) where the
+            graph has splittable regions; False keeps ``tp = 1`` everywhere.
+        recompute: the recomputation modes a stage may use (:data:`RECOMPUTE`; the planner chooses per stage
+            among them); ``("none",)`` turns recomputation off, ``("full",)`` forces it.
+        shard: the sharding levels a stage with ``dp > 1`` may use (:data:`SHARD`); a stage with one replica
+            never shards. ``("none",)`` turns sharding off.
 
     Raises:
         PlanError: a field outside :data:`distplan.limits.REQUEST_RANGES`, an unknown choice, a microbatch
@@ -110,6 +137,9 @@ class PlanRequest:
     workers: int = 2
     matmul_precision: str | None = None
     baselines: bool = True
+    tensor_parallel: bool = True
+    recompute: tuple[str, ...] = RECOMPUTE
+    shard: tuple[str, ...] = SHARD
 
     def __post_init__(self) -> None:
         if not isinstance(self.cluster, Cluster):
@@ -137,6 +167,14 @@ class PlanRequest:
         check_precision(self.dtype, self.matmul_precision)
         if not isinstance(self.baselines, bool):
             raise _E(f"baselines must be true or false, got {self.baselines!r}", field="baselines")
+        if not isinstance(self.tensor_parallel, bool):
+            raise _E(
+                f"tensor_parallel must be true or false, got {self.tensor_parallel!r}",
+                field="tensor_parallel",
+            )
+        # Lists from JSON or keywords become canonical tuples (frozen: set through object).
+        object.__setattr__(self, "recompute", _choices("recompute", self.recompute, RECOMPUTE))
+        object.__setattr__(self, "shard", _choices("shard", self.shard, SHARD))
         if self.cluster.num_devices < 1:
             raise _E(f"cluster {self.cluster.name!r} has no devices", field="cluster")
         try:
@@ -162,6 +200,9 @@ class PlanRequest:
             "workers": self.workers,
             "matmul_precision": self.matmul_precision,
             "baselines": self.baselines,
+            "tensor_parallel": self.tensor_parallel,
+            "recompute": list(self.recompute),
+            "shard": list(self.shard),
         }
 
     @classmethod
@@ -185,6 +226,10 @@ class PlanRequest:
             workers=get_int(m, "workers", path, _E, 2),
             matmul_precision=m.get("matmul_precision"),
             baselines=get_bool(m, "baselines", path, _E, True),
+            tensor_parallel=get_bool(m, "tensor_parallel", path, _E, True),
+            # (PlanRequest checks these lists and names the field.)
+            recompute=m.get("recompute", RECOMPUTE),
+            shard=m.get("shard", SHARD),
         )
 
 

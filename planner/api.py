@@ -12,6 +12,7 @@ from distplan.plan import Plan
 from distplan.request import PlanRequest, as_request
 
 from .baselines import baseline_layouts
+from .candidates import PlanSpace
 from .cost import CostModel
 from .evaluate import build_plan
 from .ilp import SolverProgress
@@ -35,9 +36,11 @@ def plan(
     in ``distplan.request``); from Python, its fields may be given as keywords instead
     (``plan(graph, cluster="a100x4-t4x4", global_batch=64)``).
 
-    Decides the stages (contiguous node ranges at block boundaries), each stage's group of ``dp``
-    same-kind devices on one host, the data-parallel degree, the microbatch count and, unless given, the
-    schedule (1F1B or GPipe), minimising the cost model's iteration time under every device's memory.
+    Decides the stages (contiguous node ranges at block boundaries) and, per stage, its devices (of one kind
+    on one host), data- and tensor-parallel degree, recomputation and sharding, together with the microbatch
+    count and, unless given, the schedule (1F1B or GPipe), minimising the cost model's iteration time under
+    every device's memory (see ``distplan.planner.search``). The request may narrow the per-stage choices
+    (``tensor_parallel``, ``recompute``, ``shard``).
 
     The plan's ``solver`` report carries status, objective, bound, gap and seconds; ``baselines`` maps
     each baseline's name to its predicted iteration time (None where it does not fit).
@@ -76,6 +79,7 @@ def plan(
             microbatches=microbatches,
             schedule=schedule,
             stop=lambda: budget.expired("the baselines"),
+            space=PlanSpace.of(req),
         )
         if req.baselines
         else {}
@@ -92,6 +96,7 @@ def plan(
         progress=progress,
         extra=extra,
         budget=budget,
+        space=PlanSpace.of(req),
     )
     cand = res.candidate
     return build_plan(
@@ -101,7 +106,7 @@ def plan(
         res.stages,
         schedule=cand.schedule,
         microbatches=cand.microbatches,
-        microbatch_size=cand.microbatch_size,
+        microbatch=cand.microbatch,
         solver=res.report,
         baselines={name: (None if b is None else b.iteration_time_s) for name, b in base.items()},
     )

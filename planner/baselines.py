@@ -9,6 +9,10 @@
   cluster's most common kind, then run on the real devices in rank order.
 - ``data_parallel``: one stage replicated over all devices of one kind (the best kind), gradient
   accumulation over microbatches; None when the model does not fit a device.
+- ``grid``: what a Megatron-LM / torchtitan user sets by hand: a uniform ``(pp, dp, tp)`` grid with equal
+  layers per stage on the fastest ``pp * dp * tp`` devices (tensor-parallel groups inside a host,
+  Megatron's rank order: ``tp`` fastest, then ``dp``, then ``pp``), the same recomputation and sharding
+  (distributed optimizer) on every stage, switched on only when memory needs it; the best of the grid.
 
 Each baseline tries every data-parallel degree and microbatch count the planner tries and keeps its best
 that fits in memory (so they are strong baselines), or is None when nothing fits.
@@ -16,6 +20,7 @@ that fits in memory (so they are strong baselines), or is None when nothing fits
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -29,14 +34,15 @@ from distplan.graph import OpGraph
 from distplan.plan import Plan, SolverReport
 from distplan.request import PlanRequest, as_request
 
-from .candidates import Candidate, candidate_microbatches, data_parallel_degrees
+from .candidates import Candidate, PlanSpace, candidate_microbatches, data_parallel_degrees
 from .coarsen import coarsen, layer_starts
-from .cost import CostModel
+from .cost import CostModel, inflight_microbatches
 from .evaluate import StageSpec, build_plan, layout_cost
+from .parallelism import StageConfig
 
 __all__ = ["BASELINES", "BaselineLayout", "baseline_layouts", "baselines"]
 
-BASELINES = ("equal_layers", "param_balanced", "homogeneous_dp", "data_parallel")
+BASELINES = ("equal_layers", "param_balanced", "homogeneous_dp", "data_parallel", "grid")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +67,7 @@ def _rank_groups(devs: Sequence[Device], dp: int) -> list[tuple[int, ...]] | Non
 
 
 def _fits(cost: CostModel, costs: Sequence, stages: Sequence[StageSpec]) -> bool:
-    devs = cost.cluster.devices()
+    devs = cost.devices
     for c, st in zip(costs, stages, strict=True):
         if c.memory_bytes > cost.cluster.kinds[devs[st.devices[0]].kind].usable_memory_bytes:
             return False
@@ -82,9 +88,9 @@ def _best_over_microbatches(
     per = global_batch // dp
     best: BaselineLayout | None = None
     for m in candidate_microbatches(per, max_stages=len(stages), fixed=microbatches):
-        cand = Candidate(dp, m, per // m, schedule)
+        cand = Candidate(m, dp * (per // m), schedule)
         costs, total, _ = layout_cost(
-            cost, stages, schedule=schedule, microbatches=m, microbatch_size=per // m
+            cost, stages, schedule=schedule, microbatches=m, microbatch=cand.microbatch
         )
         if (
             math.isfinite(total)
@@ -137,7 +143,7 @@ def _by_params(cost: CostModel, points: Sequence[int], num_stages: int, n: int) 
 def _pipeline_baseline(
     cost: CostModel, graph: OpGraph, how: str, *, global_batch: int, microbatches: int | None, schedule: str
 ) -> BaselineLayout | None:
-    devs = cost.cluster.devices()
+    devs = cost.devices
     points = _layer_cut_points(graph)
     n = len(graph.nodes)
     best: BaselineLayout | None = None
@@ -168,14 +174,15 @@ def _minmax_partition(prefix: np.ndarray, room: np.ndarray, cap: float, num: int
     """Boundaries (block indices) splitting into at most ``num`` parts, minimising the largest part's time,
     each part's memory within ``cap`` (binary search on the bottleneck + greedy fill)."""
     nb = len(prefix) - 1
+    pre, rm = prefix.tolist(), room.tolist()  # (bisect on lists: far cheaper than numpy on scalars)
 
     def fill(limit: float) -> list[int] | None:
         out, a = [0], 0
         for _ in range(num):
             if a == nb:
                 break
-            e_t = int(np.searchsorted(prefix, prefix[a] + limit, side="right")) - 1
-            e_m = int(np.searchsorted(room, room[a] + cap, side="right")) - 1
+            e_t = bisect.bisect_right(pre, pre[a] + limit) - 1
+            e_m = bisect.bisect_right(rm, rm[a] + cap) - 1
             e = min(e_t, e_m, nb)
             if e <= a:
                 return None
@@ -198,7 +205,7 @@ def _minmax_partition(prefix: np.ndarray, room: np.ndarray, cap: float, num: int
 def _homogeneous(
     cost: CostModel, graph: OpGraph, *, global_batch: int, microbatches: int | None, schedule: str
 ) -> BaselineLayout | None:
-    devs = cost.cluster.devices()
+    devs = cost.devices
     counts = cost.cluster.kind_counts()
     ref = min(counts, key=lambda k: (-counts[k], k))
     cap = cost.cluster.kinds[ref].usable_memory_bytes
@@ -228,11 +235,11 @@ def _homogeneous(
                     pos = [blocks.bounds[j] for j in cut]
                     stages = tuple(StageSpec(a, e, g) for a, e, g in zip(pos, pos[1:], groups, strict=False))
                     costs, total, _ = layout_cost(
-                        cost, stages, schedule=schedule, microbatches=m, microbatch_size=b
+                        cost, stages, schedule=schedule, microbatches=m, microbatch=b * dp
                     )
                     if math.isfinite(total) and _fits(cost, costs, stages):
                         options.append(
-                            (assumed, BaselineLayout(stages, Candidate(dp, m, b, schedule), total))
+                            (assumed, BaselineLayout(stages, Candidate(m, b * dp, schedule), total))
                         )
                 num //= 2
     if not options:
@@ -244,7 +251,7 @@ def _homogeneous(
 def _data_parallel(
     cost: CostModel, graph: OpGraph, *, global_batch: int, microbatches: int | None, schedule: str
 ) -> BaselineLayout | None:
-    devs = cost.cluster.devices()
+    devs = cost.devices
     n = len(graph.nodes)
     best: BaselineLayout | None = None
     for kind in sorted(cost.cluster.kinds):
@@ -266,6 +273,97 @@ def _data_parallel(
     return best
 
 
+def _kind_speed(cost: CostModel) -> dict[str, float]:
+    """Each kind's effective peak at the plan's precision (what a user ranks devices by)."""
+    return {name: k.flops(cost.precision) * k.efficiency for name, k in cost.cluster.kinds.items()}
+
+
+def _grid(
+    cost: CostModel,
+    graph: OpGraph,
+    *,
+    global_batch: int,
+    microbatches: int | None,
+    schedule: str,
+    space: PlanSpace,
+) -> BaselineLayout | None:
+    devs = cost.devices
+    speed = _kind_speed(cost)
+    # The fastest devices first (host-major within a kind, as a user lists them).
+    order = sorted(devs, key=lambda d: (-speed[d.kind], d.kind, d.host_index, d.local_index))
+    points = _layer_cut_points(graph)
+    n = len(graph.nodes)
+    layers = len(points)
+    host_size = max(len(h.devices) for h in cost.cluster.hosts)
+    tps = [1] + ([t for t in cost.parallel.tp_degrees if t <= host_size] if space.tensor_parallel else [])
+    # Memory-saving knobs in the order a user turns them on (each only if the previous does not fit).
+    knobs = [
+        (rc, sh)
+        for rc in ("none", "selective", "full")
+        for sh in ("none", "optimizer")
+        if rc in space.recompute and sh in space.shard
+    ]
+    best: BaselineLayout | None = None
+    for pp in range(1, layers + 2):
+        if layers % pp and pp != 1:
+            continue  # equal layers per stage
+        bounds = [0, n] if pp == 1 else _by_layer_count(points, pp, n)
+        if bounds is None:
+            continue
+        for tp in tps:
+            for dp in data_parallel_degrees(global_batch, len(devs) // (pp * tp), microbatches):
+                size = dp * tp
+                chosen = order[: pp * size]
+                if len(chosen) < pp * size:
+                    continue
+                groups = [tuple(d.index for d in chosen[s * size : (s + 1) * size]) for s in range(pp)]
+                ok = all(len({devs[i].kind for i in g}) == 1 for g in groups) and all(
+                    len({devs[i].host_index for i in g[r * tp : (r + 1) * tp]}) == 1
+                    for g in groups
+                    for r in range(dp)
+                )
+                if not ok:
+                    continue
+                per = global_batch // dp
+                for m in candidate_microbatches(per, max_stages=pp, fixed=microbatches):
+                    if schedule == "1f1b" and pp > m:
+                        continue
+                    cand = Candidate(m, dp * (per // m), schedule)
+                    rows = per // m
+                    for rc, sh in knobs:
+                        if sh != "none" and dp == 1:
+                            continue
+                        cfg = StageConfig(dp, tp, rc, sh)
+                        # Memory first (cheap): the user turns knobs on until the grid fits.
+                        if not all(
+                            cost.stage_memory(
+                                a,
+                                e,
+                                microbatch=rows,
+                                inflight=inflight_microbatches(
+                                    schedule, stage=i, num_stages=pp, microbatches=m
+                                ),
+                                kind=devs[g[0]].kind,
+                                config=cfg,
+                            )
+                            <= cost.cluster.kinds[devs[g[0]].kind].usable_memory_bytes
+                            for i, (a, e, g) in enumerate(zip(bounds, bounds[1:], groups, strict=False))
+                        ):
+                            continue
+                        stages = tuple(
+                            StageSpec(a, e, g, tp, rc, sh)
+                            for a, e, g in zip(bounds, bounds[1:], groups, strict=False)
+                        )
+                        costs, total, _ = layout_cost(
+                            cost, stages, schedule=schedule, microbatches=m, microbatch=cand.microbatch
+                        )
+                        if math.isfinite(total) and _fits(cost, costs, stages):
+                            if best is None or total < best.iteration_time_s:
+                                best = BaselineLayout(stages, cand, total)
+                            break
+    return best
+
+
 def baseline_layouts(
     graph: OpGraph,
     cost: CostModel,
@@ -274,10 +372,12 @@ def baseline_layouts(
     microbatches: int | None = None,
     schedule: str | None = None,
     stop: Callable[[], bool] | None = None,
+    space: PlanSpace | None = None,
 ) -> dict[str, BaselineLayout | None]:
     """Every baseline's best layout under ``cost`` (None where it does not fit). ``stop`` is asked before
     each baseline; once it answers True the remaining ones are left out of the result (the planner's time
-    limit, see ``distplan.planner.search.Budget``)."""
+    limit, see ``distplan.planner.search.Budget``). ``space``: what the request lets a stage be (the grid
+    uses no tensor parallelism, recomputation or sharding it forbids)."""
     sched = schedule or "1f1b"
     kw = {"global_batch": global_batch, "microbatches": microbatches, "schedule": sched}
     makers: dict[str, Callable[[], BaselineLayout | None]] = {
@@ -285,6 +385,7 @@ def baseline_layouts(
         "param_balanced": lambda: _pipeline_baseline(cost, graph, "param_balanced", **kw),  # type: ignore[arg-type]
         "homogeneous_dp": lambda: _homogeneous(cost, graph, **kw),  # type: ignore[arg-type]
         "data_parallel": lambda: _data_parallel(cost, graph, **kw),  # type: ignore[arg-type]
+        "grid": lambda: _grid(cost, graph, space=space or PlanSpace(), **kw),  # type: ignore[arg-type]
     }
     out: dict[str, BaselineLayout | None] = {}
     for name, make in makers.items():
@@ -303,7 +404,12 @@ def baselines(graph: OpGraph, request: PlanRequest | None = None, /, **fields: A
     )
     out: dict[str, Plan | None] = {}
     for name, b in baseline_layouts(
-        graph, cost, global_batch=req.global_batch, microbatches=req.microbatches, schedule=req.schedule
+        graph,
+        cost,
+        global_batch=req.global_batch,
+        microbatches=req.microbatches,
+        schedule=req.schedule,
+        space=PlanSpace.of(req),
     ).items():
         if b is None:
             out[name] = None
@@ -316,7 +422,7 @@ def baselines(graph: OpGraph, request: PlanRequest | None = None, /, **fields: A
             b.stages,
             schedule=cand.schedule,
             microbatches=cand.microbatches,
-            microbatch_size=cand.microbatch_size,
+            microbatch=cand.microbatch,
             solver=SolverReport(solver=name, status="BASELINE", objective_s=b.iteration_time_s),
         )
     return out

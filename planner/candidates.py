@@ -1,9 +1,12 @@
-"""Candidate enumeration: the (data-parallel degree, microbatch count, schedule) combinations the search
-gives one integer program each, and the device groups a degree offers.
+"""Candidate enumeration: the (microbatch count, schedule) combinations the search gives one integer program
+each, the device pools a cluster offers and the stage configurations a pool can run.
 
-A candidate fixes the replica count ``dp`` shared by every stage, the microbatch count ``M`` and the
-schedule; ``global_batch = dp * M * microbatch_size``. Its device groups are ``dp`` same-kind devices on one
-host (:func:`device_groups`): the integer program chooses one group per stage among them.
+A candidate fixes the microbatch count ``M``, the microbatch ``b`` (rows over all replicas of a stage;
+``global_batch = M * b``) and the schedule. Each stage then takes devices of one *pool* (the devices of one
+kind on one host) and runs them as a :class:`~distplan.planner.parallelism.StageConfig`: ``dp`` replicas
+(``dp`` divides ``b``) of ``tp`` tensor-parallel ranks, a recomputation mode and a sharding level, as the
+request allows (:class:`PlanSpace`). The integer program chooses a pool and a configuration per stage, and
+the pools' device counts bound what the stages take together.
 """
 
 from __future__ import annotations
@@ -12,52 +15,72 @@ import math
 from dataclasses import dataclass
 
 from distplan.cluster import Cluster, Link
+from distplan.request import PlanRequest
 
-from .ilp import GroupType
+from .parallelism import StageConfig
 
 __all__ = [
     "MAX_MICROBATCH_CANDIDATES",
     "Candidate",
-    "DeviceGroups",
-    "candidate_dp",
+    "PlanSpace",
+    "Pool",
+    "Pools",
     "candidate_microbatches",
     "data_parallel_degrees",
-    "device_groups",
+    "device_pools",
+    "stage_configs",
 ]
 
-#: At most this many microbatch counts per data-parallel degree (spread geometrically).
+#: At most this many microbatch counts per plan (spread geometrically).
 MAX_MICROBATCH_CANDIDATES = 6
 
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """One integer program of the search: ``dp`` replicas, ``microbatches`` per iteration of
-    ``microbatch_size`` samples per replica, under ``schedule`` (``1f1b`` or ``gpipe``)."""
+    """One integer program of the search: ``microbatches`` per iteration of ``microbatch`` rows each (over
+    all replicas of a stage), under ``schedule`` (``1f1b`` or ``gpipe``)."""
 
-    dp: int
     microbatches: int
-    microbatch_size: int
+    microbatch: int
     schedule: str
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceGroups:
-    """The group types of one data-parallel degree, with the devices behind each group.
+class PlanSpace:
+    """What a stage may be (from the request): tensor parallelism on or off, the recomputation modes and the
+    sharding levels allowed (see :class:`~distplan.request.PlanRequest`)."""
 
-    Attributes:
-        types: the integer program's group types (``GroupType.cap_kib`` and ``ar_latency`` left 0 here; the
-            problem builder fills them in); ``types[i].link`` indexes :attr:`links`.
-        kinds: device kind names; ``GroupType.kind`` indexes them.
-        devices: per type, its groups of device indices, in hand-out order.
-        links: the distinct links (hosts' own links and the network).
-        net_link: index of the inter-host network in :attr:`links`.
-    """
+    tensor_parallel: bool = True
+    recompute: tuple[str, ...] = ("none", "selective", "full")
+    shard: tuple[str, ...] = ("none", "optimizer", "optimizer+gradients", "full")
 
-    types: tuple[GroupType, ...]
+    @classmethod
+    def of(cls, request: PlanRequest) -> PlanSpace:
+        return cls(request.tensor_parallel, tuple(request.recompute), tuple(request.shard))
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """The devices of one kind on one host (global indices, ascending), and the host's link."""
+
+    host: int
+    kind: str
+    devices: tuple[int, ...]
+    link: Link
+
+
+@dataclass(frozen=True, slots=True)
+class Pools:
+    """A cluster's pools (host-major, kinds sorted within a host), its kinds (sorted), the distinct links
+    (hosts' own and the network) and the network's index among them."""
+
+    pools: tuple[Pool, ...]
     kinds: tuple[str, ...]
-    devices: tuple[tuple[tuple[int, ...], ...], ...]
     links: tuple[Link, ...]
     net_link: int
+
+    def link_index(self, link: Link) -> int:
+        return self.links.index(link)
 
 
 def data_parallel_degrees(global_batch: int, most: int, microbatches: int | None = None) -> list[int]:
@@ -67,21 +90,12 @@ def data_parallel_degrees(global_batch: int, most: int, microbatches: int | None
     return [d for d in range(1, most + 1) if per % d == 0 and global_batch % d == 0]
 
 
-def candidate_dp(cluster: Cluster, global_batch: int, microbatches: int | None = None) -> list[int]:
-    """Data-parallel degrees worth a model: divide the batch and fit in some host's same-kind devices."""
-    most = 0
-    for h in cluster.hosts:
-        for k in set(h.devices):
-            most = max(most, h.devices.count(k))
-    return data_parallel_degrees(global_batch, most, microbatches)
-
-
-def candidate_microbatches(per_replica: int, *, max_stages: int, fixed: int | None = None) -> list[int]:
-    """Microbatch counts to try for ``per_replica`` samples per iteration: divisors of it, at most
+def candidate_microbatches(total: int, *, max_stages: int, fixed: int | None = None) -> list[int]:
+    """Microbatch counts to try for ``total`` samples per iteration: divisors of it, at most
     :data:`MAX_MICROBATCH_CANDIDATES`, favouring counts near and above the possible stage count."""
     if fixed is not None:
-        return [fixed] if per_replica % fixed == 0 else []
-    divs = [m for m in range(1, per_replica + 1) if per_replica % m == 0]
+        return [fixed] if total % fixed == 0 else []
+    divs = [m for m in range(1, total + 1) if total % m == 0]
     if len(divs) <= MAX_MICROBATCH_CANDIDATES:
         return divs
     # Keep 1, the largest, and a geometric spread that includes counts around 1x-4x the stage count.
@@ -96,31 +110,40 @@ def candidate_microbatches(per_replica: int, *, max_stages: int, fixed: int | No
     return sorted(keep)[:MAX_MICROBATCH_CANDIDATES] if len(keep) > MAX_MICROBATCH_CANDIDATES else sorted(keep)
 
 
-def device_groups(cluster: Cluster, dp: int) -> DeviceGroups:
-    """The groups of ``dp`` same-kind devices each host offers (devices in index order), one group type per
-    (host, kind); hosts with fewer than ``dp`` devices of a kind offer none of it."""
+def device_pools(cluster: Cluster) -> Pools:
+    """Every (host, kind) with its devices (see :class:`Pool`)."""
     devs = cluster.devices()
     kinds = tuple(sorted({d.kind for d in devs}))
-    links: list[Link] = []
-
-    def link_index(lk: Link) -> int:
-        if lk not in links:
-            links.append(lk)
-        return links.index(lk)
-
-    net = link_index(cluster.network)
-    types: list[GroupType] = []
-    devices: list[tuple[tuple[int, ...], ...]] = []
-    ar_classes: dict[tuple[int, int], int] = {}
+    links: list[Link] = [cluster.network]
+    pools: list[Pool] = []
     for hi, h in enumerate(cluster.hosts):
-        lk = link_index(h.link)
+        if h.link not in links:
+            links.append(h.link)
         for k in kinds:
-            ids = [d.index for d in devs if d.host_index == hi and d.kind == k]
-            n = len(ids) // dp
-            if n == 0:
+            ids = tuple(d.index for d in devs if d.host_index == hi and d.kind == k)
+            if ids:
+                pools.append(Pool(hi, k, ids, h.link))
+    return Pools(tuple(pools), kinds, tuple(links), 0)
+
+
+def stage_configs(
+    *, microbatch: int, devices: int, tp_degrees: tuple[int, ...], space: PlanSpace
+) -> list[StageConfig]:
+    """The configurations a stage may run on at most ``devices`` devices of one pool with a microbatch of
+    ``microbatch`` rows: ``dp`` dividing it, ``tp`` 1 or one of ``tp_degrees`` (the graph's splittable
+    degrees; none when the request turns tensor parallelism off), ``dp * tp <= devices``, every allowed
+    recomputation mode, and every allowed sharding level where ``dp > 1`` (one replica never shards).
+    Sorted (dp, tp, recompute, shard)."""
+    tps = [1] + ([t for t in tp_degrees if t > 1] if space.tensor_parallel else [])
+    out = []
+    for dp in range(1, devices + 1):
+        if microbatch % dp:
+            continue
+        for tp in tps:
+            if dp * tp > devices:
                 continue
-            ki = kinds.index(k)
-            ac = ar_classes.setdefault((ki, lk), len(ar_classes))
-            types.append(GroupType(host=hi, kind=ki, count=n, cap_kib=0, ar_class=ac, ar_latency=0, link=lk))
-            devices.append(tuple(tuple(ids[i * dp : (i + 1) * dp]) for i in range(n)))
-    return DeviceGroups(tuple(types), kinds, tuple(devices), tuple(links), net)
+            for rc in space.recompute:
+                for sh in space.shard if dp > 1 else ("none",):
+                    out.append(StageConfig(dp, tp, rc, sh))
+    # A request that allows only sharded levels still runs one-replica stages unsharded (deduplicated).
+    return sorted(set(out))

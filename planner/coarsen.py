@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from distplan.graph import OpGraph
 
+from .parallelism import forbidden_cuts
+
 __all__ = ["Blocks", "coarsen", "layer_starts"]
 
 
@@ -77,14 +79,18 @@ def _label(graph: OpGraph, start: int, end: int) -> str:
 
 
 def coarsen(graph: OpGraph, *, max_blocks: int = 160) -> Blocks:
-    """Blocks at the most natural cut positions (see [Note: block boundaries])."""
+    """Blocks at the most natural cut positions (see [Note: block boundaries]), never inside a
+    tensor-parallel region or an attention core (:func:`~distplan.planner.parallelism.forbidden_cuts`)."""
     if max_blocks < 1:
         raise ValueError(f"max_blocks must be >= 1, got {max_blocks}")
     n = len(graph.nodes)
     cut = graph.cut_costs()
     lo = max(1, _first_compute(graph) + 1)
+    skip = forbidden_cuts(graph)
     cands = []
     for p in range(lo, n):
+        if p in skip:
+            continue
         depth = _shared_depth(graph.nodes[p - 1].module, graph.nodes[p].module)
         cands.append((depth, cut[p], p))
     cands.sort()

@@ -28,9 +28,11 @@ from distplan.profiles import load_cluster
 from distplan.units import format_bytes
 
 from .cost import CostModel, StageCost, inflight_microbatches, iteration_time
+from .parallelism import StageConfig
 
 __all__ = [
     "StageSpec",
+    "boundary_transfer",
     "build_plan",
     "evaluate",
     "layout_cost",
@@ -41,23 +43,34 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class StageSpec:
-    """A stage of a fixed layout: node positions ``[start, end)`` on ``devices`` (one per replica)."""
+    """A stage of a fixed layout: node positions ``[start, end)`` on ``devices`` (``dp * tp`` of them,
+    replica-major: ``devices[r * tp + t]`` is tensor-parallel rank ``t`` of replica ``r``), with its
+    recomputation and sharding (see [Note: stages and replicas] in ``distplan.plan``)."""
 
     start: int
     end: int
     devices: tuple[int, ...]
+    tp: int = 1
+    recompute: str = "none"
+    shard: str = "none"
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel replicas: the devices over ``tp``."""
+        return len(self.devices) // self.tp
+
+    @property
+    def config(self) -> StageConfig:
+        """How the stage runs (raises :class:`PlanError` for an invalid combination)."""
+        return StageConfig(self.dp, self.tp, self.recompute, self.shard)
+
+    def group(self, replica: int) -> tuple[int, ...]:
+        """The devices of one replica (its tensor-parallel group)."""
+        return self.devices[replica * self.tp : (replica + 1) * self.tp]
 
 
-def _send_link(
-    cluster: Cluster, devs: Sequence[Device], a: Sequence[int], b: Sequence[int]
-) -> tuple[Link, int]:
-    """The link the replicas of one stage use to reach the next, and how many transfers share it."""
-    crossing = sum(1 for x, y in zip(a, b, strict=True) if devs[x].host_index != devs[y].host_index)
-    if crossing:
-        return cluster.network, crossing
-    # Each replica pair has its own intra-host link; the slowest one paces the stage.
-    links = [cluster.hosts[devs[x].host_index].link for x in a]
-    return min(links, key=lambda lk: (lk.bandwidth_bytes_s, -lk.latency_s)), 1
+def _slowest(links: Sequence[Link]) -> Link:
+    return min(links, key=lambda lk: (lk.bandwidth_bytes_s, -lk.latency_s))
 
 
 def _group_link(cluster: Cluster, devs: Sequence[Device], group: Sequence[int]) -> Link:
@@ -65,34 +78,77 @@ def _group_link(cluster: Cluster, devs: Sequence[Device], group: Sequence[int]) 
     return cluster.hosts[next(iter(hosts))].link if len(hosts) == 1 else cluster.network
 
 
-def _holders_link(
-    cluster: Cluster, devs: Sequence[Device], groups: Sequence[Sequence[int]]
-) -> tuple[Link, int]:
-    """The link the holders of a shared parameter sum its gradient on, and how many rings share it: replica
-    ``r``'s ring joins device ``r`` of every holding stage (``groups``); rings that leave a host share the
-    network, rings inside one host use its link (the slowest such host's paces the step)."""
-    rings = [{devs[g[r]].host_index for g in groups} for r in range(len(groups[0]))]
-    crossing = sum(1 for hosts in rings if len(hosts) > 1)
-    if crossing:
-        return cluster.network, crossing
-    links = [cluster.hosts[next(iter(hosts))].link for hosts in rings]
-    return min(links, key=lambda lk: (lk.bandwidth_bytes_s, -lk.latency_s)), 1
+def _dp_link(cluster: Cluster, devs: Sequence[Device], st: StageSpec) -> tuple[Link, int]:
+    """The link a stage's data-parallel rings run on (one ring per tensor-parallel rank) and how many rings
+    share it: a host's link when the whole stage sits on it, else the network, shared by all ``tp`` rings."""
+    hosts = {devs[d].host_index for d in st.devices}
+    if len(hosts) == 1:
+        return cluster.hosts[next(iter(hosts))].link, 1
+    return cluster.network, st.tp
+
+
+def _tp_link(cluster: Cluster, devs: Sequence[Device], st: StageSpec) -> Link:
+    """The link a stage's tensor-parallel groups sit on (the slowest, when they differ)."""
+    return _slowest([_group_link(cluster, devs, st.group(r)) for r in range(st.dp)])
+
+
+def boundary_transfer(cost: CostModel, a: StageSpec, b: StageSpec, *, microbatch: int) -> tuple[float, float]:
+    """Seconds to send one microbatch's activations from stage ``a`` to the next stage ``b``, and their
+    gradients back, as the lowering moves them (see [Note: transfers] in ``distplan.planner.cost``): the
+    microbatch in ``lcm(dp_a, dp_b)`` chunks, each chunk from the replica of ``a`` that owns it to the
+    replica of ``b`` that owns it, one copy per tensor-parallel rank of the receiver (forward: from sender
+    rank ``t % tp_a`` to receiver rank ``t``; backward the other way). Messages inside a host run in parallel,
+    each device on its own link (the busiest device paces them); messages between hosts share the network.
+    """
+    cluster = cost.cluster
+    devs = cost.devices
+    chunks = math.lcm(a.dp, b.dp)
+    rows = microbatch / chunks
+    per_a, per_b = chunks // a.dp, chunks // b.dp
+
+    def direction(pairs: list[tuple[int, int]]) -> float:
+        net = 0.0
+        load: dict[int, float] = {}
+        for src, dst in pairs:
+            if devs[src].host_index != devs[dst].host_index:
+                net += rows
+            else:
+                load[src] = load.get(src, 0.0) + rows
+                load[dst] = load.get(dst, 0.0) + rows
+        t = cost.send_time(a.end, net, link=cluster.network) if net else 0.0
+        for d, r in load.items():
+            t = max(t, cost.send_time(a.end, r, link=cluster.hosts[devs[d].host_index].link))
+        return t
+
+    fwd: list[tuple[int, int]] = []
+    bwd: list[tuple[int, int]] = []
+    for c in range(chunks):
+        ga, gb = a.group(c // per_a), b.group(c // per_b)
+        fwd += [(ga[t % a.tp], gb[t]) for t in range(b.tp)]
+        bwd += [(gb[t % b.tp], ga[t]) for t in range(a.tp)]
+    return direction(fwd), direction(bwd)
 
 
 def shared_costs(cost: CostModel, stages: Sequence[StageSpec]) -> tuple[list[int], list[float]]:
-    """Per stage: bytes of the parameters it shares with other stages of the layout, and the time to sum
-    their gradients with them (see ``cost``'s module docstring)."""
-    devs = cost.cluster.devices()
+    """Per stage: bytes of the parameters it shares with other stages of the layout, and the time to sum the
+    gradients of the shared parameters it holds over every rank holding a copy (one ring, as the lowering's
+    group of tied parameters; with a single holding stage, its ranks' sum), see ``cost``'s module
+    docstring."""
+    devs = cost.devices
     nbytes = [0] * len(stages)
     seconds = [0.0] * len(stages)
     for sp in cost.shared:
         holders = [i for i, st in enumerate(stages) if _reads(sp, st)]
-        if len(holders) < 2:
+        if not holders:
             continue
-        link, streams = _holders_link(cost.cluster, devs, [stages[i].devices for i in holders])
-        t = cost.allreduce_time(sp.nbytes, dp=len(holders), link=link, streams=streams)
+        ranks = [d for i in holders for d in stages[i].devices]
+        link = _group_link(cost.cluster, devs, ranks)
+        if link is not cost.cluster.network:
+            link = _slowest([cost.cluster.hosts[devs[d].host_index].link for d in ranks])
+        t = cost.tied_allreduce_time(sp.nbytes, world=len(ranks), link=link)
         for i in holders:
-            nbytes[i] += sp.nbytes
+            if len(holders) > 1:
+                nbytes[i] += sp.nbytes
             seconds[i] += t
     return nbytes, seconds
 
@@ -103,11 +159,12 @@ def layout_cost(
     *,
     schedule: str,
     microbatches: int,
-    microbatch_size: int,
+    microbatch: int,
 ) -> tuple[list[StageCost], float, float]:
-    """Per-stage costs, iteration time and bubble fraction of a layout (no memory check)."""
+    """Per-stage costs, iteration time and bubble fraction of a layout (no memory check); ``microbatch``:
+    rows of one microbatch over all replicas of a stage (each stage's ``dp`` divides it)."""
     cluster = cost.cluster
-    devs = cluster.devices()
+    devs = cost.devices
     out: list[StageCost] = []
     num = len(stages)
     if schedule == "1f1b" and num > microbatches:
@@ -115,21 +172,22 @@ def layout_cost(
         return [], math.inf, 1.0
     for i, st in enumerate(stages):
         kind = devs[st.devices[0]].kind
-        send_link: Link | None = None
-        streams = 1
+        transfer = (0.0, 0.0)
         if i + 1 < num:
-            send_link, streams = _send_link(cluster, devs, st.devices, stages[i + 1].devices)
+            transfer = boundary_transfer(cost, st, stages[i + 1], microbatch=microbatch)
+        link, streams = _dp_link(cluster, devs, st)
         out.append(
             cost.stage_cost(
                 st.start,
                 st.end,
                 kind=kind,
-                microbatch=microbatch_size,
+                microbatch=microbatch // st.dp,
                 inflight=inflight_microbatches(schedule, stage=i, num_stages=num, microbatches=microbatches),
-                dp=len(st.devices),
-                allreduce_link=_group_link(cluster, devs, st.devices),
-                send_link=send_link,
-                send_streams=streams,
+                config=st.config,
+                allreduce_link=link,
+                allreduce_streams=streams,
+                tp_link=_tp_link(cluster, devs, st),
+                transfer=transfer,
             )
         )
     if cost.shared:
@@ -164,7 +222,6 @@ def _check_layout(graph: OpGraph, cluster: Cluster, stages: Sequence[StageSpec])
         raise PlanError("a layout needs at least one stage")
     pos = 0
     used: dict[int, int] = {}
-    dp = len(stages[0].devices)
     for i, st in enumerate(stages):
         if st.start != pos:
             what = (
@@ -180,11 +237,14 @@ def _check_layout(graph: OpGraph, cluster: Cluster, stages: Sequence[StageSpec])
         pos = st.end
         if not st.devices:
             raise PlanError(f"stage {i} has no devices")
-        if len(st.devices) != dp:
+        if st.tp < 1 or len(st.devices) % st.tp:
             raise PlanError(
-                f"stage {i} has {len(st.devices)} devices but stage 0 has {dp}; all stages share one "
-                "data-parallel degree"
+                f"stage {i} has {len(st.devices)} devices, not a multiple of its tensor-parallel degree {st.tp}"
             )
+        try:
+            st.config  # noqa: B018 -- checks dp, tp, recompute and shard together
+        except PlanError as e:
+            raise PlanError(f"stage {i}: {e}") from None
         kinds = set()
         for d in st.devices:
             if not 0 <= d < len(devs):
@@ -217,37 +277,49 @@ def build_plan(
     *,
     schedule: str,
     microbatches: int,
-    microbatch_size: int,
+    microbatch: int,
     solver: SolverReport | None = None,
     baselines: dict[str, float | None] | None = None,
 ) -> Plan:
-    """A checked plan for a fixed layout; raises :class:`InfeasiblePlanError` when a stage overflows its
-    devices' memory and :class:`PlanError` when the layout is malformed."""
+    """A checked plan for a fixed layout, ``microbatches`` of ``microbatch`` rows over all replicas of a
+    stage; raises :class:`InfeasiblePlanError` when a stage overflows its devices' memory (naming what holds
+    it) and :class:`PlanError` when the layout is malformed."""
     cluster = cost.cluster
     _check_layout(graph, cluster, stages)
     if schedule not in ("gpipe", "1f1b"):
         raise PlanError(f"the planner's cost model supports schedules gpipe and 1f1b, not {schedule!r}")
-    dp = len(stages[0].devices)
-    if microbatches * microbatch_size * dp != request.global_batch:
-        raise PlanError(
-            f"{microbatches} microbatches x {microbatch_size} samples x dp {dp} = "
-            f"{microbatches * microbatch_size * dp}, but global_batch is {request.global_batch}"
-        )
+    dps = {st.dp for st in stages}
+    if microbatches * microbatch != request.global_batch:
+        if len(dps) == 1 and microbatch % stages[0].dp == 0:
+            dp = stages[0].dp
+            what = f"{microbatches} microbatches x {microbatch // dp} samples x dp {dp}"
+        else:
+            what = f"{microbatches} microbatches x {microbatch} samples"
+        raise PlanError(f"{what} = {microbatches * microbatch}, but global_batch is {request.global_batch}")
+    for i, st in enumerate(stages):
+        if microbatch % st.dp:
+            raise PlanError(
+                f"stage {i} has dp {st.dp}, which does not divide the microbatch of {microbatch} samples "
+                f"(remainder {microbatch % st.dp})"
+            )
     if schedule == "1f1b" and len(stages) > microbatches:
         raise PlanError(
             f"1f1b needs at least as many microbatches as stages: {microbatches} microbatches, "
             f"{len(stages)} stages (use more microbatches, fewer stages, or gpipe)"
         )
     costs, total, bubble = layout_cost(
-        cost, stages, schedule=schedule, microbatches=microbatches, microbatch_size=microbatch_size
+        cost, stages, schedule=schedule, microbatches=microbatches, microbatch=microbatch
     )
-    devs = cluster.devices()
+    devs = cost.devices
     out: list[Stage] = []
     memory: dict[int, int] = {}
     for i, (st, c) in enumerate(zip(stages, costs, strict=True)):
         kind = devs[st.devices[0]].kind
         cap = cluster.kinds[kind].usable_memory_bytes
+        parts = c.memory
+        assert parts is not None
         if c.memory_bytes > cap:
+            how = "" if st.config == StageConfig(dp=st.dp) else f", {st.config.text()}"
             shared = ""
             if c.shared_param_bytes:
                 names = [
@@ -260,11 +332,12 @@ def build_plan(
                     f"shares with other stages ({'; '.join(names)})"
                 )
             raise InfeasiblePlanError(
-                f"stage {i} (nodes {st.start}..{st.end - 1}) needs {format_bytes(c.memory_bytes)} per device "
-                f"({format_bytes(cost.state_bytes(c.param_bytes))} parameters, gradients and optimizer state"
-                f"{shared} + {c.inflight} x "
-                f"{format_bytes(cost.activation_bytes(st.start, st.end, microbatch_size, kind))} activations) but a "
-                f"{kind} has {format_bytes(cap)} usable ({format_bytes(c.memory_bytes - cap)} short)"
+                f"stage {i} (nodes {st.start}..{st.end - 1}{how}) needs "
+                f"{format_bytes(c.memory_bytes)} per device ({format_bytes(parts.parameters)} parameters, "
+                f"{format_bytes(parts.gradients)} gradients, {format_bytes(parts.optimizer)} optimizer state"
+                f"{shared}; {format_bytes(parts.activations)} activations of {c.inflight} microbatch(es) in "
+                f"flight) but a {kind} has {format_bytes(cap)} usable ({format_bytes(c.memory_bytes - cap)} "
+                "short)"
             )
         for d in st.devices:
             memory[d] = c.memory_bytes
@@ -275,17 +348,23 @@ def build_plan(
                 end=st.end,
                 devices=tuple(st.devices),
                 kind=kind,
-                dp=dp,
+                dp=st.dp,
+                tp=st.tp,
+                recompute=st.recompute,
+                shard=st.shard,
                 start_node=graph.nodes[st.start].name,
                 modules=stage_modules(graph, st.start, st.end),
                 fwd_time_s=c.fwd_s,
                 bwd_time_s=c.bwd_s,
                 send_time_s=c.send_s,
+                grad_send_time_s=c.grad_send_s,
                 allreduce_time_s=c.allreduce_s,
+                optimizer_time_s=c.optimizer_s,
                 memory_bytes=c.memory_bytes,
                 param_bytes=c.param_bytes,
                 shared_param_bytes=c.shared_param_bytes,
                 tied_allreduce_time_s=c.tied_allreduce_s,
+                memory=parts,
             )
         )
     plan = Plan(
@@ -293,9 +372,9 @@ def build_plan(
         graph=GraphRef.of(graph),
         stages=tuple(out),
         num_microbatches=microbatches,
-        microbatch_size=microbatch_size * dp,
+        microbatch_size=microbatch,
         schedule=schedule,
-        rank_map=build_rank_map(cluster, [s.devices for s in stages]),
+        rank_map=build_rank_map(cluster, [s.devices for s in stages], tp=[s.tp for s in stages]),
         predictions=Predictions(
             iteration_time_s=total,
             throughput_samples_s=request.global_batch / total if total > 0 else 0.0,
@@ -326,9 +405,10 @@ def evaluate(
 ) -> Plan:
     """A plan for a FIXED layout, predicted by the cost model.
 
-    ``layout`` is the compact form (``"1f1b m4x2 | 0:812@0,1 | 812:1603@8,9"``, see ``Plan.layout``; its
-    schedule and microbatch count win) or a list of :class:`StageSpec` (then ``schedule`` and
-    ``microbatches``, default one microbatch per sample per replica, apply).
+    ``layout`` is the compact form (``"1f1b m4x2 | 0:812@0,1 | 812:1603@8,9,10,11 tp2 rc=full"``, see
+    ``Plan.layout``; its schedule and microbatch count win) or a list of :class:`StageSpec` (then ``schedule``
+    and ``microbatches`` apply; by default the microbatch is the least common multiple of the stages'
+    ``dp``). Stages may have their own ``dp``, ``tp``, recomputation and sharding.
 
         >>> from distplan.planner.synthetic import synthetic_transformer
         >>> g = synthetic_transformer(layers=2, hidden=64, heads=4, seq=16, vocab=100)
@@ -339,35 +419,25 @@ def evaluate(
     c = load_cluster(cluster)
     if isinstance(layout, str):
         parsed = parse_layout(layout)
-        if (
-            any(st.tp != 1 or st.recompute != "none" or st.shard != "none" for st in parsed.stages)
-            or len({st.dp for st in parsed.stages}) > 1
-        ):
-            raise PlanError(
-                f"layout {layout!r}: the cost model prices stages with one shared dp degree, tp 1, no "
-                "recomputation and no sharding"
-            )
         schedule, microbatches = parsed.schedule, parsed.num_microbatches
-        dp = parsed.stages[0].dp
-        if parsed.microbatch_size % dp:
-            raise PlanError(
-                f"layout {layout!r}: global microbatch {parsed.microbatch_size} does not divide among dp {dp}"
-            )
-        mb_size = parsed.microbatch_size // dp
-        stages = [StageSpec(st.start, st.end, st.devices) for st in parsed.stages]
+        mb = parsed.microbatch_size
+        stages = [
+            StageSpec(st.start, st.end, st.devices, st.tp, st.recompute, st.shard) for st in parsed.stages
+        ]
     else:
         stages = list(layout)
         if not stages:
             raise PlanError("a layout needs at least one stage")
-        dp = len(stages[0].devices)
+        # Default: the smallest microbatch every stage's replicas divide.
+        smallest = math.lcm(*(max(1, st.dp) for st in stages))
         if microbatches is None:
-            microbatches = max(1, global_batch // max(dp, 1))
-        if global_batch % (microbatches * dp):
+            microbatches = max(1, global_batch // smallest)
+        if global_batch % microbatches:
             raise PlanError(
-                f"global_batch {global_batch} is not divisible into {microbatches} microbatches x dp {dp} "
-                f"(remainder {global_batch % (microbatches * dp)})"
+                f"global_batch {global_batch} is not divisible into {microbatches} microbatches "
+                f"(remainder {global_batch % microbatches})"
             )
-        mb_size = global_batch // (microbatches * dp)
+        mb = global_batch // microbatches
     request = PlanRequest(
         cluster=c,
         global_batch=global_batch,
@@ -377,5 +447,5 @@ def evaluate(
     )
     cost = CostModel(graph, c, dtype=dtype, optimizer=optimizer, matmul_precision=matmul_precision)
     return build_plan(
-        graph, cost, request, stages, schedule=schedule, microbatches=microbatches, microbatch_size=mb_size
+        graph, cost, request, stages, schedule=schedule, microbatches=microbatches, microbatch=mb
     )

@@ -1,14 +1,13 @@
-"""The planner's outer search over candidates (data-parallel degree ``D`` x microbatch count ``M`` x
-schedule; :mod:`~distplan.planner.candidates`).
+"""The planner's outer search over candidates (microbatch count ``M`` x schedule;
+:mod:`~distplan.planner.candidates`).
 
-For every candidate: build the integer data (:func:`~distplan.planner.problem.build_problem`), skip it if
-its groups cannot hold one copy of the model state, compute a greedy warm start
-(:func:`~distplan.planner.warmstart.greedy`: every order of the device kinds, hosts kept together, binary
-search on the bottleneck) and a lower bound (:func:`~distplan.planner.bounds.lower_bound`: the smallest
-bottleneck any layout can have, under an LP and a fluid relaxation). The three best warm starts get a local
-search (:func:`~distplan.planner.warmstart.improve`); the weakest bounds are then tightened by the fill
-relaxation (:func:`~distplan.planner.bounds.fill_bound`, ``FILL_ROUNDS`` of them). Then, most promising
-first, up to ``MAX_SOLVES`` candidates whose bound can still beat the incumbent go to CP-SAT
+For every candidate: build the integer data (:func:`~distplan.planner.problem.build_problem`: every way a
+stage may run on every pool), compute a greedy warm start (:func:`~distplan.planner.warmstart.greedy`: stage
+shapes per pool, every order of the device kinds, hosts kept together, binary search on the bottleneck) and
+a lower bound (:func:`~distplan.planner.bounds.lower_bound`: the smallest bottleneck any layout can have,
+and an LP relaxation). The three best warm starts get a local search
+(:func:`~distplan.planner.warmstart.improve`); the weakest bounds are then tightened by the fill relaxation
+(:func:`~distplan.planner.bounds.fill_bound`, ``FILL_ROUNDS`` of them, where its walk is small enough). Then, most promising first, up to ``MAX_SOLVES`` candidates whose bound can still beat the incumbent go to CP-SAT
 (``ilp.solve_stage_problem``) with the warm start as hint, as many as fit the time limit's share for
 solving (see [Note: determinism]), unless the incumbent is already within ``GAP_TOLERANCE``. The best
 layout under the cost model wins (the baselines' layouts compete too); the reported bound is the smallest
@@ -61,14 +60,14 @@ from distplan.graph import OpGraph
 from distplan.limits import check_cluster_figures
 from distplan.plan import SolverReport
 
-from .bounds import INFEASIBLE_BOUND, fill_bound, lower_bound, min_bottleneck
-from .candidates import Candidate, DeviceGroups, candidate_dp, candidate_microbatches, device_groups
+from .bounds import INFEASIBLE_BOUND, Relaxation, fill_bound, lower_bound, min_bottleneck
+from .candidates import Candidate, PlanSpace, candidate_microbatches, device_pools
 from .coarsen import coarsen
 from .cost import CostModel, IterationCost
 from .diagnose import infeasible_reason, precheck
 from .evaluate import StageSpec, layout_cost
-from .ilp import SolverProgress, StageProblem, StageSolution, solve_stage_problem
-from .problem import build_problem, stage_specs
+from .ilp import SolverProgress, StageProblem, StageSlot, StageSolution, solve_stage_problem
+from .problem import CandidateProblem, build_problem, for_schedule, stage_specs
 from .warmstart import WarmStart, greedy, improve
 
 __all__ = [
@@ -85,6 +84,8 @@ IMPROVE_TOP = 3
 MAX_SOLVES = 4
 #: Stage slots x blocks up to which every candidate is solved (outside the MAX_SOLVES budget).
 TINY_MODEL = 64
+#: ... with at most this many stage options (CP-SAT's presolve alone took seconds on 144).
+TINY_OPTIONS = 64
 #: Stage slots x blocks above which the integer program is not attempted (see ``search``).
 LARGE_MODEL = 700
 #: CP-SAT's deterministic work limit per solve (deterministic seconds), as a fraction of ``time_limit_s``
@@ -96,18 +97,23 @@ MAX_DETERMINISTIC_S = 0.2
 #: ``time_limit_s`` (the rest of the limit is margin for a loaded machine; see [Note: determinism]).
 SOLVE_SHARE = 0.2
 #: Estimated wall seconds of one CP-SAT solve (model building, presolve, search) per value of its element
-#: constraints, plus ``SOLVE_S_PER_VALUE_DET`` per value and deterministic second of search: fitted on this
-#: 2-core machine under its usual load (load average 3-5) to solves from 4 stages x 44 blocks to 8 stages
-#: x 160 blocks, 2 workers (measured 0.08-0.25 ms per value at 0.05 deterministic seconds, 0.12-0.25 ms at
-#: 0.125: CP-SAT's interleaved workers load the model for every task, so the model's size dominates).
-SOLVE_S_PER_ELEMENT_VALUE = 1e-4
-SOLVE_S_PER_VALUE_DET = 1e-3
+#: constraints and per-option constraints (stage slots x block boundaries x (arrays + options)), plus
+#: ``SOLVE_S_PER_VALUE_DET`` per value and deterministic second of search: fitted on this 2-core machine
+#: under its usual load (load average 3-6) to solves from 2 stages x 28 blocks x 144 options to 8 stages x
+#: 160 blocks x 42 options, 2 workers (measured 0.15-0.6 ms per value at 0.1 deterministic seconds:
+#: CP-SAT's interleaved workers load the model for every task, so the model's size dominates; presolve alone
+#: took 1.4 s on the smallest). In practice this leaves CP-SAT the small problems, where it proves optima.
+SOLVE_S_PER_ELEMENT_VALUE = 3e-4
+SOLVE_S_PER_VALUE_DET = 3e-3
 #: Fraction of ``time_limit_s`` kept back from the last solve's wall-clock cap for building the plan.
 FINISH_RESERVE = 0.05
 #: Integer programs are skipped once the incumbent is provably within this fraction of the optimum.
 GAP_TOLERANCE = 0.005
-#: Candidates whose bound the fill relaxation tightens (weakest first; ~0.1-1 s each on 64 GPUs).
-FILL_ROUNDS = 8
+#: Candidates whose bound the fill relaxation tightens (weakest first), its grid of bottlenecks, and the
+#: work all its rounds may do together (``bounds.Relaxation.fill_work`` units, ~5 ns each here).
+FILL_ROUNDS = 12
+FILL_CELLS = 6
+FILL_BUDGET = 2e8
 
 
 class Budget:
@@ -198,15 +204,18 @@ class SearchResult:
 
 @dataclass(frozen=True, slots=True)
 class _CandidateState:
-    """One candidate during the search: its integer data and device groups, its best lower bound
-    (integer units; ``INFEASIBLE_BOUND`` when proved infeasible) and its warm start (None if the greedy
-    found none)."""
+    """One candidate during the search: its integer data (with the pools and configurations behind it), its
+    best lower bound (integer units; ``INFEASIBLE_BOUND`` when proved infeasible) and its warm start (None if
+    the greedy found none)."""
 
     candidate: Candidate
-    problem: StageProblem
-    groups: DeviceGroups
+    data: CandidateProblem
     bound: int
     warm: WarmStart | None
+
+    @property
+    def problem(self) -> StageProblem:
+        return self.data.problem
 
     @property
     def bound_s(self) -> float:
@@ -232,16 +241,18 @@ class _Incumbent:
 
 def _solve_estimate_s(p: StageProblem, deterministic_s: float) -> float:
     """Estimated wall seconds to build and solve ``p`` with a deterministic limit of ``deterministic_s``
-    (see ``SOLVE_S_PER_ELEMENT_VALUE``): CP-SAT's time here goes mostly into its element constraints, one
-    per stage slot and prefix array, each expanded into one literal per block boundary."""
+    (see ``SOLVE_S_PER_ELEMENT_VALUE``): CP-SAT's time here goes into its element constraints, one per stage
+    slot and prefix array, each expanded into one literal per block boundary, and into the per-option
+    constraints on them."""
     arrays = (
         len(p.fwd_prefix) * (2 if p.schedule == "gpipe" else 1)
-        + len(p.comm_prefix)
+        + len(p.transfers)
         + len(p.ar_prefix)
-        + 2
+        + len(p.mem_prefix)
+        + len(p.act_prefix)
         + len(p.shared)
     )
-    values = p.max_stages * (p.num_blocks + 1) * arrays
+    values = p.max_stages * (p.num_blocks + 1) * (arrays + len(p.options))
     return values * (SOLVE_S_PER_ELEMENT_VALUE + deterministic_s * SOLVE_S_PER_VALUE_DET)
 
 
@@ -258,72 +269,74 @@ def search(
     max_blocks: int = 160,
     extra: Sequence[ExtraLayout] = (),
     budget: Budget | None = None,
+    space: PlanSpace | None = None,
 ) -> SearchResult:
     """Find the best layout over all candidates (see module docstring). ``extra`` layouts (e.g. the
     baselines) compete too, so the result is never worse than any of them. ``budget``: the wall-clock
     budget of the whole planning call (by default ``time_limit_s`` from now; see [Note: determinism]).
+    ``space``: what a stage may be (the request's tensor parallelism, recomputation and sharding; default:
+    everything).
 
     Raises:
         InfeasiblePlanError: no layout fits memory (naming what is short and by how much).
-        PlanError: no degree and microbatch count divide the batch, or the time limit ran out before any
-            layout was found.
+        PlanError: no microbatch count divides the batch, or the time limit ran out before any layout was
+            found.
     """
     budget = budget or Budget(time_limit_s)
     cluster = cost.cluster
     check_cluster_figures(cluster, dtype=cost.dtype)
     blocks = coarsen(graph, max_blocks=max_blocks)
-    precheck(cost, cluster, blocks)
+    space = space or PlanSpace()
+    precheck(cost, cluster, blocks, space)
 
     def infeasible() -> InfeasiblePlanError:
         return InfeasiblePlanError(
             infeasible_reason(
-                cost, cluster, blocks, global_batch=global_batch, microbatches=microbatches, schedule=schedule
+                cost,
+                cluster,
+                blocks,
+                global_batch=global_batch,
+                microbatches=microbatches,
+                schedule=schedule,
+                space=space,
             )
         )
 
     # The schedule is a decision too: 1F1B holds fewer activations, but its steady state carries each
     # stage's round trip, which GPipe overlaps (see cost.py).
     scheds = [schedule] if schedule else ["1f1b", "gpipe"]
+    pools = device_pools(cluster)
     cands: list[_CandidateState] = []
-    memory_short = 0
     unexplored = 0  # candidates the wall-clock limit left out (their bound is unknown: 0)
-    for dp, sched in itertools.product(candidate_dp(cluster, global_batch, microbatches), scheds):
-        groups = device_groups(cluster, dp)
-        total_groups = sum(t.count for t in groups.types)
-        per = global_batch // dp
-        for m in candidate_microbatches(
-            per, max_stages=min(blocks.num_blocks, total_groups), fixed=microbatches
-        ):
-            if budget.expired("the warm starts and bounds of the candidates"):
-                unexplored += 1
-                continue
-            cand = Candidate(dp, m, per // m, sched)
-            prob = build_problem(cost, blocks, cand, groups).problem
-            # Every replica holds its stage's whole state: if all groups together cannot hold one copy of
-            # the model's state plus one microbatch of activations, no layout of this candidate fits.
-            if prob.mem_prefix[-1] + prob.act_prefix[-1] > sum(g.count * g.cap_kib for g in prob.groups):
-                memory_short += 1
-                continue
-            warm = greedy(prob)
-            cands.append(
-                _CandidateState(cand, prob, groups, lower_bound(prob, warm.objective if warm else None), warm)
-            )
-    if not cands and memory_short and not unexplored:
-        raise infeasible()
+    unexplored_bounds = 0  # candidates whose bound the wall-clock limit left out
+    counts = candidate_microbatches(
+        global_batch, max_stages=min(blocks.num_blocks, cluster.num_devices), fixed=microbatches
+    )
+    built: dict[int, CandidateProblem] = {}  # by microbatch: both schedules share the arrays
+    for m, sched in itertools.product(counts, scheds):
+        if budget.expired("the warm starts of the candidates"):
+            unexplored += 1
+            continue
+        cand = Candidate(m, global_batch // m, sched)
+        if cand.microbatch in built:
+            data = for_schedule(built[cand.microbatch], cand)
+        else:
+            data = built[cand.microbatch] = build_problem(cost, blocks, cand, space, pools)
+        cands.append(_CandidateState(cand, data, 0, greedy(data.problem)))
     if not cands and not unexplored:
         raise PlanError(
-            f"no data-parallel degree and microbatch count divide global_batch {global_batch}"
+            f"no microbatch count divides global_batch {global_batch}"
             + (f" into {microbatches} microbatches" if microbatches else "")
         )
 
     def seconds(c: Candidate, stages: Sequence[StageSpec]) -> IterationCost:
         _, total, bubble = layout_cost(
-            cost, stages, schedule=c.schedule, microbatches=c.microbatches, microbatch_size=c.microbatch_size
+            cost, stages, schedule=c.schedule, microbatches=c.microbatches, microbatch=c.microbatch
         )
         return IterationCost(total, bubble)
 
-    def layout(st: _CandidateState, slots: Sequence) -> tuple[StageSpec, ...]:
-        return tuple(stage_specs(st.groups, slots, blocks))
+    def layout(st: _CandidateState, slots: Sequence[StageSlot]) -> tuple[StageSpec, ...]:
+        return tuple(stage_specs(st.data, slots, blocks))
 
     # Local search on the few most promising warm starts (it costs ~0.1-1 s each on 64 GPUs).
     first = sorted(
@@ -348,25 +361,45 @@ def search(
         if best is None or it.iteration_time_s < best.time_s:
             best = _Incumbent(it.iteration_time_s, specs, st.candidate, it, "greedy")
 
-    # Tighten the weakest bounds (they decide the reported gap) with the fill relaxation; a fixed number of
-    # rounds, not a clock, so the plan and its report do not depend on the machine's load.
+    # Bounds, most promising candidate first: one that cannot beat the incumbent gets a cheaper bound (see
+    # bounds.lower_bound); one the wall-clock limit leaves out keeps bound 0 (nothing proven about it).
+    for i in sorted(range(len(cands)), key=lambda i: (greedy_s[i], i)):
+        if budget.expired("the bounds of the candidates"):
+            unexplored_bounds += 1
+            continue
+        st = cands[i]
+        prob = st.problem
+        prune_at = None if best is None else math.floor(best.time_s / prob.time_unit_s) + 1
+        lb = lower_bound(prob, st.warm.objective if st.warm else None, prune_at=prune_at)
+        cands[i] = replace(st, bound=lb)
+
+    # Tighten the weakest bounds (they decide the reported gap) with the fill relaxation where its walk is
+    # small enough (bounds.FILL_WORK); a fixed number of rounds, not a clock, so the plan and its report do
+    # not depend on the machine's load.
     tightened: set[int] = set()
+    fill_left = FILL_BUDGET
     for _ in range(FILL_ROUNDS):
         if best is None or budget.expired("the fill relaxation"):
             break
         incumbent = best.time_s
-        open_ = [i for i, c in enumerate(cands) if c.bound < INFEASIBLE_BOUND and c.bound_s < incumbent]
+        open_ = [
+            i
+            for i, c in enumerate(cands)
+            if i not in tightened and 0 < c.bound < INFEASIBLE_BOUND and c.bound_s < incumbent
+        ]
         if not open_:
             break
         i = min(open_, key=lambda i: (cands[i].bound_s, i))
-        if i in tightened:
-            break
         tightened.add(i)
         st = cands[i]
         prob = st.problem
+        work = Relaxation(prob).fill_work() * FILL_CELLS
+        if work > fill_left:
+            continue
+        fill_left -= work
         upper = math.floor(incumbent / prob.time_unit_s)
-        t_star = min_bottleneck(prob, upper // max(1, prob.microbatches) + 1, runs=True)
-        new_lb = INFEASIBLE_BOUND if t_star is None else fill_bound(prob, t_star, upper)
+        t_star = min_bottleneck(prob, upper // max(1, prob.microbatches) + 1)
+        new_lb = INFEASIBLE_BOUND if t_star is None else fill_bound(prob, t_star, upper, cells=FILL_CELLS)
         cands[i] = replace(st, bound=max(st.bound, new_lb))
 
     # Most promising first (by the greedy's value); candidates whose bound cannot beat the incumbent are
@@ -375,7 +408,9 @@ def search(
     small = [i for i in order if cands[i].size <= LARGE_MODEL and cands[i].bound < INFEASIBLE_BOUND]
     promising = [i for i in small if best is None or cands[i].bound_s < best.time_s]
     # Tiny models (brute-force sizes) take milliseconds: solve them all; the rest share the time limit.
-    tiny = [i for i in promising if cands[i].size <= TINY_MODEL]
+    tiny = [
+        i for i in promising if cands[i].size <= TINY_MODEL and len(cands[i].problem.options) <= TINY_OPTIONS
+    ]
     # The others, most promising first, while their estimated wall time fits SOLVE_SHARE of the limit: a
     # decision from the inputs alone, so a loaded machine solves the same programs (see [Note: determinism]).
     det_each = min(MAX_DETERMINISTIC_S, max(MIN_DETERMINISTIC_S, DETERMINISTIC_SHARE * time_limit_s))
@@ -392,10 +427,10 @@ def search(
     to_solve = tiny + chosen
     # The integer programs' deterministic work depends on the time limit alone (the same on any load); the
     # wall clock only caps it (see [Note: determinism]).
-    bounds: list[float] = [0.0] if unexplored else []
+    bounds: list[float] = [0.0] if unexplored or unexplored_bounds else []
     outcomes: Counter[Outcome] = Counter()
     notes: list[str] = []
-    # The bound over all candidates before any solve: once the incumbent is within GAP_TOLERANCE of it, the
+    # The bound over all candidates before any solve (candidates without one count as 0): once the incumbent is within GAP_TOLERANCE of it, the
     # integer programs cannot change the answer by more than that (a deterministic test, no clock).
     floor = min((c.bound_s for c in cands if c.bound < INFEASIBLE_BOUND), default=math.inf)
     close_enough = best is not None and best.time_s - floor <= GAP_TOLERANCE * best.time_s
@@ -423,7 +458,7 @@ def search(
             else:
                 outcomes[Outcome.NOT_SOLVED] += 1
             continue
-        label = f"dp={cand.dp} m={cand.microbatches} {cand.schedule}"
+        label = f"m={cand.microbatches} b={cand.microbatch} {cand.schedule}"
         left = budget.left_for_solve()
         if left <= 0:
             budget.fire(f"the integer programs (before {label})")
@@ -479,17 +514,16 @@ def search(
     bound = min(bounds) if bounds else total
     bound = min(bound, total)
     gap = max(0.0, (total - bound) / total) if total > 0 else 0.0
-    exact = not unexplored and all(k.exact for k in outcomes)
+    exact = not unexplored and not unexplored_bounds and all(k.exact for k in outcomes)
     status = "OPTIMAL" if exact else "FEASIBLE"
     summary = ", ".join(
         f"{k.value.lower()} {v}" for k, v in sorted(outcomes.items(), key=lambda kv: kv[0].value)
     )
     notes.insert(
         0,
-        f"{len(cands) + unexplored} candidates (dp x microbatches x schedule): {summary}"
+        f"{len(cands) + unexplored} candidates (microbatches x schedule): {summary}"
         + (f", unexplored {unexplored}" if unexplored else "")
-        + f"; best from {best.source}"
-        + (f"; {memory_short} more cannot hold the model's state" if memory_short else ""),
+        + f"; best from {best.source}",
     )
     if over_budget:
         notes.append(

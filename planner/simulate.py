@@ -80,7 +80,7 @@ def simulate(plan: Plan, graph: OpGraph | None = None) -> Timeline:
                     else:
                         dep = done.get(("B", s + 1, j))
                         if dep is not None:
-                            dep += st.send_time_s
+                            dep += st.grad_send_time_s
                     dur = st.bwd_time_s
                 if dep is None:
                     break
@@ -91,8 +91,8 @@ def simulate(plan: Plan, graph: OpGraph | None = None) -> Timeline:
                 raw.append((s, "fwd" if step == "F" else "bwd", j, start, end))
                 if step == "F" and s + 1 < n and st.send_time_s > 0:
                     raw.append((s, "send", j, end, end + st.send_time_s))
-                if step == "B" and s > 0 and stages[s - 1].send_time_s > 0:
-                    raw.append((s, "send", j, end, end + stages[s - 1].send_time_s))
+                if step == "B" and s > 0 and stages[s - 1].grad_send_time_s > 0:
+                    raw.append((s, "send", j, end, end + stages[s - 1].grad_send_time_s))
                 ptr[s] += 1
                 remaining -= 1
                 progressed = True
@@ -106,7 +106,9 @@ def simulate(plan: Plan, graph: OpGraph | None = None) -> Timeline:
             raw.append((s, "allreduce", -1, t, t + ar))
             t += ar
         kind = cluster.kinds[st.kind]
-        opt = st.param_bytes / elem * per_param / kind.memory_bandwidth_bytes_s
+        # The cost model's figure (each rank's share under tensor parallelism and sharding); plans made
+        # before it was recorded: the stage's parameters at the datasheet bandwidth.
+        opt = st.optimizer_time_s or st.param_bytes / elem * per_param / kind.memory_bandwidth_bytes_s
         raw.append((s, "optimizer", -1, t, t + opt))
     events = [
         TimelineEvent(device=d, stage=s, kind=k, microbatch=j, start_s=a, end_s=z)

@@ -12,6 +12,7 @@ across each layer as a skip connection).
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,13 @@ from typing import Any
 from distplan.cluster import Cluster
 from distplan.graph import OpGraph, OpNode, TensorMeta, make_graph
 from distplan.profiles import load_cluster
+from distplan.tensor_parallel import (
+    Collective,
+    ParamSplit,
+    TensorParallelAnnotation,
+    TensorParallelRegion,
+    divisors,
+)
 
 __all__ = [
     "TransformerShape",
@@ -71,14 +79,20 @@ def synthetic_transformer(
     seq: int = 128,
     batch: int = 1,
     tied_embeddings: bool = False,
+    tensor_parallel: bool = True,
 ) -> OpGraph:
     """A pre-norm decoder-only transformer graph (fp32), traced at ``batch`` x ``seq`` tokens.
 
-    ``name`` picks a known shape (see :func:`transformer_shape`) and overrides the size arguments.
+    ``name`` picks a known shape (see :func:`transformer_shape`) and overrides the size arguments. With
+    ``tensor_parallel`` the graph carries the annotation the tracer would give (see [Note: tensor-parallel
+    regions] in ``distplan.tensor_parallel``): per layer an attention region (the fused ``qkv`` projection
+    column-parallel by heads, attention, ``o_proj`` row-parallel) and an MLP region (``fc1`` column, the
+    activation, ``fc2`` row), each with a forward all-reduce of its output and a backward all-reduce of its
+    input's gradient; degrees: the divisors of ``gcd(heads, ffn)``.
     """
     if name is not None:
         s = transformer_shape(name)
-        layers, hidden, _heads, ffn, vocab, tied_embeddings = (
+        layers, hidden, heads, ffn, vocab, tied_embeddings = (
             s.layers,
             s.hidden,
             s.heads,
@@ -157,6 +171,43 @@ def synthetic_transformer(
             activation_bytes=x_bytes,
         )
 
+    regions: list[TensorParallelRegion] = []
+    by_name: dict[str, OpNode] = {}
+
+    def region(kind: str, names: tuple[str, ...], col: str, row: str, src: str, pieces: int) -> None:
+        ops = [by_name[n] for n in names]
+        col_w, row_w = f"{by_name[col].module}.weight", f"{by_name[row].module}.weight"
+        fin = sizes[col_w] // _F32 // (pieces * (hidden if kind == "attention" else ffn))
+        width = hidden if kind == "attention" else ffn
+        regions.append(
+            TensorParallelRegion(
+                kind=kind,  # type: ignore[arg-type]
+                nodes=names,
+                params=(
+                    ParamSplit(
+                        col_w,
+                        (pieces * width, fin),
+                        sizes[col_w],
+                        "column",
+                        0,
+                        (width,) * pieces if pieces > 1 else (),
+                    ),
+                    ParamSplit(row_w, (hidden, width), sizes[row_w], "row", 1),
+                ),
+                split_sizes=tuple(sorted({heads, width})),
+                degrees=divisors(math.gcd(heads, width)),
+                collectives=(
+                    Collective("all-reduce", "forward", "partial-output", row, seq * hidden * _F32),
+                    Collective("all-reduce", "backward", "input-gradient", src, seq * hidden * _F32),
+                ),
+                fwd_flops=sum(o.fwd_flops for o in ops),
+                bwd_flops=sum(o.bwd_flops for o in ops),
+                # The column matmul keeps its whole input; everything after it is split.
+                split_activation_bytes=sum(o.activation_bytes for o in ops[1:]),
+                whole_activation_bytes=ops[0].activation_bytes,
+            )
+        )
+
     for i in range(layers):
         p = f"model.layers.{i}"
         h = norm(f"l{i}_ln1", f"{p}.ln_1", x)
@@ -206,6 +257,10 @@ def synthetic_transformer(
             fwd_flops=tokens * hidden,
             bytes_moved=3 * x_bytes,
         )
+        if tensor_parallel:
+            by_name.update({n.name: n for n in nodes[-10:]})
+            region("attention", (qkv, a, o), qkv, o, h, 3)
+            region("mlp", (f1, g, f2), f1, f2, h2, 1)
     h = norm("final_norm", "model.norm", x)
     # Tied: the head reads the embedding matrix (its first reader, the embedding, carries the bytes).
     head_params = 0 if tied_embeddings else vocab * hidden * _F32
@@ -245,11 +300,18 @@ def synthetic_transformer(
         num_params=total // _F32,
         meta={"batch": batch, "seq": seq, "tracer": "synthetic"},
         param_sizes=sizes,
+        tensor_parallel=TensorParallelAnnotation(tuple(regions), batch=batch) if tensor_parallel else None,
     )
 
 
 def random_chain_graph(
-    seed: int, *, nodes: int = 6, skip_prob: float = 0.3, scale: float = 1.0, shared: int = 0
+    seed: int,
+    *,
+    nodes: int = 6,
+    skip_prob: float = 0.3,
+    scale: float = 1.0,
+    shared: int = 0,
+    regions: int = 0,
 ) -> OpGraph:
     """A random chain of ``nodes`` ops (each its own module, so each is one block), with random FLOPs,
     parameters, activations and occasional skip connections; sizes are GPU-scale (GFLOPs, hundreds of MB).
@@ -257,7 +319,12 @@ def random_chain_graph(
     ``shared`` parameters (``s0``, ``s1``, ...) are each read by 2-3 random ops, like a tied embedding and
     output projection; their first reader carries their bytes (see [Note: shared parameters] in
     ``distplan.graph``). They are drawn after everything else, so a graph's other figures do not depend on
-    ``shared``."""
+    ``shared``.
+
+    ``regions`` tensor-parallel regions (runs of one or two ops, degrees up to 2 or 4, a forward all-reduce
+    of their output and a backward one of their input's gradient; see [Note: tensor-parallel regions] in
+    ``distplan.tensor_parallel``), each op in a region reading a named parameter ``w<i>`` it splits, and one
+    of them a fused attention op that keeps statistics selective recomputation drops; also drawn last."""
     rng = random.Random(seed)
     out: list[OpNode] = []
     for i in range(nodes):
@@ -294,6 +361,7 @@ def random_chain_graph(
             out[i] = dataclasses.replace(
                 n, params=(*n.params, name), param_bytes=n.param_bytes + (sizes[name] if j == 0 else 0)
             )
+    annotation = _random_regions(out, regions, random.Random(seed + 104729), sizes) if regions else None
     total = sum(n.param_bytes for n in out)
     return make_graph(
         f"random-{seed}",
@@ -302,7 +370,73 @@ def random_chain_graph(
         num_params=total // 4,
         meta={"batch": 1},
         param_sizes=sizes if shared else None,
+        tensor_parallel=annotation,
     )
+
+
+def _random_regions(
+    out: list[OpNode], count: int, rng: random.Random, sizes: dict[str, int]
+) -> TensorParallelAnnotation:
+    """Mark ``count`` disjoint runs of ``out`` (changed in place) as tensor-parallel regions."""
+    free = list(range(1, len(out)))
+    regions = []
+    attention_done = False
+    for _ in range(count):
+        starts = [i for i in free if i + 1 not in free or rng.random() < 0.5]
+        if not starts:
+            break
+        i = rng.choice(starts)
+        run = [i] + ([i + 1] if i + 1 in free and rng.random() < 0.5 else [])
+        for j in run:
+            free.remove(j)
+        params = []
+        for j in run:
+            n = out[j]
+            name = f"w{j}"
+            changes: dict[str, Any] = {"params": (*n.params, name)}
+            if not attention_done:
+                # A fused attention kernel: keeps its statistics for the backward beyond what it reads.
+                attention_done = True
+                changes["target"] = "aten._scaled_dot_product_flash_attention.default"
+                reads = sum(out[k].output_bytes for k in range(j) if out[k].name in n.inputs)
+                changes["activation_bytes"] = n.activation_bytes + reads + n.output_bytes
+            out[j] = dataclasses.replace(n, **changes)
+            size = max(4, out[j].param_bytes // 4 * 4)
+            params.append(ParamSplit(name, (size // 4,), size, "column", 0))
+            # Shared parameters stay whole (replicated) in every region reading them.
+            params += [
+                ParamSplit(x, (sizes[x] // 4,), sizes[x], "replicated")
+                for x in n.params
+                if x in sizes and all(q.name != x for q in params)
+            ]
+        ops = [out[j] for j in run]
+        deg = rng.choice((2, 4))
+        first = out[run[0]]
+        regions.append(
+            TensorParallelRegion(
+                kind="mlp",
+                nodes=tuple(o.name for o in ops),
+                params=tuple(params),
+                split_sizes=(deg,),
+                degrees=divisors(deg),
+                collectives=(
+                    Collective("all-reduce", "forward", "partial-output", ops[-1].name, ops[-1].output_bytes),
+                    Collective(
+                        "all-reduce",
+                        "backward",
+                        "input-gradient",
+                        first.inputs[0],
+                        out[run[0] - 1].output_bytes,
+                    ),
+                ),
+                fwd_flops=sum(o.fwd_flops for o in ops),
+                bwd_flops=sum(o.bwd_flops for o in ops),
+                split_activation_bytes=sum(o.activation_bytes for o in ops[1:]),
+                whole_activation_bytes=ops[0].activation_bytes,
+            )
+        )
+    regions.sort(key=lambda r: int(r.nodes[0][1:]))
+    return TensorParallelAnnotation(tuple(regions), batch=1)
 
 
 _RANDOM_KINDS = ("a100-sxm-80g", "v100-sxm2-32g", "t4-16g", "h100-sxm-80g")

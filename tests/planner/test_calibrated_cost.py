@@ -161,7 +161,15 @@ def test_a_calibrated_plan_differs_only_in_its_priced_times() -> None:
     layout = f"1f1b m4x1 | 0:{len(g) // 2}@0 | {len(g) // 2}:{len(g)}@1"
     a = evaluate(g, cluster=plain, layout=layout, global_batch=4)
     b = evaluate(g, cluster=calibrated, layout=layout, global_batch=4)
-    timed = {"fwd_time_s", "bwd_time_s", "send_time_s", "allreduce_time_s", "tied_allreduce_time_s"}
+    timed = {
+        "fwd_time_s",
+        "bwd_time_s",
+        "send_time_s",
+        "grad_send_time_s",
+        "allreduce_time_s",
+        "optimizer_time_s",
+        "tied_allreduce_time_s",
+    }
     for sa, sb in zip(a.stages, b.stages, strict=True):
         da, db = sa.to_dict(), sb.to_dict()
         assert {k: v for k, v in da.items() if k not in timed} == {

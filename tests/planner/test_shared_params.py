@@ -95,8 +95,10 @@ def test_four_t4_hold_the_copy_on_both_ends_and_sum_its_gradient(tied_llama: OpG
     holders = [s for s in p.stages if s.start <= 4 < s.end or s.start <= 297 < s.end]
     assert len(holders) == 2, p.layout
     link_bw, latency = 12e9, 10e-6
-    # Ring all-reduce of the fp32 gradient between the two holders on the host's PCIe link.
-    ring = 2 * (2 - 1) / 2 * TIED_BYTES / link_bw + 2 * (2 - 1) * latency
+    # Ring all-reduce of the fp32 gradient over every rank holding a copy (the lowering's group of tied
+    # parameters: each holder's replicas and tensor-parallel ranks) on the host's PCIe link.
+    world = sum(len(s.devices) for s in holders)
+    ring = 2 * (world - 1) / world * TIED_BYTES / link_bw + 2 * (world - 1) * latency
     for s in p.stages:
         if s in holders:
             assert s.shared_param_bytes == TIED_BYTES
