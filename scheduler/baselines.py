@@ -161,6 +161,8 @@ class TiresiasPolicy(_Rigid):
     def __init__(
         self, thresholds: tuple[float, ...] | list[float] = (3600.0,), promote_knob: float = 0.0
     ) -> None:
+        if not isinstance(thresholds, (tuple, list)):
+            raise SchedulerError(f"thresholds must be a list of device-seconds, got {thresholds!r}")
         th = tuple(float(t) for t in thresholds)
         if any(not (math.isfinite(t) and t > 0) for t in th) or list(th) != sorted(th):
             raise SchedulerError(

@@ -153,7 +153,9 @@ def make_policy(name: str, **params: Any) -> Policy:
         raise SchedulerError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
     try:
         return classes[name](**params)
-    except TypeError as e:
+    except SchedulerError:
+        raise
+    except (TypeError, ValueError) as e:  # a parameter of the wrong kind (a string for a number, ...)
         raise SchedulerError(f"policy {name!r}: {e}") from e
 
 

@@ -21,6 +21,9 @@ Resources
 ``GET  /v1/clusters[/{name}]``              cluster presets
 ``GET  /v1/device-kinds``, ``/v1/models``   device-kind catalogue, built-in models
 ``GET  /healthz``, ``/readyz``              liveness; readiness (a worker has warmed up)
+``/v1/schedulers/...``                      many jobs on one cluster: register a scheduler, submit,
+                                            cancel, report progress; allocation, events, manifests
+                                            (:mod:`~distplan.service.schedule_routes`)
 ==========================================  ========================================================
 
 A plan request names a model as ``{"builtin": name, "config": {...}}``, ``{"hf_config": {...}}`` (the
@@ -59,5 +62,7 @@ Modules: ``app`` (factory), ``settings`` (``DISTPLAN_*``), ``routes``, ``models`
 ``specs`` (request checks, canonical form), ``catalog`` (what requests are checked against), ``store``
 (SQLite), ``jobs`` (worker processes), ``work`` (what workers run), ``errors`` (kinds, HTTP statuses),
 ``advice`` (messages for REST clients), ``middleware`` (body limit), ``cache`` (finished responses),
-``deps``, ``cli`` (``distplan serve``). The HTML report page comes from ``distplan.presentation``.
+``deps``, ``cli`` (``distplan serve``); the schedulers: ``schedule_routes``, ``schedule_models``,
+``schedule_manager`` (live schedulers, admission, ticks), ``schedule_store`` (their SQLite tables),
+``schedule_work`` (pricing in the workers). The HTML report page comes from ``distplan.presentation``.
 """

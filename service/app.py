@@ -28,6 +28,9 @@ from distplan.service.errors import install_error_handlers
 from distplan.service.jobs import JobManager
 from distplan.service.middleware import BodySizeLimit
 from distplan.service.routes import router
+from distplan.service.schedule_manager import ScheduleManager
+from distplan.service.schedule_routes import router as schedule_router
+from distplan.service.schedule_store import ScheduleStore
 from distplan.service.settings import Settings
 from distplan.service.store import Store
 
@@ -67,14 +70,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("marked %d job(s) interrupted by the previous shutdown as failed", interrupted)
         jobs = JobManager(store, settings, catalog)
         jobs.start()
+        # Schedulers: restored from the database; jobs a previous server left being priced are settled.
+        sstore = ScheduleStore(settings.db)
+        schedules = ScheduleManager(store, sstore, jobs, settings, catalog)
+        for sid, jid, service_job in schedules.start():
+            schedules.watch(sid, jid, service_job)
         app.state.settings = settings
         app.state.catalog = catalog
         app.state.store = store
         app.state.jobs = jobs
+        app.state.schedules = schedules
         try:
             yield
         finally:
+            schedules.stop()
             jobs.stop()
+            sstore.close()
             store.close()
 
     app = FastAPI(
@@ -89,6 +100,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             },
             {"name": "validations", "description": "Check a plan's numerics on CPU/gloo."},
             {"name": "jobs", "description": "The work behind plans and validations; cancel it."},
+            {
+                "name": "schedulers",
+                "description": "Many training jobs on one cluster: submit, cancel, report progress; read the "
+                "allocation (devices and plan of each running job, why the others wait), the event log, and "
+                "manifests (Kubernetes, Slurm) of running jobs. State survives restarts.",
+            },
             {"name": "catalogue", "description": "Cluster presets, device kinds, built-in models."},
             {
                 "name": "health",
@@ -100,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.cache = cache
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(schedule_router)
     # Added last = outermost: the body limit first, then cached reads, then FastAPI.
     app.add_middleware(CachedReads, cache=cache)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -205,8 +205,8 @@ class JobPublic(BaseModel):
     """One attempt at producing a plan or validation."""
 
     id: str
-    kind: Literal["plan", "validation"]
-    subject_id: str = Field(description="The plan or validation id the job produces.")
+    kind: Literal["plan", "validation", "price"]
+    subject_id: str = Field(description="The plan, validation or pricing (of a scheduled job) it produces.")
     status: Status
     created_at: float
     started_at: float | None = None

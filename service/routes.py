@@ -152,7 +152,10 @@ def _validation_public(rec: SubjectRecord, store: Any) -> dict[str, Any]:
 
 
 def _job_public(job: JobRecord) -> dict[str, Any]:
-    subject = f"/v1/plans/{job.subject_id}" if job.kind == "plan" else f"/v1/validations/{job.subject_id}"
+    # A pricing (kind "price") has no resource of its own: the scheduled jobs it prices link to it.
+    subject = {"plan": f"/v1/plans/{job.subject_id}", "validation": f"/v1/validations/{job.subject_id}"}.get(
+        job.kind, f"/v1/jobs/{job.id}"
+    )
     return {
         "id": job.id,
         "kind": job.kind,

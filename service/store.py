@@ -41,8 +41,9 @@ from distplan.service.errors import ErrorKind, legacy_kind
 __all__ = ["JOB_STATES", "Failure", "JobRecord", "Store", "SubjectRecord"]
 
 JOB_STATES = ("queued", "running", "done", "failed")
-SubjectKind = Literal["plan", "validation"]
-_TABLE: dict[str, str] = {"plan": "plans", "validation": "validations"}
+SubjectKind = Literal["plan", "validation", "price"]
+# "price": a job's device-set shapes priced for a scheduler (distplan.service.schedule_manager).
+_TABLE: dict[str, str] = {"plan": "plans", "validation": "validations", "price": "prices"}
 
 _SUBJECT_COLUMNS = """
     id TEXT PRIMARY KEY,
@@ -62,6 +63,7 @@ _SUBJECT_COLUMNS = """
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS plans ({_SUBJECT_COLUMNS});
 CREATE TABLE IF NOT EXISTS validations ({_SUBJECT_COLUMNS});
+CREATE TABLE IF NOT EXISTS prices ({_SUBJECT_COLUMNS});
 CREATE INDEX IF NOT EXISTS validations_parent ON validations(parent_id);
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,

@@ -198,9 +198,17 @@ def run_validation(payload: dict[str, Any]) -> dict[str, str]:
     return {"report": json.dumps(report.to_dict())}
 
 
+def run_price(payload: dict[str, Any]) -> dict[str, str]:
+    """Price a scheduled job's shapes (:func:`distplan.service.schedule_work.run_price`)."""
+    from distplan.service.schedule_work import run_price as price
+
+    return price(payload)
+
+
 TASKS: dict[str, Callable[[dict[str, Any]], dict[str, str]]] = {
     "plan": run_plan,
     "validation": run_validation,
+    "price": run_price,
 }
 
 

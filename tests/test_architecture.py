@@ -10,7 +10,7 @@ layer             may import (besides itself and third-party libraries)
 CLI               ``distplan.cli``, the one top-level CLI: the command modules, and anything below them
 commands          ``<package>/cli.py`` and ``presentation/*_cli.py``: every layer below (never the CLI or
                   another command module); only the CLI imports them
-service           lowering, planner, tracer, presentation, core
+service           scheduler, lowering, planner, tracer, presentation, core
 presentation      core; its ``demo`` module also tracer, planner, lowering (it runs the whole pipeline)
 profiler          core; its ``compute`` module also tracer, planner, lowering (the per-microbatch overhead is
                   measured by lowering a one-stage plan of a traced model, see ``_runtime_overhead``)
@@ -58,7 +58,7 @@ ALLOWED: dict[str, set[str]] = {
     | {"core", "door"},
     "commands": {"service", "presentation", "profiler", "scheduler", "lowering", "tracer", "planner"}
     | {"core", "door"},
-    "service": {"lowering", "planner", "tracer", "presentation", "core"},
+    "service": {"scheduler", "lowering", "planner", "tracer", "presentation", "core"},
     "presentation": {"core"},
     "profiler": {"core"},
     "scheduler": {"planner", "core"},
