@@ -192,6 +192,15 @@ class OpTimes:
         return cls(Curve.from_dict(m["fwd"], f"{path}.fwd"), Curve.from_dict(m["bwd"], f"{path}.bwd"))
 
 
+def _four(v: Any, path: str) -> tuple[float, float, float, float]:
+    if not isinstance(v, (list, tuple)) or len(v) != 4:
+        raise _E(f"{path}: expected a list of four numbers, got {v!r}")
+    for i, x in enumerate(v):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+            raise _E(f"{path}[{i}]: expected a number >= 0, got {x!r}")
+    return (float(v[0]), float(v[1]), float(v[2]), float(v[3]))
+
+
 # ---------------------------------------------------------------------------------------------- device
 @dataclass(frozen=True, slots=True)
 class DeviceCalibration:
@@ -216,6 +225,10 @@ class DeviceCalibration:
             ``math`` stores the score matrix for the backward.
         microbatch_fwd_s / microbatch_bwd_s: the pipeline runtime's fixed cost of one microbatch's forward /
             backward on one stage (schedule bookkeeping, argument flattening, autograd set-up), beyond its ops.
+        in_graph: what an op costs inside a whole model beyond its time alone (its inputs no longer hot in
+            the cache, its output in fresh memory): ``(forward s per node, forward s per output byte,
+            backward s per node, backward s per output byte)``, fitted on a reference model run whole (see
+            ``distplan.profiler.reference``); zeros when not measured.
         optimizer: per optimizer (``adam``, ``adamw``, ``sgd``) the seconds of one step of one parameter tensor
             against the tensor's bytes.
         threads: CPU threads the measurements ran with (a CPU rank's compute threads).
@@ -232,6 +245,7 @@ class DeviceCalibration:
     attention_kernel: str = "math"
     microbatch_fwd_s: float = 0.0
     microbatch_bwd_s: float = 0.0
+    in_graph: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     optimizer: Mapping[str, Curve] = field(default_factory=dict)
     threads: int = 1
     device_name: str = ""
@@ -258,6 +272,8 @@ class DeviceCalibration:
                 raise _E(f"{f}: expected a number >= 0, got {v!r}")
         if self.threads < 1:
             raise _E(f"threads: expected an integer >= 1, got {self.threads}")
+        if len(self.in_graph) != 4 or not all(math.isfinite(v) and v >= 0 for v in self.in_graph):
+            raise _E(f"in_graph: expected four numbers >= 0, got {list(self.in_graph)!r}")
         if self.cache_bytes < 0:
             raise _E(f"cache_bytes: expected an integer >= 0, got {self.cache_bytes}")
         for t in self.targets:
@@ -298,6 +314,7 @@ class DeviceCalibration:
             "attention_kernel": self.attention_kernel,
             "microbatch_fwd_s": self.microbatch_fwd_s,
             "microbatch_bwd_s": self.microbatch_bwd_s,
+            "in_graph": list(self.in_graph),
             "optimizer": {k: v.to_dict() for k, v in self.optimizer.items()},
             "threads": self.threads,
             "device_name": self.device_name,
@@ -326,6 +343,7 @@ class DeviceCalibration:
                 attention_kernel=get_str(m, "attention_kernel", path, _E, "math"),
                 microbatch_fwd_s=get_float(m, "microbatch_fwd_s", path, _E, 0.0),
                 microbatch_bwd_s=get_float(m, "microbatch_bwd_s", path, _E, 0.0),
+                in_graph=_four(m.get("in_graph", [0.0, 0.0, 0.0, 0.0]), f"{path}.in_graph"),
                 optimizer={str(k): Curve.from_dict(v, f"{path}.optimizer.{k}") for k, v in opt.items()},
                 threads=get_int(m, "threads", path, _E, 1, minimum=1),
                 device_name=get_str(m, "device_name", path, _E, ""),

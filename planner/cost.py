@@ -22,6 +22,9 @@ curves] there):
 
     fwd(node) = curve[class].fwd(size(node, b)),  matmuls at least stream.fwd(bytes) (weights read from
                 memory bound small-batch matmuls)
+                + in_graph per node + in_graph per output byte (what an op costs inside a model beyond its
+                time alone: inputs no longer hot in the cache, output in fresh memory; fitted on a
+                reference model, see ``distplan.profiler.reference``)
     bwd(node) = curve[class].bwd(...) for nodes on the gradient's path (reading a trainable parameter or
                 an input that is), 0 for the rest (index arithmetic, masks)
 
@@ -411,12 +414,16 @@ class CostModel:
         # Attention score elements per sample (heads x queries x keys), for kinds that store them.
         scores = np.zeros(len(nodes), dtype=np.float64)
         for i, n in enumerate(nodes):
-            if self._class[i] == "attention" and n.outputs and len(n.inputs) >= 2 and n.inputs[1] in index:
-                q = n.outputs[0].shape
-                k_outs = nodes[index[n.inputs[1]]].outputs
-                if len(q) >= 3 and k_outs and len(k_outs[0].shape) >= 2:
-                    heads = q[-3] if len(q) >= 4 else 1
-                    scores[i] = q[0] * heads * q[-2] * k_outs[0].shape[-2] / tb
+            if self._class[i] != "attention" or not n.outputs:
+                continue
+            q = n.outputs[0].shape
+            # The keys' length: the second input's (query, key, value), or the queries' own where one packed
+            # input carries all three (self-attention).
+            k_outs = nodes[index[n.inputs[1]]].outputs if len(n.inputs) >= 2 and n.inputs[1] in index else None
+            keys = k_outs[0].shape[-2] if k_outs and len(k_outs[0].shape) >= 2 else (q[-2] if n.inputs else 0)
+            if len(q) >= 3:
+                heads = q[-3] if len(q) >= 4 else 1
+                scores[i] = q[0] * heads * q[-2] * keys / tb
         self._score_elems = scores
         self._opt_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -500,8 +507,13 @@ class CostModel:
 
     def core_transient(self, kind: str | None, tp: int) -> float:
         """Per sample, the largest one attention core holds while the backward recomputes it (selective)."""
-        pre = self.core_prefix(kind, tp)
-        return max((float(pre[c[-1] + 1] - pre[c[0]]) for c in self.parallel.cores), default=0.0)
+        key = ("core_max", kind, tp)
+        hit = self._array_cache.get(key)
+        if hit is None:
+            pre = self.core_prefix(kind, tp)
+            hit = np.array(max((float(pre[c[-1] + 1] - pre[c[0]]) for c in self.parallel.cores), default=0.0))
+            self._array_cache[key] = hit
+        return float(hit)
 
     def tp_comm_prefix(
         self, link: Link, microbatch: float, tp: int, recompute: str = "none"
@@ -610,6 +622,11 @@ class CostModel:
             if mask.any():
                 fwd[mask] = _curve_times(own.fwd, moved[mask])
                 bwd[mask] = _curve_times(own.bwd, moved[mask])
+        # What an op costs inside a whole model beyond its time alone (DeviceCalibration.in_graph).
+        node_f, byte_f, node_b, byte_b = cal.in_graph
+        out = b * self._out_bytes
+        fwd = fwd + node_f + byte_f * out
+        bwd = bwd + node_b + byte_b * out
         fwd[self._free] = 0.0
         bwd[self._free | ~self._grad] = 0.0
         # The loss runs on the last stage after the graph's outputs: charge it to the last node.
@@ -617,6 +634,18 @@ class CostModel:
         fwd[-1] += lf
         bwd[-1] += lb
         return fwd, bwd
+
+    def in_graph_counts(self) -> tuple[float, float, float, float]:
+        """What ``DeviceCalibration.in_graph`` is charged on: (op nodes, their output bytes per sample,
+        nodes on the gradient path, their output bytes per sample)."""
+        ops = ~self._free
+        grad = ops & self._grad
+        return (
+            float(ops.sum()),
+            float(self._out_bytes[ops].sum()),
+            float(grad.sum()),
+            float(self._out_bytes[grad].sum()),
+        )
 
     def _loss_times(self, cal: DeviceCalibration, b: float) -> tuple[float, float]:
         """Forward and backward seconds of the runner's loss on one microbatch's outputs: cross-entropy

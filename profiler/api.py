@@ -81,6 +81,7 @@ def profile(
 
     from .compute import _cpu_name, measure_device, runtime_overhead
     from .ranks import measure_ranks
+    from .reference import in_graph_costs
 
     if mode not in MODES:
         raise CalibrationError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -117,6 +118,7 @@ def profile(
         if not dist.is_initialized():  # inside a job of its own, this process cannot lower a one-rank plan
             mb_f, mb_b = runtime_overhead(device, budget)
             dev = dataclasses.replace(dev, microbatch_fwd_s=mb_f, microbatch_bwd_s=mb_b)
+            dev = in_graph_costs(device, budget, dev)
     else:
         # One rank, or ranks of several threads each: measure the device here, the link on its own.
         dev = measure_device(

@@ -592,8 +592,9 @@ def measure_device(
             together, so every measurement runs beside the others, as the ranks of a plan do).
         sharing: ranks sharing this device's last-level cache while measuring (the CPU cores of a host);
             the calibration records the cache per rank.
-        runtime: also measure the pipeline runtime's per-microbatch cost (:func:`runtime_overhead`; only
-            outside a process group — ranks measuring together leave it to the launching process).
+        runtime: also measure the pipeline runtime's per-microbatch cost (:func:`runtime_overhead`) and what
+            ops cost inside a whole model (``distplan.profiler.reference``); only outside a process group —
+            ranks measuring together leave both to the launching process.
 
     Returns:
         The :class:`DeviceCalibration`.
@@ -669,9 +670,7 @@ def measure_device(
                 mb_f, mb_b = runtime_overhead(str(dev), budget)
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
         kernel = attention_kernel(dev, precs[0])
-        if progress is not None:
-            progress("done", total, total)
-        return DeviceCalibration(
+        out = DeviceCalibration(
             ops=ops,
             matmul=matmul,
             attention=attention,
@@ -686,6 +685,13 @@ def measure_device(
             device_name=name,
             source=source,
         )
+        if runtime:
+            from .reference import in_graph_costs
+
+            out = in_graph_costs(str(dev), budget, out)
+        if progress is not None:
+            progress("done", total, total)
+        return out
     finally:
         torch.set_num_threads(old_threads)
 

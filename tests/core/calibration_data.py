@@ -32,6 +32,7 @@ def device_calibration(scale: float = 1.0) -> DeviceCalibration:
         cache_bytes=16 << 20,
         microbatch_fwd_s=1e-4 * scale,
         microbatch_bwd_s=5e-5 * scale,
+        in_graph=(8e-6 * scale, 1.5e-10 * scale, 0.0, 0.0),
         optimizer={"adam": curve(1e9 / scale, 2.5e-5 * scale), "sgd": curve(4e9 / scale, 4e-6 * scale)},
         threads=1,
         device_name="hand-made test device",

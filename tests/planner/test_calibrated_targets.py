@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -51,3 +53,13 @@ def test_an_operator_with_its_own_curve_is_priced_by_it() -> None:
     )
     assert fwd[1] == pytest.approx(elem.fwd.time(3 * nbytes))  # the class curve
     assert fwd[2] > 5 * elem.fwd.time(2 * nbytes)
+    # What ops cost inside a whole model: a fixed cost per node and per byte of output, on every op node.
+    per_node, per_byte = 7e-6, 2e-10
+    inside = dataclasses.replace(dev, in_graph=(per_node, per_byte, 3e-6, 0.0))
+    cost2 = CostModel(g, base.calibrated(Calibration(kind="cpu-epyc-2core", device=inside)))
+    f2, b2 = cost2.time_prefix("cpu-epyc-2core", 1)
+    extra_f, extra_b = np.diff(f2) - fwd, np.diff(b2) - bwd
+    assert extra_f[0] == 0 and extra_b[0] == 0  # the input runs nothing
+    assert extra_f[1:] == pytest.approx([per_node + per_byte * nbytes] * 3)
+    assert extra_b[1:] == pytest.approx([3e-6] * 3)
+    assert cost2.in_graph_counts() == (3.0, 3.0 * nbytes, 3.0, 3.0 * nbytes)
