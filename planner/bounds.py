@@ -36,6 +36,8 @@ __all__ = [
 
 #: Bound of a candidate the relaxations prove infeasible (memory).
 INFEASIBLE_BOUND = 2**62
+#: Device-count states the relaxation's walks hold at most (larger clusters count devices in coarser units).
+MAX_STATES = 20_000
 #: Relative precision of :func:`min_bottleneck`'s binary search (it returns the lower end: still a bound).
 BOTTLENECK_PRECISION = 5e-3
 #: Blocks x LP columns up to which the LP relaxation is built and solved exactly (GLOP); above, its
@@ -99,6 +101,12 @@ class Relaxation:
         # of its price (a relaxation of it).
         env = np.minimum.accumulate(rt[:nb][::-1])[::-1] if nb >= 1 else rt
         self.rt_env = np.append(env, env[-1] if len(env) else 0)
+        # Large clusters count devices in units of ``unit`` (a stage of ``n`` devices charges ``n // unit``,
+        # a kind holds ``ceil(N_k / unit)``): fewer states, still a relaxation.
+        self.unit = 1
+        while np.prod(-(-self.nk // self.unit) + 1) > MAX_STATES:
+            self.unit *= 2
+        self.nk = -(-self.nk // self.unit)
         self.radix = np.cumprod(np.concatenate(([1], self.nk[:-1] + 1)))
         self._mem_start: dict[int, np.ndarray] = {}
 
@@ -152,6 +160,7 @@ class Relaxation:
             starts = self._starts(a_last if r == 0 else a_other, v)
             parts: list[tuple[np.ndarray, np.ndarray]] = []
             for (k, size), a_of in zip(self.group_keys, starts, strict=True):
+                size //= self.unit
                 ok = cnt[:, k] + size <= self.nk[k]
                 if not ok.any():
                     continue
@@ -200,6 +209,7 @@ class Relaxation:
             rt = np.zeros(nb + 1) if r == 0 else self.rt_env.astype(np.float64)
             parts: list[tuple[np.ndarray, np.ndarray]] = []
             for (k, size), members in zip(self.group_keys, groups, strict=True):
+                size //= self.unit
                 ok = cnt[:, k] + size <= self.nk[k]
                 if not ok.any():
                     continue
@@ -576,6 +586,8 @@ def lower_bound(p: StageProblem, upper: int | None = None, *, prune_at: int | No
     t_star = min_bottleneck(p, upper_t)
     if t_star is None:
         return INFEASIBLE_BOUND
+    if prune_at is not None and t_star <= t_block:
+        return cheap  # the same relaxation again
     lp = _relaxed(p, t_star, upper)
     if lp is not None and not math.isfinite(lp):
         return INFEASIBLE_BOUND

@@ -70,9 +70,13 @@ def plan_summary(plan: Any) -> dict[str, Any]:
                 "fwd_time_s": s.fwd_time_s,
                 "bwd_time_s": s.bwd_time_s,
                 "send_time_s": s.send_time_s,
+                "grad_send_time_s": s.grad_send_time_s,
                 "allreduce_time_s": s.allreduce_time_s,
                 "time_s": s.fwd_time_s + s.bwd_time_s,
                 "memory_bytes": s.memory_bytes,
+                # Per device: parameters, gradients, optimizer state, activations, and what recomputation and
+                # sharding removed (None for plans made without the breakdown).
+                "memory": None if s.memory is None else s.memory.to_dict(),
                 "memory_capacity_bytes": cap,
                 "param_bytes": s.param_bytes,
                 # Parameters other stages hold too (tied weights) and the time to sum their gradients.
@@ -128,6 +132,7 @@ def _print_table(summary: dict[str, Any]) -> None:
     t = Table(title=f"{summary['graph']} on {summary['cluster']}: {summary['layout']}")
     shared = any(s["shared_param_bytes"] for s in summary["stages"])
     tp = any(s["tp"] != 1 for s in summary["stages"])
+    saving = any(s["recompute"] != "none" or s["shard"] != "none" for s in summary["stages"])
     cols = [
         "stage",
         "modules",
@@ -137,6 +142,8 @@ def _print_table(summary: dict[str, Any]) -> None:
         "send ms",
         "memory / capacity",
     ]
+    if saving:
+        cols.append("recompute / shard (saved)")
     if shared:
         cols.append("shared params (all-reduce ms)")
     for col in cols:
@@ -151,6 +158,10 @@ def _print_table(summary: dict[str, Any]) -> None:
             f"{s['send_time_s'] * 1e3:.2f}",
             f"{format_bytes(s['memory_bytes'])} / {format_bytes(s['memory_capacity_bytes'])}",
         ]
+        if saving:
+            mem = s["memory"] or {}
+            saved = mem.get("recompute_saved", 0) + mem.get("shard_saved", 0)
+            row.append(f"{s['recompute']} / {s['shard']}" + (f" (-{format_bytes(saved)})" if saved else ""))
         if shared:
             b = s["shared_param_bytes"]
             row.append(f"{format_bytes(b)} ({s['tied_allreduce_time_s'] * 1e3:.2f})" if b else "-")

@@ -419,11 +419,14 @@ class CostModel:
             q = n.outputs[0].shape
             # The keys' length: the second input's (query, key, value), or the queries' own where one packed
             # input carries all three (self-attention).
-            k_outs = nodes[index[n.inputs[1]]].outputs if len(n.inputs) >= 2 and n.inputs[1] in index else None
+            if len(q) < 3:
+                continue
+            k_outs = (
+                nodes[index[n.inputs[1]]].outputs if len(n.inputs) >= 2 and n.inputs[1] in index else None
+            )
             keys = k_outs[0].shape[-2] if k_outs and len(k_outs[0].shape) >= 2 else (q[-2] if n.inputs else 0)
-            if len(q) >= 3:
-                heads = q[-3] if len(q) >= 4 else 1
-                scores[i] = q[0] * heads * q[-2] * keys / tb
+            heads = q[-3] if len(q) >= 4 else 1
+            scores[i] = q[0] * heads * q[-2] * keys / tb
         self._score_elems = scores
         self._opt_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 

@@ -489,6 +489,10 @@ def solve_stage_problem(
     prm = solver.parameters
     prm.num_workers = max(1, workers)
     prm.random_seed = 0
+    # CP-SAT's own Ctrl-C handler is installed for each solve and reset to the default action afterwards
+    # (OR-Tools 9.15): a SIGINT after any solve then killed the process outright -- the service lost its
+    # graceful shutdown, the CLI its "interrupted". The caller's handlers stay in charge instead.
+    prm.catch_sigint_signal = False
     # Deterministic work limit first (same answer on every run and any load); wall clock only as a
     # safety net. interleave_search makes the portfolio deterministic whatever the worker count.
     prm.interleave_search = True

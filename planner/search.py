@@ -113,7 +113,7 @@ GAP_TOLERANCE = 0.005
 #: work all its rounds may do together (``bounds.Relaxation.fill_work`` units, ~5 ns each here).
 FILL_ROUNDS = 12
 FILL_CELLS = 6
-FILL_BUDGET = 2e8
+FILL_BUDGET = 5e7
 
 
 class Budget:

@@ -218,7 +218,7 @@ def synthetic_transformer(
             f"{p}.attn",
             "aten._scaled_dot_product_flash_attention.default",
             (qkv,),
-            t(batch, seq, hidden),
+            t(batch, heads, seq, hidden // heads),
             fwd_flops=attn_flops,
             bwd_flops=int(2.5 * attn_flops),
             bytes_moved=4 * x_bytes,

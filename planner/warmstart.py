@@ -28,7 +28,9 @@ __all__ = ["WarmStart", "greedy", "improve"]
 #: every recipe and order to ``_COARSE_PRECISION``, then the ``_REFINE_TOP`` best to ``_SEARCH_PRECISION``.
 _SEARCH_PRECISION = 1e-4
 _COARSE_PRECISION = 2e-2
-_REFINE_TOP = 3
+_REFINE_TOP = 2
+#: Recipes (the best in the first order) tried in every order of the pools.
+_ORDER_TOP = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,22 +223,31 @@ def greedy(p: StageProblem) -> WarmStart | None:
     # Every recipe and order coarsely, then the most promising few finely (the same answer for far less
     # work: the fill's objective hardly moves within the coarse bracket).
     coarse: list[tuple[int, int, int, int, int, list[list[int]], WarmStart]] = []
-    for ri, recipe in enumerate(_recipes(p)):
-        for oi, order in enumerate(orders):
-            slots: list[list[int]] = []
-            for pi in order:
-                if pi not in recipe:
-                    continue
-                dp, tp = recipe[pi]
-                count = p.pools[pi].devices // (dp * tp)
-                slots += [variants[pi, dp, tp]] * count
-            slots = slots[: p.max_stages]
-            if not slots:
+
+    def try_recipe(ri: int, recipe: dict[int, tuple[int, int]], oi: int) -> None:
+        slots: list[list[int]] = []
+        for pi in orders[oi]:
+            if pi not in recipe:
                 continue
-            found = search(slots, 0, hi0, _COARSE_PRECISION)
-            if found is not None:
-                lo, hi, warm = found
-                coarse.append((warm.objective, ri, oi, lo, hi, slots, warm))
+            dp, tp = recipe[pi]
+            count = p.pools[pi].devices // (dp * tp)
+            slots += [variants[pi, dp, tp]] * count
+        slots = slots[: p.max_stages]
+        if not slots:
+            return
+        found = search(slots, 0, hi0, _COARSE_PRECISION)
+        if found is not None:
+            lo, hi, warm = found
+            coarse.append((warm.objective, ri, oi, lo, hi, slots, warm))
+
+    # Every recipe in the first order, then every order for the recipes that did best (each order alone
+    # rarely changes which recipe wins, and the orders cost as much as the recipes).
+    recipes = _recipes(p)
+    for ri, recipe in enumerate(recipes):
+        try_recipe(ri, recipe, 0)
+    for ri in sorted({c[1] for c in sorted(coarse, key=lambda c: c[:3])[:_ORDER_TOP]}):
+        for oi in range(1, len(orders)):
+            try_recipe(ri, recipes[ri], oi)
     coarse.sort(key=lambda c: c[:3])
     best: WarmStart | None = None
     for _, _, _, lo, hi, slots, warm in coarse[:_REFINE_TOP]:
@@ -268,8 +279,16 @@ def improve(p: StageProblem, start: WarmStart, rounds: int = 200) -> WarmStart:
     obj, stages = start.objective, list(start.stages)
     key = (obj, _spread(p, stages))
     variants: dict[tuple[int, int, int], list[int]] = {}
+    by_pool: dict[int, list[int]] = {}
+    same_config: dict[int, dict[tuple[int, int, str, str], list[int]]] = {}
     for oi, o in enumerate(p.options):
         variants.setdefault((o.pool, o.dp, o.tp), []).append(oi)
+        by_pool.setdefault(o.pool, []).append(oi)
+        same_config.setdefault(o.pool, {}).setdefault((o.dp, o.tp, o.recompute, o.shard), []).append(oi)
+    signature: dict[tuple[int, int, int, int], list[int]] = {}
+    for pi, q in enumerate(p.pools):
+        signature.setdefault((q.kind, q.devices, q.cap_kib, q.link), []).append(pi)
+    classes = list(signature.values())
 
     def moves(st: list[StageSlot]) -> Iterator[list[StageSlot]]:
         n = len(st)
@@ -294,9 +313,18 @@ def improve(p: StageProblem, start: WarmStart, rounds: int = 200) -> WarmStart:
         for s in range(n):
             a, e, g = st[s]
             o = p.options[g]
-            for oi, x in enumerate(p.options):
+            # Other shapes on the stage's own pool; the same way to run on another pool (one per class of
+            # interchangeable pools, the first with room: the others price alike).
+            targets = [oi for oi in by_pool[o.pool] if (p.options[oi].dp, p.options[oi].tp) != (o.dp, o.tp)]
+            for pools in classes:
+                for pi in pools:
+                    if pi != o.pool and free[pi] >= o.size:
+                        targets += same_config[pi].get((o.dp, o.tp, o.recompute, o.shard), [])
+                        break
+            for oi in targets:
+                x = p.options[oi]
                 room = free[x.pool] + (o.size if x.pool == o.pool else 0)
-                if oi != g and x.size <= room and (x.pool, x.dp, x.tp) != (o.pool, o.dp, o.tp):
+                if oi != g and x.size <= room:
                     yield [*st[:s], StageSlot(a, e, oi), *st[s + 1 :]]
                 if e - a >= 2 and n < p.max_stages and x.size <= free[x.pool]:
                     mid = (a + e) // 2

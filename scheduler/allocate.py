@@ -482,6 +482,10 @@ def solve_allocation(p: AllocationProblem) -> AllocationSolution:
     prm = solver.parameters
     prm.num_workers = max(1, p.workers)
     prm.random_seed = 0
+    # CP-SAT's own Ctrl-C handler is installed for each solve and reset to the default action afterwards
+    # (OR-Tools 9.15): a SIGINT after any solve then killed the process outright -- the service lost its
+    # graceful shutdown, the CLI its "interrupted". The caller's handlers stay in charge instead.
+    prm.catch_sigint_signal = False
     if p.workers > 1:
         # A deterministic portfolio whatever the worker count (as the planner's stage program).
         prm.interleave_search = True
