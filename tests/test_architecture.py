@@ -13,8 +13,11 @@ commands          ``<package>/cli.py`` and ``presentation/*_cli.py``: every laye
 service           scheduler, lowering, planner, tracer, presentation, core
 presentation      core; its ``demo`` module also tracer, planner, lowering (it runs the whole pipeline)
 profiler          core; its ``compute`` module also tracer, planner, lowering (the per-microbatch overhead is
-                  measured by lowering a one-stage plan of a traced model, see ``_runtime_overhead``)
-scheduler         planner, core
+                  measured by lowering a one-stage plan of a traced model, see ``_runtime_overhead``); its
+                  ``reference`` module also tracer, planner (whole reference models are traced and priced to
+                  fit the in-graph costs, see ``in_graph_costs``)
+scheduler         planner, core; its ``executor`` module names the lowering's entry point, which it runs as
+                  ``torchrun`` processes (it imports no torch itself)
 lowering          tracer, core
 tracer            core
 planner           core
@@ -73,6 +76,8 @@ ALLOWED: dict[str, set[str]] = {
 EXTRA: dict[str, set[str]] = {
     "distplan.presentation.demo": {"tracer", "planner", "lowering"},
     "distplan.profiler.compute": {"tracer", "planner", "lowering"},
+    "distplan.profiler.reference": {"tracer", "planner"},
+    "distplan.scheduler.executor": {"lowering"},
 }
 #: Third-party libraries a layer must not import.
 FORBIDDEN_LIBRARIES: dict[str, set[str]] = {

@@ -150,7 +150,7 @@ def test_validation_to_passing_report(client: httpx.Client) -> None:
 
 def test_validation_of_a_large_model_is_width_reduced(client: httpx.Client) -> None:
     # "mlp" has 269M parameters (1 GiB): too big to run 4 full copies here, so it is validated at
-    # reduced width, with the same layers and cut positions, and the report says so.
+    # reduced width, with the same layers, cut positions and splits, and the report says so.
     body = {
         "model": {"builtin": "mlp"},
         "batch": 4,
@@ -159,7 +159,11 @@ def test_validation_of_a_large_model_is_width_reduced(client: httpx.Client) -> N
         "microbatches": 4,
     }
     _, done = _plan_until_done(client, body)
-    assert len(done["plan"]["stages"]) >= 2, done["layout"]
+    # Split over the four devices one way or another (stages, tensor- or data-parallel groups).
+    assert (
+        len(done["plan"]["rank_map"]) == 4
+        and len(done["plan"]["stages"]) + done["plan"]["stages"][0]["tp"] > 2
+    )
     r = client.post(f"/v1/plans/{done['id']}/validations")
     assert r.status_code == 202, r.text
     final = wait_done(client, f"/v1/validations/{r.json()['id']}", timeout_s=300)
