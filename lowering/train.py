@@ -11,6 +11,8 @@ distplan.lowering.train``. Everything it does is set by its arguments and the pl
     torchrun --standalone --nproc-per-node 4 train.py --model gpt2 --checkpoint ./gpt2-weights/
     # resume weights, optimizer state and step count, under this plan or another (DCP reshards by name)
     torchrun --standalone --nproc-per-node 4 train.py --model gpt2 --resume ckpt/ --steps 100
+    # preemptible: once the file STOP appears, save to ckpt/ after the current step and exit 0
+    torchrun --standalone --nproc-per-node 4 train.py --model gpt2 --save ckpt/ --stop-file STOP
 
 The rank that runs the last stage of the first replica (its first tensor-parallel rank) prints ``step K
 loss L`` per step (``K`` counts from
@@ -83,6 +85,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--save-every", type=int, default=0, help="also save every N steps (default: 0, at the end only)"
     )
+    p.add_argument(
+        "--stop-file",
+        default=None,
+        help="stop early once this file exists: after each step the ranks agree, save to --save and exit 0 "
+        "(a scheduler preempting the run; default: none)",
+    )
     args = p.parse_args(argv)
     if args.steps < 0:
         p.error(f"--steps must be >= 0, got {args.steps}")
@@ -90,6 +98,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--save-every must be >= 0, got {args.save_every}")
     if args.checkpoint and args.resume:
         p.error("--checkpoint (weights to fine-tune) and --resume (a run to continue) exclude each other")
+    if args.stop_file and not args.save:
+        p.error("--stop-file needs --save (the checkpoint a stopped run resumes from)")
     return args
 
 
@@ -106,6 +116,17 @@ def batches(runner: Any, seed: int) -> Iterator[Any]:
     batch = runner.source.sample(runner.plan.request.global_batch, seed=seed + 1)
     while True:
         yield batch
+
+
+def _stop_requested(path: str, device: str) -> bool:
+    """Whether any rank sees the stop file: every rank asks at the same step, so all stop together (a rank
+    that stopped alone would leave the others waiting in the next step's transfers)."""
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if Path(path).exists() else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,6 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if loss is not None and info.replica == 0 and info.tp_rank == 0:
             print(f"step {k} loss {loss:.6f} (rank {info.rank}, stage {info.stages[-1]})", flush=True)
         done = k + 1
+        if args.stop_file and done < start + args.steps and _stop_requested(args.stop_file, info.device):
+            runner.save(args.save, step=done)
+            if info.rank == 0:
+                print(f"stopped after step {done}; saved {args.save}", flush=True)
+            dist.destroy_process_group()
+            return 0
         if args.save and args.save_every and done % args.save_every == 0 and done < start + args.steps:
             runner.save(args.save, step=done)
     if args.save:
