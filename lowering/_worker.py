@@ -93,6 +93,8 @@ def main(config_path: str) -> int:
             output=cfg.get("output"),
             matmul_precision="fp32",  # numerics are compared with an fp32 single-device run
         )
+        # Set up: the parent's step timeout counts from the moment every rank has written this.
+        (out / f"rank{rank}.ready").touch()
         fault = cfg.get("fault")
         if fault and int(fault["rank"]) == rank:
             _install_fault(runner, fault)

@@ -299,6 +299,7 @@ def validate(
     steps: int = 1,
     tolerance: Tolerance | float | None = None,
     timeout_s: float = 120.0,
+    setup_timeout_s: float = 600.0,
     width_reduce: bool | None = None,
     progress: Progress | None = None,
     seq: int = 16,
@@ -322,8 +323,12 @@ def validate(
             (the rank processes rebuild the model from its spec and load the parent's weights).
         steps: training steps (forward, backward, optimizer step) to compare.
         tolerance: relative tolerances, or one number for all three.
-        timeout_s: limit of the ranks' run (from their start) and every collective's timeout; a rank that
-            hangs fails the run then.
+        timeout_s: limit of the ranks' training steps, counted from the moment every rank has set up (built,
+            captured and materialised its stages); a rank that hangs fails the run then, named. Counting
+            from set-up's end keeps the diagnosis the same on a loaded machine, where set-up takes longer.
+        setup_timeout_s: limit of the ranks' set-up (from their start); a rank still setting up then fails
+            the run, named. The collectives' own timeout is the sum of both limits (the parent's diagnosis
+            comes first).
         width_reduce: force (``True``) or forbid (``False``) width reduction; ``None`` decides by size.
         progress: called with short progress messages.
         seq, optimizer, lr, seed: sequence length, optimizer (``sgd``/``adam``/``adamw``), learning rate,
@@ -351,6 +356,8 @@ def validate(
         raise LoweringError(f"steps must be >= 1, got {steps}")
     if timeout_s <= 0:
         raise LoweringError(f"timeout_s must be > 0, got {timeout_s}")
+    if setup_timeout_s <= 0:
+        raise LoweringError(f"setup_timeout_s must be > 0, got {setup_timeout_s}")
     tol = (
         Tolerance(tolerance, tolerance, tolerance, tolerance)
         if isinstance(tolerance, (int, float))
@@ -515,7 +522,7 @@ def validate(
             "max_hidden": max_hidden,
             "optimizer": optimizer,
             "lr": lr,
-            "timeout_s": timeout_s,
+            "timeout_s": timeout_s + setup_timeout_s,
             "fault": fault,
             "config_overrides": overrides,
             "output": source.output,
@@ -536,7 +543,15 @@ def validate(
                 )
                 ref["buffers_by_dp"][dp_d] = ref_d["buffers"]
             t_ref = time.perf_counter() - t_spawn
-            failure = _wait(procs, d, t0=t_spawn, timeout_s=timeout_s, say=say, layout=run_plan)
+            failure = _wait(
+                procs,
+                d,
+                t0=t_spawn,
+                timeout_s=timeout_s,
+                setup_timeout_s=setup_timeout_s,
+                say=say,
+                layout=run_plan,
+            )
             timings = {
                 "prepare_s": t_spawn - t0,
                 "reference_s": t_ref,
@@ -751,11 +766,15 @@ def _wait(
     *,
     t0: float,
     timeout_s: float,
+    setup_timeout_s: float,
     say: Progress,
     layout: Plan,
 ) -> tuple[int | None, str] | None:
-    """Wait for every rank; on the first failure (or the timeout) return ``(rank, message)``."""
+    """Wait for every rank; on the first failure (or a timeout) return ``(rank, message)``. Set-up (until a
+    rank writes ``rank{R}.ready``) is limited by ``setup_timeout_s`` from ``t0``; the steps by ``timeout_s``
+    from the moment the last rank is ready."""
     done: set[int] = set()
+    ready_at: float | None = None
     while len(done) < len(procs):
         failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
         if failed:
@@ -781,7 +800,17 @@ def _wait(
                 done.add(r)
                 say(f"rank {r} finished ({len(done)}/{len(procs)})")
         running = [r for r, p in enumerate(procs) if p.poll() is None]
-        if running and time.perf_counter() - t0 > timeout_s:
+        now = time.perf_counter()
+        if ready_at is None and all((d / f"rank{r}.ready").exists() for r in running):
+            ready_at = now
+            say("every rank set up; training steps running")
+        if running and ready_at is None and now - t0 > setup_timeout_s:
+            late = [r for r in running if not (d / f"rank{r}.ready").exists()]
+            return late[0], (
+                f"{_where(late[0], layout)} still sets up (builds, captures or materialises its stages) after "
+                f"{setup_timeout_s:g} s (ranks {late} not ready; raise setup_timeout_s on a slow machine)"
+            )
+        if running and ready_at is not None and now - ready_at > timeout_s:
             return _diagnose_timeout(procs, running, d, timeout_s=timeout_s, layout=layout)
         time.sleep(0.05)
     return None
