@@ -24,7 +24,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ import torch
 
 from distplan.errors import LoweringError
 from distplan.plan import Plan
+from distplan.ranks import kill_ranks, spawn_ranks
 
 __all__ = [
     "MeasuredRun",
@@ -274,7 +274,6 @@ def measure(
                 f"the plan has {world} ranks but this host runs at most {limit} without sharing a core "
                 f"({cores} cores, {threads} thread(s) per rank); measure a smaller plan or pass max_ranks"
             )
-    import distplan
 
     with tempfile.TemporaryDirectory(prefix="distplan-measure-") as tmp:
         d = Path(tmp)
@@ -291,37 +290,7 @@ def measure(
             "timeout_s": timeout_s,
         }
         (d / "config.json").write_text(json.dumps(cfg))
-        root = str(Path(distplan.__file__).resolve().parent.parent)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(x for x in (root, env.get("PYTHONPATH", "")) if x)
-        import socket
-
-        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        env.update(
-            {
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "WORLD_SIZE": str(world),
-                "OMP_NUM_THREADS": str(threads),
-                "TORCH_CPP_LOG_LEVEL": "ERROR",
-            }
-        )
-        procs = []
-        for r in range(world):
-            e = dict(env, RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world))
-            log = open(d / f"rank{r}.log", "wb")  # noqa: SIM115 - closed when the process is reaped
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "distplan.lowering.timing", str(d / "config.json")],
-                    env=e,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-            log.close()
+        procs = spawn_ranks("distplan.lowering.timing", d / "config.json", world, d, threads=threads)
         deadline = time.monotonic() + timeout_s
         try:
             while any(p.poll() is None for p in procs):
@@ -329,13 +298,7 @@ def measure(
                     break
                 time.sleep(0.1)
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(p.pid, signal.SIGKILL)
-            for p in procs:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(timeout=10)
+            kill_ranks(procs)
         out = d / "times.json"
         if not out.exists():
             failed = [r for r, p in enumerate(procs) if p.returncode not in (0, -signal.SIGKILL)]

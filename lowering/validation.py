@@ -65,9 +65,7 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -93,6 +91,7 @@ from distplan.lowering.outputs import graph_output
 from distplan.lowering.parallel import ParallelLayout, layout_of
 from distplan.lowering.runtime import plan_layout
 from distplan.plan import Plan, build_rank_map
+from distplan.ranks import kill_ranks, spawn_ranks
 
 __all__ = ["TensorCheck", "Tolerance", "ValidationReport", "validate"]
 
@@ -252,12 +251,6 @@ class ValidationReport:
         for n in self.notes:
             text += f"\n  note: {n}"
         return text
-
-
-def _free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def single_replica(plan: Plan) -> Plan:
@@ -531,7 +524,7 @@ def validate(
         (d / "config.json").write_text(json.dumps(cfg))
         world = run_plan.world_size
         say(f"starting {world} ranks ({run_plan.layout})")
-        procs = _spawn(d, world)
+        procs = spawn_ranks("distplan.lowering._worker", d / "config.json", world, d)
         t_spawn = time.perf_counter()
         try:
             ref = _reference(reference, source, batches, optimizer=optimizer, lr=lr, pin=pin, split=split)
@@ -558,7 +551,7 @@ def validate(
                 "ranks_s": time.perf_counter() - t_spawn,
             }
         finally:
-            _kill_all(procs)
+            kill_ranks(procs)
         logs = {r: _tail(d / f"rank{r}.log") for r in range(world)}
         base = {
             "ranks": world,
@@ -630,53 +623,6 @@ def _parse_fault(text: str | None) -> dict[str, Any] | None:
     if mode not in ("kill", "hang", "raise") or not rank.isdigit():
         raise LoweringError(f"inject_fault must look like 'kill:1', 'hang:1' or 'raise:1', got {text!r}")
     return {"mode": mode, "rank": int(rank), "step": 0}
-
-
-def _project_root() -> str:
-    import distplan
-
-    return str(Path(distplan.__file__).resolve().parent.parent)
-
-
-def _spawn(d: Path, world: int) -> list[subprocess.Popen[bytes]]:
-    port = _free_port()
-    env = dict(os.environ)
-    # The ranks import distplan from the same tree as this process, whatever their working directory.
-    env["PYTHONPATH"] = os.pathsep.join(x for x in (_project_root(), env.get("PYTHONPATH", "")) if x)
-    env.update(
-        {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "WORLD_SIZE": str(world),
-            "OMP_NUM_THREADS": "1",
-            "TORCH_CPP_LOG_LEVEL": "ERROR",
-        }
-    )
-    procs = []
-    for r in range(world):
-        e = dict(env, RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world))
-        log = open(d / f"rank{r}.log", "wb")  # noqa: SIM115 - closed when the process is reaped
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "distplan.lowering._worker", str(d / "config.json")],
-                env=e,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )
-        log.close()
-    return procs
-
-
-def _kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-    for p in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(timeout=10)
 
 
 _PEER_FAILURE = ("connection closed by peer", "connection reset", "broken pipe", "timed out", "timeout")

@@ -13,8 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,18 +23,13 @@ from typing import Any
 
 from distplan.calibration import DeviceCalibration, LinkCalibration
 from distplan.errors import CalibrationError
+from distplan.ranks import kill_ranks, spawn_ranks
 
 from .budget import MODES, Budget
 
 __all__ = ["measure_ranks"]
 
 Progress = Callable[[str, int, int], None]
-
-
-def _free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def measure_ranks(
@@ -90,34 +83,7 @@ def measure_ranks(
             "timeout_s": timeout_s,
         }
         (d / "config.json").write_text(json.dumps(cfg))
-        import distplan
-
-        root = str(Path(distplan.__file__).resolve().parent.parent)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(x for x in (root, env.get("PYTHONPATH", "")) if x)
-        env.update(
-            {
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(_free_port()),
-                "WORLD_SIZE": str(world),
-                "OMP_NUM_THREADS": "1",
-                "TORCH_CPP_LOG_LEVEL": "ERROR",
-            }
-        )
-        procs = []
-        for r in range(world):
-            e = dict(env, RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world))
-            log = open(d / f"rank{r}.log", "wb")  # noqa: SIM115 - closed when the process is reaped
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "distplan.profiler.ranks", str(d / "config.json")],
-                    env=e,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-            log.close()
+        procs = spawn_ranks("distplan.profiler.ranks", d / "config.json", world, d)
         deadline = time.monotonic() + timeout_s
         timed_out = False
         try:
@@ -133,13 +99,7 @@ def measure_ranks(
                         progress(str(what), int(done), int(total))
                 time.sleep(0.2)
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(p.pid, signal.SIGKILL)
-            for p in procs:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(timeout=10)
+            kill_ranks(procs)
         if timed_out:
             raise CalibrationError(f"the measurement on {world} ranks did not finish in {timeout_s:.0f} s")
         failed = [r for r, p in enumerate(procs) if p.returncode not in (0, -signal.SIGKILL)]
