@@ -40,6 +40,7 @@ import torch
 from torch import fx, nn
 from torch.utils.checkpoint import checkpoint
 
+from distplan.attention_ops import ELEMENTWISE, MATMUL, SDPA, SOFTMAX
 from distplan.errors import LoweringError
 
 __all__ = ["Recomputed", "apply_recompute", "attention_core_regions"]
@@ -55,51 +56,6 @@ class Recomputed(nn.Module):
 
     def forward(self, *args: Any) -> Any:
         return checkpoint(self.inner, *args, use_reentrant=False)
-
-
-_SDPA_NAMES = (
-    "scaled_dot_product_attention",
-    "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention",
-    "_scaled_dot_product_flash_attention_for_cpu",
-    "_flash_attention_forward",
-    "_efficient_attention_forward",
-    "sdpa_math",  # the same op written out for DTensor on the CPU (distplan.lowering.stages)
-)
-_SOFTMAX_NAMES = ("softmax", "_softmax", "_safe_softmax")
-_MATMUL_NAMES = ("matmul", "bmm", "baddbmm", "einsum", "__matmul__")
-# Ops that keep a value's role (scale, mask, cast, dropout) on the way between scores and softmax and
-# between softmax and the product with V.
-_ELEMENTWISE_NAMES = (
-    "add",
-    "sub",
-    "mul",
-    "div",
-    "truediv",
-    "masked_fill",
-    "where",
-    "to",
-    "type",
-    "float",
-    "half",
-    "bfloat16",
-    "_to_copy",
-    "dropout",
-    "native_dropout",
-    "clone",
-    "contiguous",
-    "tanh",
-    "neg",
-    "exp",
-    "alias",
-    "detach",
-    "__add__",
-    "__mul__",
-    "__truediv__",
-    "__sub__",
-    "getitem",
-)
 
 
 def _op_name(n: fx.Node) -> str:
@@ -134,12 +90,12 @@ def _back_to_product(n: fx.Node, limit: int = 12) -> fx.Node | None:
         if cur is None:
             return None
         name = _op_name(cur)
-        if name in _MATMUL_NAMES:
+        if name in MATMUL:
             operands = [a for a in cur.args if isinstance(a, fx.Node)]
             if len(operands) >= 2 and all(_is_activation(a) for a in operands[-2:]):
                 return cur
             return None
-        if name not in _ELEMENTWISE_NAMES:
+        if name not in ELEMENTWISE:
             return None
         ins = _tensor_args(cur)
         first = cur.args[0] if cur.args and isinstance(cur.args[0], fx.Node) else None
@@ -152,13 +108,13 @@ def _forward_to_product(n: fx.Node, limit: int = 12) -> fx.Node | None:
     cur = n
     for _ in range(limit):
         users = [u for u in cur.users if u.op != "output"]
-        products = [u for u in users if _op_name(u) in _MATMUL_NAMES]
+        products = [u for u in users if _op_name(u) in MATMUL]
         if products:
             p = products[0]
             operands = [a for a in p.args if isinstance(a, fx.Node)]
             others = [a for a in operands if a is not cur]
             return p if others and all(_is_activation(a) for a in others) else None
-        nxt = [u for u in users if _op_name(u) in _ELEMENTWISE_NAMES]
+        nxt = [u for u in users if _op_name(u) in ELEMENTWISE]
         if len(nxt) != 1:
             return None
         cur = nxt[0]
@@ -175,11 +131,11 @@ def attention_core_regions(gm: fx.GraphModule) -> list[list[str]]:
         if n in taken:
             continue
         name = _op_name(n)
-        if name in _SDPA_NAMES:
+        if name in SDPA:
             region = {n}
             # A kernel variant returns a tuple: its getitems belong to it.
             region |= {u for u in n.users if _op_name(u) == "getitem"}
-        elif name in _SOFTMAX_NAMES:
+        elif name in SOFTMAX:
             src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
             qk = _back_to_product(src) if src is not None else None
             pv = _forward_to_product(n)

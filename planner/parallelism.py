@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distplan.attention_ops import ELEMENTWISE, MATMUL, SDPA, SOFTMAX
 from distplan.errors import PlanError
 from distplan.graph import OpGraph
 from distplan.plan import RECOMPUTE, SHARD
@@ -100,51 +101,6 @@ class TensorParallelCollective:
     scaled: bool = True
 
 
-# Op names of the attention-core patterns, as in distplan.lowering.recompute (kept in step with it: the
-# planner prices what the lowering recomputes).
-_SDPA = (
-    "scaled_dot_product_attention",
-    "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention",
-    "_scaled_dot_product_flash_attention_for_cpu",
-    "_flash_attention_forward",
-    "_efficient_attention_forward",
-    "sdpa_math",
-)
-_SOFTMAX = ("softmax", "_softmax", "_safe_softmax")
-_MATMUL = ("matmul", "bmm", "baddbmm", "einsum", "__matmul__")
-_ELEMENTWISE = (
-    "add",
-    "sub",
-    "mul",
-    "div",
-    "truediv",
-    "masked_fill",
-    "where",
-    "to",
-    "type",
-    "float",
-    "half",
-    "bfloat16",
-    "_to_copy",
-    "dropout",
-    "native_dropout",
-    "clone",
-    "contiguous",
-    "tanh",
-    "neg",
-    "exp",
-    "alias",
-    "detach",
-    "__add__",
-    "__mul__",
-    "__truediv__",
-    "__sub__",
-    "getitem",
-)
-
-
 def _op_name(target: str) -> str:
     """The bare op name of a traced target: ``aten.softmax.int`` -> ``softmax``, ``_operator.getitem`` ->
     ``getitem``, ``torch.matmul`` -> ``matmul``."""
@@ -177,9 +133,9 @@ def attention_cores(graph: OpGraph) -> list[tuple[int, ...]]:
         for _ in range(limit):
             if cur is None:
                 return None
-            if names[cur] in _MATMUL:
+            if names[cur] in MATMUL:
                 return cur if product_of_activations(cur) else None
-            if names[cur] not in _ELEMENTWISE or not nodes[cur].inputs:
+            if names[cur] not in ELEMENTWISE or not nodes[cur].inputs:
                 return None
             cur = index.get(nodes[cur].inputs[0])
         return None
@@ -188,11 +144,11 @@ def attention_cores(graph: OpGraph) -> list[tuple[int, ...]]:
         cur = i
         for _ in range(limit):
             us = users[cur]
-            prods = [u for u in us if names[u] in _MATMUL]
+            prods = [u for u in us if names[u] in MATMUL]
             if prods:
                 p = prods[0]
                 return p if product_of_activations(p, other_than=cur) else None
-            nxt = [u for u in us if names[u] in _ELEMENTWISE]
+            nxt = [u for u in us if names[u] in ELEMENTWISE]
             if len(nxt) != 1:
                 return None
             cur = nxt[0]
@@ -204,9 +160,9 @@ def attention_cores(graph: OpGraph) -> list[tuple[int, ...]]:
         if i in taken:
             continue
         region: set[int]
-        if names[i] in _SDPA:
+        if names[i] in SDPA:
             region = {i} | {u for u in users[i] if names[u] == "getitem"}
-        elif names[i] in _SOFTMAX:
+        elif names[i] in SOFTMAX:
             src = index.get(n.inputs[0]) if n.inputs else None
             qk = back(src) if src is not None else None
             pv = forward(i)
@@ -357,7 +313,7 @@ class ParallelFacts:
             members = set(core)
             for p in core:
                 self.in_core[p] = True
-            if len(core) == 1 or all(_op_name(nodes[p].target) in (*_SDPA, "getitem") for p in core):
+            if len(core) == 1 or all(_op_name(nodes[p].target) in (*SDPA, "getitem") for p in core):
                 # A fused kernel: what it saves beyond the tensors it reads and returns (its statistics).
                 head = core[0]
                 node = nodes[head]
