@@ -367,13 +367,16 @@ def validate(
         run_plan = single_replica(plan)
         dp_reduced = True
         if run_plan.world_size > max_ranks:
+            tps = "/".join(str(s.tp) for s in plan.stages)
             raise LoweringError(
-                f"the plan has {plan.num_stages} pipeline ranks per replica; validation runs at most {max_ranks} "
-                f"processes on this machine ({run_plan.world_size - max_ranks} too many). Raise max_ranks "
-                "(--max-ranks) if the machine can hold them"
+                f"the plan needs {run_plan.world_size} ranks even with one replica per stage "
+                f"({plan.num_stages} stages x tp {tps}); validation runs at most {max_ranks} processes on this "
+                f"machine ({run_plan.world_size - max_ranks} too many). Raise max_ranks (--max-ranks) if the "
+                "machine can hold them"
             )
+        dps = "/".join(str(s.dp) for s in plan.stages) if len({s.dp for s in plan.stages}) > 1 else str(plan.dp)
         notes.append(
-            f"dp reduced from {plan.dp} to 1: the plan's {plan.world_size} ranks exceed {max_ranks}; the "
+            f"dp reduced from {dps} to 1: the plan's {plan.world_size} ranks exceed {max_ranks}; the "
             f"{plan.num_stages} stages, their cuts, the schedule and the {plan.num_microbatches} microbatches are unchanged"
         )
     if layout_of(run_plan).chunk_rows > max_microbatch_size:

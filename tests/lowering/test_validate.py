@@ -14,7 +14,7 @@ import time
 import pytest
 from lowering_helpers import PYTHON, cli_env, cut, graph_of, hand_plan, layout_plan
 
-from distplan.errors import PlanError
+from distplan.errors import LoweringError, PlanError
 from distplan.lowering import Tolerance, validate
 
 TOL = Tolerance(loss=1e-5, grad=1e-4, param=1e-4)
@@ -197,6 +197,29 @@ def test_too_many_ranks_keep_stages_with_one_replica() -> None:
     _assert_passed(report, ranks=2)
     assert report.dp_reduced
     assert any("dp reduced from 2 to 1" in note for note in report.notes)
+
+
+@pytest.mark.slow
+def test_mixed_degrees_with_too_many_ranks_keep_one_replica_per_stage() -> None:
+    # Stage 0 dp 2, stage 1 tp 2: 4 ranks, 3 allowed -> one replica per stage (1 + 2 ranks), named per stage.
+    spec = "gpt-tiny"
+    b = cut(spec, 0.5)
+    plan = layout_plan(spec, f"gpipe m2x2 | 0:{b}@0,1 | {b}:{{n}}@2,3 tp2", global_batch=4)
+    assert [(s.dp, s.tp) for s in plan.stages] == [(2, 1), (1, 2)]
+    report = validate(plan, spec, max_ranks=3, tolerance=TOL)
+    _assert_passed(report, ranks=3)
+    assert any("dp reduced from 2/1 to 1" in note for note in report.notes), report.notes
+
+
+def test_too_many_ranks_even_with_one_replica_names_the_tensor_parallel_ranks() -> None:
+    spec = "gpt-tiny"
+    b = cut(spec, 0.5)
+    plan = layout_plan(spec, f"gpipe m2x2 | 0:{b}@0,1 tp2 | {b}:{{n}}@2,3 tp2", global_batch=4)
+    with pytest.raises(
+        LoweringError,
+        match=r"needs 4 ranks even with one replica per stage \(2 stages x tp 2/2\).*1 too many",
+    ):
+        validate(plan, spec, max_ranks=3)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
