@@ -16,10 +16,11 @@ greedy tries pipelines of single devices, of pairs, ... up to whole hosts.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from .ilp import StageProblem, StageSlot
+from .ilp import StageOption, StageProblem, StageSlot
 from .problem import cut_times, int_objective, stage_terms
 
 __all__ = ["WarmStart", "greedy", "improve"]
@@ -29,6 +30,10 @@ __all__ = ["WarmStart", "greedy", "improve"]
 _SEARCH_PRECISION = 1e-4
 _COARSE_PRECISION = 2e-2
 _REFINE_TOP = 2
+#: At most this many fills are refined in all (those whose coarse bracket may still win; see ``greedy``).
+_REFINE_MOST = 8
+#: Sequences of stage options the local search re-cuts by binary search at its local optima (see ``improve``).
+_BALANCE_LIMIT = 48
 #: Recipes (the best in the first order) tried in every order of the pools.
 _ORDER_TOP = 2
 
@@ -54,6 +59,70 @@ class _Fill:
         self._rooms: dict[tuple[int, int, int, int], list[int]] = {}
         self._trips: dict[tuple[int, int, int], list[int]] = {}
         self._by_option: dict[tuple[int, int], list[int]] = {}
+
+    @property
+    def hi0(self) -> int:
+        """A bottleneck every fill reaches if any does (the binary search's upper end)."""
+        p = self.p
+        hi = max(x[-1] for x in self.tfb) * 2 + max(max(t) for t in p.transfers) * 2 + 1
+        return hi + max(o.fwd_const + o.bwd_const for o in p.options)
+
+    def fill(self, slots: Sequence[Sequence[int]], limit: int, n_guess: int) -> list[StageSlot] | None:
+        """Left to right, each slot's stage takes the longest range within ``limit`` (time plus round trip,
+        and memory with ``n_guess`` stages in all), as the slot's option that reaches farthest (the fastest
+        where several do); None when the blocks are not all covered."""
+        p = self.p
+        nb = p.num_blocks
+        out: list[StageSlot] = []
+        a = 0
+        for s, opts in enumerate(slots):
+            if a == nb:
+                break
+            v = p.microbatches if p.schedule == "gpipe" else max(1, min(n_guess - s, p.microbatches))
+            nxt = slots[s + 1][0] if s + 1 < len(slots) else None
+            best_e, best_oi, best_t = a, -1, 0
+            for oi in opts:
+                e = self.reach(oi, a, limit, v, nxt)
+                if e <= a:
+                    continue
+                t = self.tfb[p.options[oi].time][e] - self.tfb[p.options[oi].time][a]
+                if e > best_e or (e == best_e and t < best_t):
+                    best_e, best_oi, best_t = e, oi, t
+            if best_oi < 0:
+                return None
+            out.append(StageSlot(a, best_e, best_oi))
+            a = best_e
+        return out if a == nb else None
+
+    def search(
+        self, slots: Sequence[Sequence[int]], lo: int, hi: int, precision: float
+    ) -> tuple[int, int, WarmStart] | None:
+        """Binary search on the fill's bottleneck in ``[lo, hi]`` down to ``precision`` (relative): (lo, hi,
+        the solution at hi), or None when the fill fails at ``hi``."""
+        p = self.p
+
+        def feasible(limit: int) -> list[StageSlot] | None:
+            sol = self.fill(slots, limit, len(slots))
+            if sol is not None:
+                tighter = self.fill(slots, limit, len(sol))
+                for c in (tighter, sol):
+                    if c is not None and int_objective(p, c) is not None:
+                        return c
+            return None
+
+        if feasible(hi) is None:
+            return None
+        while hi - lo > max(1, int(hi * precision)):
+            mid = (lo + hi) // 2
+            if feasible(mid) is not None:
+                hi = mid
+            else:
+                lo = mid + 1
+        sol = feasible(hi)
+        obj = int_objective(p, sol) if sol is not None else None
+        if sol is None or obj is None:
+            return None
+        return lo, hi, WarmStart(obj, tuple(sol))
 
     def room(self, oi: int, v: int) -> list[int]:
         """Prefix of the memory option ``oi`` holds with ``v`` microbatches in flight (inputs and constants
@@ -147,7 +216,6 @@ def _recipes(p: StageProblem) -> list[dict[int, tuple[int, int]]]:
 def greedy(p: StageProblem) -> WarmStart | None:
     """A quick feasible solution (see [Note: the greedy fill]), the best over every recipe and order of the
     pools; None when no fill fits memory."""
-    nb = p.num_blocks
     fill_data = _Fill(p)
     variants: dict[tuple[int, int, int], list[int]] = {}
     for oi, o in enumerate(p.options):
@@ -167,59 +235,6 @@ def greedy(p: StageProblem) -> WarmStart | None:
     ]
     orders.append(sorted(pools, key=lambda pi: (-p.pools[pi].cap_kib, kinds.index(p.pools[pi].kind), pi)))
 
-    def fill(slots: list[list[int]], limit: int, n_guess: int) -> list[StageSlot] | None:
-        out: list[StageSlot] = []
-        a = 0
-        for s, opts in enumerate(slots):
-            if a == nb:
-                break
-            v = p.microbatches if p.schedule == "gpipe" else max(1, min(n_guess - s, p.microbatches))
-            nxt = slots[s + 1][0] if s + 1 < len(slots) else None
-            best_e, best_oi, best_t = a, -1, 0
-            for oi in opts:
-                e = fill_data.reach(oi, a, limit, v, nxt)
-                if e <= a:
-                    continue
-                t = fill_data.tfb[p.options[oi].time][e] - fill_data.tfb[p.options[oi].time][a]
-                if e > best_e or (e == best_e and t < best_t):
-                    best_e, best_oi, best_t = e, oi, t
-            if best_oi < 0:
-                return None
-            out.append(StageSlot(a, best_e, best_oi))
-            a = best_e
-        return out if a == nb else None
-
-    hi0 = max(x[-1] for x in fill_data.tfb) * 2 + max(max(t) for t in p.transfers) * 2 + 1
-    hi0 += max(o.fwd_const + o.bwd_const for o in p.options)
-
-    def search(
-        slots: list[list[int]], lo: int, hi: int, precision: float
-    ) -> tuple[int, int, WarmStart] | None:
-        """Binary search on the bottleneck down to ``precision``: (lo, hi, the solution at hi)."""
-
-        def feasible(limit: int) -> list[StageSlot] | None:
-            sol = fill(slots, limit, len(slots))
-            if sol is not None:
-                tighter = fill(slots, limit, len(sol))
-                for c in (tighter, sol):
-                    if c is not None and int_objective(p, c) is not None:
-                        return c
-            return None
-
-        if feasible(hi) is None:
-            return None
-        while hi - lo > max(1, int(hi * precision)):
-            mid = (lo + hi) // 2
-            if feasible(mid) is not None:
-                hi = mid
-            else:
-                lo = mid + 1
-        sol = feasible(hi)
-        obj = int_objective(p, sol) if sol is not None else None
-        if sol is None or obj is None:
-            return None
-        return lo, hi, WarmStart(obj, tuple(sol))
-
     # Every recipe and order coarsely, then the most promising few finely (the same answer for far less
     # work: the fill's objective hardly moves within the coarse bracket).
     coarse: list[tuple[int, int, int, int, int, list[list[int]], WarmStart]] = []
@@ -235,7 +250,7 @@ def greedy(p: StageProblem) -> WarmStart | None:
         slots = slots[: p.max_stages]
         if not slots:
             return
-        found = search(slots, 0, hi0, _COARSE_PRECISION)
+        found = fill_data.search(slots, 0, fill_data.hi0, _COARSE_PRECISION)
         if found is not None:
             lo, hi, warm = found
             coarse.append((warm.objective, ri, oi, lo, hi, slots, warm))
@@ -250,8 +265,18 @@ def greedy(p: StageProblem) -> WarmStart | None:
             try_recipe(ri, recipes[ri], oi)
     coarse.sort(key=lambda c: c[:3])
     best: WarmStart | None = None
-    for _, _, _, lo, hi, slots, warm in coarse[:_REFINE_TOP]:
-        fine = search(slots, lo, hi, _SEARCH_PRECISION)
+    # The coarse objectives are known only to the bracket's width (2%), while recipes often differ by less
+    # (Llama-13B on 4+4 GPUs: tp4 pipelines beat tp2 ones by 1% but lost the coarse ranking to them, so a
+    # larger plan space found a worse plan than a smaller one). So besides the best few, every fill whose
+    # bracket could still beat the best found so far is refined (at most _REFINE_MOST, the most promising
+    # first; its optimistic value scales the objective by lo / hi, the bottleneck's share of it).
+    rest = sorted(coarse[_REFINE_TOP:], key=lambda c: (c[0] * c[3] // max(1, c[4]), c[:3]))
+    for rank, (obj, _, _, lo, hi, slots, warm) in enumerate(coarse[:_REFINE_TOP] + rest):
+        if rank >= _REFINE_MOST:
+            break
+        if rank >= _REFINE_TOP and best is not None and obj * lo // max(1, hi) >= best.objective:
+            break  # (sorted: no later fill can win either)
+        fine = fill_data.search(slots, lo, hi, _SEARCH_PRECISION)
         for w in (warm, fine[2] if fine else None):
             if w is not None and (best is None or w.objective < best.objective):
                 best = w
@@ -274,8 +299,12 @@ def _spread(p: StageProblem, stages: Sequence[StageSlot]) -> int:
 def improve(p: StageProblem, start: WarmStart, rounds: int = 200) -> WarmStart:
     """Local search from a feasible solution, first improvement of (objective, :func:`_spread`): move a
     stage boundary by up to 3 blocks, swap the options of two neighbouring stages, merge two neighbouring
-    stages, run a stage another way on its devices (another recomputation or sharding), move a stage to an
-    option with free devices, or split a stage onto free devices."""
+    stages (as either's option, or one wider shape on the devices they held), run a stage another way on its
+    devices (another recomputation or sharding), move a stage to an option with free devices, split a stage
+    onto free devices or in place into two narrower shapes. At a local optimum, the current sequence of
+    options and those of the structural moves are re-cut by the fill's binary search (at most
+    ``_BALANCE_LIMIT`` per call), and the search goes on from the first that improves. ``rounds``: at most
+    this many improving steps (a fixed amount of work, so the result does not depend on the machine)."""
     obj, stages = start.objective, list(start.stages)
     key = (obj, _spread(p, stages))
     variants: dict[tuple[int, int, int], list[int]] = {}
@@ -285,10 +314,28 @@ def improve(p: StageProblem, start: WarmStart, rounds: int = 200) -> WarmStart:
         variants.setdefault((o.pool, o.dp, o.tp), []).append(oi)
         by_pool.setdefault(o.pool, []).append(oi)
         same_config.setdefault(o.pool, {}).setdefault((o.dp, o.tp, o.recompute, o.shard), []).append(oi)
+    # Per pool, its options by size (the merge and split-in-place moves re-partition a pool's devices).
+    wider: dict[int, list[int]] = {
+        pi: sorted(ois, key=lambda oi: (p.options[oi].size, oi)) for pi, ois in by_pool.items()
+    }
+    fill_data = _Fill(p)
     signature: dict[tuple[int, int, int, int], list[int]] = {}
     for pi, q in enumerate(p.pools):
         signature.setdefault((q.kind, q.devices, q.cap_kib, q.link), []).append(pi)
     classes = list(signature.values())
+
+    def shapes(pool: int, like: StageOption) -> list[int]:
+        """One option per shape of ``pool``: run as ``like`` where the pool offers that, else its first."""
+        out = []
+        for (pi, _, _), ois in variants.items():
+            if pi == pool:
+                same = [
+                    oi
+                    for oi in ois
+                    if (p.options[oi].recompute, p.options[oi].shard) == (like.recompute, like.shard)
+                ]
+                out.append((same or ois)[0])
+        return sorted(out)
 
     def moves(st: list[StageSlot]) -> Iterator[list[StageSlot]]:
         n = len(st)
@@ -304,6 +351,14 @@ def improve(p: StageProblem, start: WarmStart, rounds: int = 200) -> WarmStart:
                 yield [*st[:s], StageSlot(a, e, g2), StageSlot(e, e2, g), *st[s + 2 :]]
             for keep in (g, g2):
                 yield [*st[:s], StageSlot(a, e2, keep), *st[s + 2 :]]
+            # Merge into one wider stage on the devices both held (two tp2 stages of a host become one
+            # tp4 stage): a single step, as the merge alone is slower and would never be taken.
+            o1, o2 = p.options[g], p.options[g2]
+            for pi in sorted({o1.pool, o2.pool}):
+                room = free[pi] + sum(o.size for o in (o1, o2) if o.pool == pi)
+                for oi in wider[pi]:
+                    if max(o1.size, o2.size) < p.options[oi].size <= room:
+                        yield [*st[:s], StageSlot(a, e2, oi), *st[s + 2 :]]
         for s in range(n):
             a, e, g = st[s]
             o = p.options[g]
@@ -319,7 +374,10 @@ def improve(p: StageProblem, start: WarmStart, rounds: int = 200) -> WarmStart:
             for pools in classes:
                 for pi in pools:
                     if pi != o.pool and free[pi] >= o.size:
-                        targets += same_config[pi].get((o.dp, o.tp, o.recompute, o.shard), [])
+                        # (Its every variant where this one was dropped there as dominated.)
+                        targets += same_config[pi].get(
+                            (o.dp, o.tp, o.recompute, o.shard), variants.get((pi, o.dp, o.tp), [])
+                        )
                         break
             for oi in targets:
                 x = p.options[oi]
@@ -329,7 +387,34 @@ def improve(p: StageProblem, start: WarmStart, rounds: int = 200) -> WarmStart:
                 if e - a >= 2 and n < p.max_stages and x.size <= free[x.pool]:
                     mid = (a + e) // 2
                     yield [*st[:s], StageSlot(a, mid, g), StageSlot(mid, e, oi), *st[s + 1 :]]
+            # Split in place: the stage's devices (and the pool's free ones) as two narrower stages (of the
+            # pool's shapes, run like this stage where they can be), cut where their compute times balance
+            # (the reverse of the merge).
+            if e - a >= 2 and n < p.max_stages:
+                room = free[o.pool] + o.size
+                narrow = [oi for oi in shapes(o.pool, o) if p.options[oi].size < o.size]
+                for i, oi in enumerate(narrow):
+                    for oj in narrow[i:]:
+                        x, y = p.options[oi], p.options[oj]
+                        if not o.size <= x.size + y.size <= room:
+                            continue
+                        for first, second in ((oi, oj), (oj, oi)) if oi != oj else ((oi, oj),):
+                            pf, ps = (
+                                fill_data.tfb[p.options[first].time],
+                                fill_data.tfb[p.options[second].time],
+                            )
+                            # The cut where the first's time from a reaches the second's time to e.
+                            lo_, hi_ = a + 1, e - 1
+                            while lo_ < hi_:
+                                mid = (lo_ + hi_) // 2
+                                if pf[mid] - pf[a] < ps[e] - ps[mid]:
+                                    lo_ = mid + 1
+                                else:
+                                    hi_ = mid
+                            yield [*st[:s], StageSlot(a, lo_, first), StageSlot(lo_, e, second), *st[s + 1 :]]
 
+    balances = _BALANCE_LIMIT
+    tried: set[tuple[int, ...]] = set()
     for _ in range(rounds):
         improved = False
         for trial in moves(stages):
@@ -339,6 +424,25 @@ def improve(p: StageProblem, start: WarmStart, rounds: int = 200) -> WarmStart:
             k = (val, _spread(p, trial))
             if k < key:
                 key, stages, improved = k, trial, True
+                break
+        if improved:
+            continue
+        # A local optimum: a structural move (other options, stages merged or split) is often worse only
+        # because its cuts are where the old stages had them. Re-cut each new sequence of options by the
+        # fill's binary search (at most _BALANCE_LIMIT of them per call, a fixed amount of work).
+        for trial in itertools.chain([stages], moves(stages)):
+            seq = tuple(oi for _, _, oi in trial)
+            if seq in tried or balances <= 0:
+                continue
+            tried.add(seq)
+            balances -= 1
+            found = fill_data.search([[oi] for oi in seq], 0, fill_data.hi0, _SEARCH_PRECISION)
+            if found is None:
+                continue
+            cut = list(found[2].stages)
+            k = (found[2].objective, _spread(p, cut))
+            if k < key:
+                key, stages, improved = k, cut, True
                 break
         if not improved:
             break
