@@ -84,7 +84,14 @@ def plan(
         if req.baselines
         else {}
     )
-    extra = [ExtraLayout(name, b.stages, b.candidate) for name, b in base.items() if b is not None]
+    # A baseline is priced and reported whatever the request allows, but the plan may only be one inside
+    # the request's space (a user who forces recomputation gets it).
+    space = PlanSpace.of(req)
+    extra = [
+        ExtraLayout(name, b.stages, b.candidate)
+        for name, b in base.items()
+        if b is not None and all(space.admits(s.dp, s.tp, s.recompute, s.shard) for s in b.stages)
+    ]
     res = search(
         graph,
         cost,

@@ -58,6 +58,15 @@ class PlanSpace:
     def of(cls, request: PlanRequest) -> PlanSpace:
         return cls(request.tensor_parallel, tuple(request.recompute), tuple(request.shard))
 
+    def admits(self, dp: int, tp: int, recompute: str, shard: str) -> bool:
+        """Whether a stage run as ``(dp, tp, recompute, shard)`` is inside this space (a one-replica stage
+        never shards, whatever the levels allowed)."""
+        return (
+            (tp == 1 or self.tensor_parallel)
+            and recompute in self.recompute
+            and (shard in self.shard or (dp == 1 and shard == "none"))
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Pool:

@@ -248,6 +248,23 @@ def register(app: typer.Typer) -> None:
         no_baselines: bool = typer.Option(
             False, "--no-baselines", help="Skip the baselines (default: price them)."
         ),
+        no_tensor_parallel: bool = typer.Option(
+            False,
+            "--no-tensor-parallel",
+            help="Keep tp 1 in every stage (default: a stage may split over a tensor-parallel group of one host).",
+        ),
+        recompute: str = typer.Option(
+            "none,selective,full",
+            "--recompute",
+            help="Activation recomputation modes a stage may use, comma-separated (none, selective, full); "
+            "the planner chooses per stage. Default: none,selective,full.",
+        ),
+        shard: str = typer.Option(
+            "none,optimizer,optimizer+gradients,full",
+            "--shard",
+            help="Sharding levels over a stage's data-parallel replicas a stage may use, comma-separated (none, "
+            "optimizer, optimizer+gradients, full: ZeRO-1/2/3). Default: none,optimizer,optimizer+gradients,full.",
+        ),
     ) -> None:
         """Plan pipeline stages and device placement for a model on a cluster."""
         from distplan.planner import plan as make_plan
@@ -267,6 +284,9 @@ def register(app: typer.Typer) -> None:
             workers=workers,
             baselines=not no_baselines,
             matmul_precision=matmul_precision,
+            tensor_parallel=not no_tensor_parallel,
+            recompute=tuple(x.strip() for x in recompute.split(",") if x.strip()),
+            shard=tuple(x.strip() for x in shard.split(",") if x.strip()),
         )
         check_trace_size(batch=batch, seq=seq)
         if out is not None:

@@ -163,6 +163,20 @@ class PlanBase(_Request):
         le=_R["time_limit_s"].high,
         description="Wall-clock limit of the planning in seconds (clamped to the server's cap).",
     )
+    tensor_parallel: bool = Field(
+        True,
+        description="Let a stage split over a tensor-parallel group inside one host (`false`: tp 1 everywhere).",
+    )
+    recompute: list[Literal["none", "selective", "full"]] | None = Field(
+        None,
+        min_length=1,
+        description="Activation recomputation modes a stage may use (default all: the planner chooses per stage).",
+    )
+    shard: list[Literal["none", "optimizer", "optimizer+gradients", "full"]] | None = Field(
+        None,
+        min_length=1,
+        description="Sharding levels over a stage's data-parallel replicas (ZeRO-1/2/3) a stage may use (default all).",
+    )
 
 
 class PlanCreate(PlanBase):

@@ -33,7 +33,7 @@ from distplan.errors import CalibrationError, GraphError, ModelSpecError, PlanEr
 from distplan.graph import OpGraph
 from distplan.limits import FIGURE_RANGES
 from distplan.profiles import list_presets, load_cluster, preset_cluster
-from distplan.request import PlanRequest
+from distplan.request import RECOMPUTE, SHARD, PlanRequest
 from distplan.service.catalog import Catalog
 from distplan.service.models import BuiltinModel, GraphModel, HFConfigModel, PlanCreate, ValidationCreate
 from distplan.service.settings import Settings
@@ -245,6 +245,9 @@ def plan_spec(
         time_limit_s=time_limit,
         workers=settings.solver_threads,
         matmul_precision=body.matmul_precision,
+        tensor_parallel=body.tensor_parallel,
+        recompute=RECOMPUTE if body.recompute is None else tuple(body.recompute),
+        shard=SHARD if body.shard is None else tuple(body.shard),
     )
     request = {
         "model": model,

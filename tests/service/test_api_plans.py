@@ -182,3 +182,17 @@ def test_solver_time_limit_is_capped_by_the_server(client: httpx.Client) -> None
     assert capped["solver"]["seconds"] <= 10 + 1
     same = client.post("/v1/plans", json={**body, "time_limit_s": 10})
     assert same.status_code == 200 and same.json()["id"] == capped["id"]
+
+
+def test_the_request_narrows_the_plan_space_over_rest(client: httpx.Client) -> None:
+    body = {"model": {"builtin": "gpt-tiny"}, "batch": 1, "seq": 8, "cluster": MIXED, "global_batch": 8}
+    _, done = _plan_until_done(
+        client, {**body, "tensor_parallel": False, "recompute": ["full"], "shard": ["none"]}
+    )
+    stages = done["plan"]["stages"]
+    assert all((s["tp"], s["recompute"], s["shard"]) == (1, "full", "none") for s in stages), done["layout"]
+    assert done["request"]["recompute"] == ["full"] and done["request"]["tensor_parallel"] is False
+    bad = client.post("/v1/plans", json={**body, "recompute": ["sometimes"]})
+    assert bad.status_code == 422 and "recompute" in bad.text, bad.text
+    empty = client.post("/v1/plans", json={**body, "shard": []})
+    assert empty.status_code == 422 and "shard" in empty.text, empty.text

@@ -41,6 +41,8 @@ def test_bad_options_are_refused_before_any_tracing_and_named_as_options(tmp_pat
         ("plan", "gpt2-xl", "--time-limit", "0"): "error: --time-limit: ",
         ("plan", "gpt2-xl", "--schedule", "zigzag"): "error: --schedule: ",
         ("plan", "gpt2-xl", "--cluster", "no-such-preset"): "no-such-preset",
+        ("plan", "gpt2-xl", "--recompute", "none,sometimes"): "error: --recompute: ",
+        ("plan", "gpt2-xl", "--shard", ""): "error: --shard: ",
         ("demo", "--global-batch", "0", "--no-validate"): "error: --global-batch: ",
         ("demo", "--time-limit", "7200", "--no-validate"): "error: --time-limit: ",
         # The size the model would be traced at, from the same table of ranges.
