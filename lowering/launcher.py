@@ -116,6 +116,30 @@ def train_args(
     return shlex.join(parts)
 
 
+def scheduled_train_args(
+    model_spec: str,
+    *,
+    job_id: str,
+    steps_left: int | None,
+    seq: int,
+    optimizer: str | None,
+    resume: bool,
+    root: str = "/checkpoints",
+) -> str:
+    """The ``train.py`` options of a job a scheduler runs (manifests of ``distplan schedule`` and of the REST
+    scheduler): it saves to ``root/<job>``, resumes from there when it has a checkpoint, and stops, saving,
+    once ``root/<job>/STOP`` appears (how a scheduler preempts it). ``steps_left`` None: an open-ended job,
+    run until stopped; otherwise at least one step."""
+    ckpt = f"{root}/{job_id}"
+    args = train_args(model_spec, steps=max(1, steps_left or 1), seq=seq, optimizer=optimizer)
+    extra = ["--save", ckpt, "--stop-file", f"{ckpt}/STOP"]
+    if steps_left is None:
+        extra.append("--until-stopped")
+    if resume:
+        extra += ["--resume", ckpt]
+    return args + " " + shlex.join(extra)
+
+
 def emit_launcher(
     plan: Plan,
     model_spec: str,

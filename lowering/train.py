@@ -86,6 +86,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--save-every", type=int, default=0, help="also save every N steps (default: 0, at the end only)"
     )
     p.add_argument(
+        "--until-stopped",
+        action="store_true",
+        help="run steps until the --stop-file appears instead of --steps of them (an open-ended job a "
+        "scheduler stops; default: off)",
+    )
+    p.add_argument(
         "--stop-file",
         default=None,
         help="stop early once this file exists: after each step the ranks agree, save to --save and exit 0 "
@@ -100,6 +106,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--checkpoint (weights to fine-tune) and --resume (a run to continue) exclude each other")
     if args.stop_file and not args.save:
         p.error("--stop-file needs --save (the checkpoint a stopped run resumes from)")
+    if args.until_stopped and not args.stop_file:
+        p.error("--until-stopped needs --stop-file (how the run learns to stop)")
     return args
 
 
@@ -159,19 +167,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if info.rank == 0:
             print(f"resumed from {args.resume} after step {start}", flush=True)
     data = batches(runner, args.seed)
-    for k in range(start, start + args.steps):
+    # An open-ended run has no last step: it ends at the stop file.
+    end = sys.maxsize if args.until_stopped else start + args.steps
+    for k in range(start, end):
         batch = next(data)
         loss = runner.train_step(batch.args, batch.target, batch.kwargs)
         if loss is not None and info.replica == 0 and info.tp_rank == 0:
             print(f"step {k} loss {loss:.6f} (rank {info.rank}, stage {info.stages[-1]})", flush=True)
         done = k + 1
-        if args.stop_file and done < start + args.steps and _stop_requested(args.stop_file, info.device):
+        if args.stop_file and done < end and _stop_requested(args.stop_file, info.device):
             runner.save(args.save, step=done)
             if info.rank == 0:
                 print(f"stopped after step {done}; saved {args.save}", flush=True)
             dist.destroy_process_group()
             return 0
-        if args.save and args.save_every and done % args.save_every == 0 and done < start + args.steps:
+        if args.save and args.save_every and done % args.save_every == 0 and done < end:
             runner.save(args.save, step=done)
     if args.save:
         runner.save(args.save, step=start + args.steps)

@@ -143,7 +143,8 @@ def _running_jobs(sched: Any) -> list[dict[str, Any]]:
             {
                 "spec": spec,
                 "plan": sched.plan(spec.id),
-                "steps": max(1, (spec.total_steps or spec.run_steps or 1) - done),
+                # Open-ended jobs (no declared steps) run until the scheduler stops them.
+                "steps": None if spec.total_steps is None else spec.total_steps - done,
                 "resume": rec.has_checkpoint,
                 "seq": seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
             }
@@ -153,17 +154,22 @@ def _running_jobs(sched: Any) -> list[dict[str, Any]]:
 
 def _emit(running: list[dict[str, Any]], fmt: str, folder: Path, *, image: str) -> list[str]:
     """Write one manifest per running job (see ``distplan.presentation.manifests``); the files written."""
-    from distplan.lowering.launcher import host_commands, train_args
+    from distplan.lowering.launcher import host_commands, scheduled_train_args
     from distplan.presentation.cli_support import write_output
     from distplan.presentation.manifests import RDZV, ManifestJob, render_manifest
 
     written = []
     for r in running:
         spec = r["spec"]
-        ckpt = f"/checkpoints/{spec.id}"
         # The job set names graphs, not model code: the graph's key is the train.py --model spec.
-        args = train_args(spec.graph, steps=r["steps"], seq=r["seq"] or 512, optimizer=spec.optimizer)
-        args += f" --save {ckpt}" + (f" --resume {ckpt}" if r["resume"] else "")
+        args = scheduled_train_args(
+            spec.graph,
+            job_id=spec.id,
+            steps_left=r["steps"],
+            seq=r["seq"] or 512,
+            optimizer=spec.optimizer,
+            resume=r["resume"],
+        )
         hosts = host_commands(r["plan"], args=args, endpoint=RDZV)
         job = ManifestJob.from_plan(r["plan"], hosts, job_id=spec.id, priority=spec.priority, image=image)
         path = folder / f"{job.name}.{'yaml' if fmt == 'k8s' else 'sbatch'}"

@@ -585,7 +585,7 @@ class ScheduleManager:
         each host runs its ``torchrun`` line of the job's plan, resuming from ``/checkpoints/<job>`` when the
         job has a checkpoint. The model is the request's built-in name; an ``hf_config`` is read as
         ``config.json`` beside ``train.py``, and a graph names no code (fill in ``--model``)."""
-        from distplan.lowering.launcher import host_commands, train_args
+        from distplan.lowering.launcher import host_commands, scheduled_train_args
         from distplan.presentation.manifests import RDZV, ManifestJob, render_manifest
 
         live = self.get(sid)
@@ -602,10 +602,14 @@ class ScheduleManager:
             if "hf_config" in model
             else "your_package.module:factory"
         )
-        steps = max(1, (rec.spec.total_steps or 1) - done)
-        ckpt = f"/checkpoints/{jid}"
-        args = train_args(spec, steps=steps, seq=sj.request["seq"] or 512, optimizer=rec.spec.optimizer)
-        args += f" --save {ckpt}" + (f" --resume {ckpt}" if resume else "")
+        args = scheduled_train_args(
+            spec,
+            job_id=jid,
+            steps_left=None if rec.spec.total_steps is None else rec.spec.total_steps - done,
+            seq=sj.request["seq"] or 512,
+            optimizer=rec.spec.optimizer,
+            resume=resume,
+        )
         hosts = host_commands(plan, args=args, endpoint=RDZV)
         vendor = {k.vendor for k in plan.request.cluster.kinds.values()}
         resource = "amd.com/gpu" if vendor == {"AMD"} else "nvidia.com/gpu"

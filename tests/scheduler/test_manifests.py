@@ -143,7 +143,8 @@ def test_schedule_cli_emits_the_running_jobs(capsys, tmp_path: Path) -> None:
         {"gpt-tiny": GraphSource("synthetic", dict(TINY))},
         (
             job("first", "gpt-tiny", max_devices=4, total_steps=3000),
-            job("second", "gpt-tiny", priority="high", max_devices=2, total_steps=2000),
+            # Open-ended: no declared steps; it runs until the scheduler stops it.
+            job("second", "gpt-tiny", priority="high", max_devices=2, total_steps=None, run_steps=2000),
             job("later", "gpt-tiny", arrival_s=100.0, total_steps=500),
         ),
     )
@@ -176,6 +177,13 @@ def test_schedule_cli_emits_the_running_jobs(capsys, tmp_path: Path) -> None:
         _svc, jb = yaml.safe_load_all(Path(w).read_text())
         script = jb["spec"]["template"]["spec"]["containers"][0]["command"][2]
         assert "--model gpt-tiny" in script and "--save /checkpoints/" in script and "--resume" not in script
+        jid = Path(w).stem.removeprefix("distplan-")
+        # Preemptible: a STOP file in the job's checkpoint folder makes every rank save and exit.
+        assert f"--stop-file /checkpoints/{jid}/STOP" in script
+        if jid == "first":
+            assert "--steps 3000" in script and "--until-stopped" not in script
+        else:
+            assert "--until-stopped" in script, script
     for extra, message in (
         (["--emit", "xml", "--emit-dir", str(out_dir)], "--emit must be k8s or slurm"),
         (["--emit", "slurm"], "--emit and --emit-dir go together"),
