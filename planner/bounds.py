@@ -32,6 +32,7 @@ __all__ = [
     "lower_bound",
     "lp_bound",
     "min_bottleneck",
+    "pooled_bound",
 ]
 
 #: Bound of a candidate the relaxations prove infeasible (memory).
@@ -311,6 +312,30 @@ def fill_bound(p: StageProblem, t_star: int, upper: int, cells: int = 3) -> int:
     for lo_t, hi_t in itertools.pairwise(grid):
         best = min(best, rel.min_fill(hi_t + 1) + (m - 1) * lo_t + z_lo)
     return min(upper, math.floor(best))
+
+
+def pooled_bound(p: StageProblem) -> int:
+    """The cheapest bound on the objective, ``M`` times a bottleneck every layout reaches: the largest block
+    in its fastest option, and the whole model's device-time (per block, the least ``devices x time`` any
+    option gives it) over every device of the cluster (each stage's devices are busy at most the bottleneck
+    per microbatch, so ``sum_s n_s T_s <= N T``). Every objective is at least ``M`` times its bottleneck
+    (the bottleneck stage runs every microbatch, and the fill holds it once more than the steady state's
+    ``M - 1``). A fraction of a second on any model: what a candidate reports when the time limit stops the
+    search before its other bounds."""
+    nb = p.num_blocks
+    if nb == 0 or not p.options:
+        return 0
+    times = {o.time for o in p.options}
+    per = {
+        t: np.diff(np.asarray(p.fwd_prefix[t], dtype=np.float64))
+        + np.diff(np.asarray(p.bwd_prefix[t], dtype=np.float64))
+        for t in times
+    }
+    fastest = np.min(np.array([per[t] for t in sorted(times)]), axis=0)
+    work = np.min(np.array([o.size * per[o.time] for o in p.options]), axis=0)
+    devices = sum(q.devices for q in p.pools)
+    t = max(float(fastest.max()), float(work.sum()) / max(1, devices))
+    return max(0, math.floor(max(1, p.microbatches) * t * (1 - 1e-9)))
 
 
 def min_bottleneck(p: StageProblem, upper: int | None = None, *, runs: bool = False) -> int | None:

@@ -37,7 +37,8 @@ and ``time_limit_s`` bounds the whole planning call's wall time. The two are rec
 - The limit itself is a wall-clock budget (:class:`Budget`) started when planning starts: checked between
   steps, and what is left of it is CP-SAT's wall-clock cap. Only on a machine several times slower than
   the estimates (or under heavy load) is it reached; then the remaining steps are skipped, the plan is
-  the best found so far (candidates not reached count with bound 0, so the gap stays honest), and the
+  the best found so far (candidates whose integer data was not built count with bound 0, the others with
+  at least their pooled bound, ``bounds.pooled_bound``, so the gap stays honest), and the
   report's notes say where the limit was reached.
 - CP-SAT's ``core`` subsolver is left out: in OR-Tools 9.15 it ignored the deterministic limit inside
   interleaved search (a 6-block, 4-stage model proved optimal by another worker in 0.04 s ran until the
@@ -60,7 +61,7 @@ from distplan.graph import OpGraph
 from distplan.limits import check_cluster_figures
 from distplan.plan import SolverReport
 
-from .bounds import INFEASIBLE_BOUND, Relaxation, fill_bound, lower_bound, min_bottleneck
+from .bounds import INFEASIBLE_BOUND, Relaxation, fill_bound, lower_bound, min_bottleneck, pooled_bound
 from .candidates import Candidate, PlanSpace, candidate_microbatches, device_pools
 from .coarsen import coarsen
 from .cost import CostModel, IterationCost
@@ -314,7 +315,7 @@ def search(
     )
     built: dict[int, CandidateProblem] = {}  # by microbatch: both schedules share the arrays
     for m, sched in itertools.product(counts, scheds):
-        if budget.expired("the warm starts of the candidates"):
+        if budget.expired("the integer data of the candidates"):
             unexplored += 1
             continue
         cand = Candidate(m, global_batch // m, sched)
@@ -322,7 +323,13 @@ def search(
             data = for_schedule(built[cand.microbatch], cand)
         else:
             data = built[cand.microbatch] = build_problem(cost, blocks, cand, space, pools)
-        cands.append(_CandidateState(cand, data, 0, greedy(data.problem)))
+        # Every candidate built has a bound from the start (a fraction of a second), so a time limit that
+        # stops the search before its relaxations still reports an honest gap, not 100%.
+        cands.append(_CandidateState(cand, data, pooled_bound(data.problem), None))
+    for i, st in enumerate(cands):
+        if budget.expired("the warm starts of the candidates"):
+            break
+        cands[i] = replace(st, warm=greedy(st.problem))
     if not cands and not unexplored:
         raise PlanError(
             f"no microbatch count divides global_batch {global_batch}"
@@ -362,16 +369,16 @@ def search(
             best = _Incumbent(it.iteration_time_s, specs, st.candidate, it, "greedy")
 
     # Bounds, most promising candidate first: one that cannot beat the incumbent gets a cheaper bound (see
-    # bounds.lower_bound); one the wall-clock limit leaves out keeps bound 0 (nothing proven about it).
+    # bounds.lower_bound); one the wall-clock limit leaves out keeps its pooled bound.
     for i in sorted(range(len(cands)), key=lambda i: (greedy_s[i], i)):
         if budget.expired("the bounds of the candidates"):
-            unexplored_bounds += 1
+            unexplored_bounds += 1  # (it keeps its pooled bound)
             continue
         st = cands[i]
         prob = st.problem
         prune_at = None if best is None else math.floor(best.time_s / prob.time_unit_s) + 1
         lb = lower_bound(prob, st.warm.objective if st.warm else None, prune_at=prune_at)
-        cands[i] = replace(st, bound=lb)
+        cands[i] = replace(st, bound=max(lb, st.bound))
 
     # Tighten the weakest bounds (they decide the reported gap) with the fill relaxation where its walk is
     # small enough (bounds.FILL_WORK); a fixed number of rounds, not a clock, so the plan and its report do
@@ -427,7 +434,7 @@ def search(
     to_solve = tiny + chosen
     # The integer programs' deterministic work depends on the time limit alone (the same on any load); the
     # wall clock only caps it (see [Note: determinism]).
-    bounds: list[float] = [0.0] if unexplored or unexplored_bounds else []
+    bounds: list[float] = [0.0] if unexplored else []
     outcomes: Counter[Outcome] = Counter()
     notes: list[str] = []
     # The bound over all candidates before any solve (candidates without one count as 0): once the incumbent is within GAP_TOLERANCE of it, the

@@ -21,7 +21,7 @@ import pytest
 
 from distplan.errors import InfeasiblePlanError
 from distplan.planner import plan
-from distplan.planner.bounds import fill_bound, lower_bound, min_bottleneck
+from distplan.planner.bounds import fill_bound, lower_bound, min_bottleneck, pooled_bound
 from distplan.planner.candidates import (
     Candidate,
     PlanSpace,
@@ -128,6 +128,7 @@ def test_integer_program_matches_exhaustive_search(seed: int, shared: int) -> No
         # The bounds the search reports must be bounds: LP / Lagrangian relaxation <= the true optimum,
         # with or without an incumbent to prune against.
         assert lower_bound(prob) <= expected, m
+        assert pooled_bound(prob) <= expected, m
         assert lower_bound(prob, expected) <= expected, m
         assert lower_bound(prob, 3 * expected, prune_at=expected + 1) <= expected, m
         assert sol.status == "OPTIMAL", (m, sol.status)
@@ -388,6 +389,7 @@ def test_bounds_hold_on_raw_integer_data(seed: int) -> None:
     assert t_star is not None
     assert t_star <= _brute_bottleneck(prob), (t_star, _brute_bottleneck(prob))
     assert lower_bound(prob) <= expected
+    assert pooled_bound(prob) <= expected
     assert lower_bound(prob, expected) <= expected
     assert lower_bound(prob, 2 * expected, prune_at=expected + 1) <= expected
     for upper in (expected, expected + 1, 3 * expected):

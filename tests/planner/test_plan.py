@@ -329,7 +329,7 @@ def test_a_time_limit_reached_early_stops_the_search_and_says_so(gpt2_xl) -> Non
         return real(*a, **kw)
 
     # 14 reads of the clock make the 2 s limit: the start, one per baseline (5), then one per candidate's
-    # warm start, so it runs out about half-way through the 12 candidates.
+    # integer data, so it runs out about half-way through the 12 candidates.
     clock = _ScriptedClock(0.15)
     search.solve_stage_problem = counting  # type: ignore[assignment]
     try:
@@ -341,7 +341,7 @@ def test_a_time_limit_reached_early_stops_the_search_and_says_so(gpt2_xl) -> Non
     assert solves == [], "no integer program starts once the limit is reached"
     assert p.solver.status == "FEASIBLE"
     (note,) = [n for n in p.solver.notes if "wall-clock limit" in n]
-    assert note.startswith("wall-clock limit of 2 s reached during the warm starts of the candidates")
+    assert note.startswith("wall-clock limit of 2 s reached during the integer data of the candidates")
     assert "may differ from a run on a less loaded machine" in note
     import re
 
@@ -350,6 +350,31 @@ def test_a_time_limit_reached_early_stops_the_search_and_says_so(gpt2_xl) -> Non
     assert 3 < int(unexplored.group(1)) < 12
     # Candidates the search did not reach have no bound: the gap says nothing is proven about them.
     assert p.solver.bound_s == 0.0 and p.solver.gap == 1.0
+
+
+def test_a_time_limit_reached_during_the_bounds_keeps_a_bound(small_transformer) -> None:
+    from distplan.planner import search
+
+    clock = _ScriptedClock(0.0)
+    real = search.lower_bound
+
+    def first_then_late(*a, **kw):  # type: ignore[no-untyped-def]
+        out = real(*a, **kw)
+        clock.t = 1e6  # the limit runs out after the first candidate's relaxations
+        return out
+
+    search.lower_bound = first_then_late  # type: ignore[assignment]
+    try:
+        p = plan(small_transformer, cluster="mixed-4host", global_batch=16, clock=clock)
+    finally:
+        search.lower_bound = real  # type: ignore[assignment]
+    unhurried = plan(small_transformer, cluster="mixed-4host", global_batch=16)
+    (note,) = [n for n in p.solver.notes if "wall-clock limit" in n]
+    assert "reached during the bounds of the candidates" in note
+    assert p.solver.status == "FEASIBLE"
+    # Every candidate has a bound (at worst its pooled one), so the gap is not 100%; it is still a bound.
+    assert 0.0 < p.solver.bound_s <= unhurried.solver.objective_s
+    assert p.solver.bound_s <= unhurried.solver.bound_s and p.solver.gap < 1.0
 
 
 def test_a_stopped_clock_never_cuts_the_deterministic_work_short(small_transformer) -> None:
