@@ -549,7 +549,13 @@ class ScheduleManager:
 
     def _placement(self, live: _Live, pl: Any) -> dict[str, Any]:
         out = pl.to_dict()
-        out["plan"] = live.sched.plan(pl.job_id).to_dict()
+        plan = live.sched.plan(pl.job_id)
+        # One id for the plan a client sees: the plan on the job's devices (what its manifest runs); the
+        # plan priced on the shape (the same stages on canonical devices) keeps its own id beside it.
+        out["shape_plan_id"] = pl.plan_id
+        out["plan_id"] = plan.id
+        out["layout"] = plan.layout
+        out["plan"] = plan.to_dict()
         return out
 
     def allocation(self, sid: str) -> dict[str, Any]:

@@ -138,7 +138,12 @@ class PlacementPublic(BaseModel):
     job_id: str
     devices: list[int] = Field(description="Global device indices of the cluster.")
     shape: str = Field(description="The priced device-set shape.")
-    plan_id: str
+    plan_id: str = Field(
+        description="Id of the plan on these devices (the `plan`'s own `id`, its manifest's)."
+    )
+    shape_plan_id: str = Field(
+        description="Id of the plan priced on the shape (the same stages on canonical devices; the price cache's)."
+    )
     layout: str = Field(description="The plan's layout, with the cluster's device indices.")
     throughput_samples_s: float
     iteration_time_s: float

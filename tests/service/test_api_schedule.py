@@ -98,7 +98,11 @@ def test_jobs_are_priced_admitted_preempted_and_reported(server: ServerProcess) 
         (run,) = alloc["running"]
         assert run["job_id"] == "high" and sorted(run["devices"]) == [0, 1]
         assert {s["devices"][0] for s in run["plan"]["stages"]} <= {0, 1}
-        assert run["layout"] == c.get(f"{base}/jobs/high/plan").json()["layout"]
+        job_plan = c.get(f"{base}/jobs/high/plan").json()
+        # One id for one plan: the allocation's, the job's and the plan's own (its manifest runs it).
+        assert run["layout"] == job_plan["layout"] and run["plan_id"] == run["plan"]["id"] == job_plan["id"]
+        assert c.get(f"{base}/jobs/high").json()["placement"]["plan_id"] == run["plan_id"]
+        assert isinstance(run["shape_plan_id"], str) and run["shape_plan_id"]
         (waiting,) = alloc["waiting"]
         assert waiting["job_id"] == "low" and "held by jobs at its level" in waiting["reason"]
         assert c.get(f"{base}/jobs/low").json()["wait_reason"] == waiting["reason"]
