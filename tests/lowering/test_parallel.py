@@ -1,7 +1,7 @@
 """Plans of the new space lowered for real (one gloo process per rank) and compared with one device: each
 stage its own data- and tensor-parallel degree, recomputation and sharding (issues 10 and 11).
 
-Plans are built by hand (the planner does not emit this space yet). Tolerances are today's: loss within
+Plans are written by hand (to pin each combination; the planner emits the same space). Tolerances are today's: loss within
 1e-5 relative, gradients and updated parameters within 1e-4. Each test also checks, from the ranks' own
 report, that what the plan asks for was applied (tensor-parallel regions split, regions recomputed, FSDP2
 sharding), so a lowering that silently ignored an option would fail. Kept lean: 2 to 5 ranks, tiny models,
