@@ -66,4 +66,4 @@ def test_demo_json_report_and_a_failing_validation_exits_1(tmp_path: Path) -> No
     )
     assert set(d["seconds"]) == {"trace", "plan", "simulate", "validate"}
     page = (tmp_path / "out/report.html").read_text()
-    assert 'data-stage="1"' in page and "gpt-tiny" in page
+    assert f'data-stage="{plan.num_stages - 1}"' in page and "gpt-tiny" in page
