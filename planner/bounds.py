@@ -94,7 +94,16 @@ class Relaxation:
         self.group_keys = sorted(set(opt_group))
         gi = np.array([self.group_keys.index(g) for g in opt_group], dtype=np.int64)
         self.order = np.argsort(gi, kind="stable")
-        self.order_groups = [[int(x) for x in self.order if gi[x] == g] for g in range(len(self.group_keys))]
+        # The fill walk needs one option per (group, time class, memory class): options of one kind on
+        # several hosts price alike once the kind's devices are pooled.
+        seen: set[tuple[int, int, int]] = set()
+        distinct = []
+        for x in self.order:
+            dkey = (int(gi[x]), int(self.opt_time[x]), int(self.opt_mem[x]))
+            if dkey not in seen:
+                seen.add(dkey)
+                distinct.append(int(x))
+        self.order_groups = [[x for x in distinct if gi[x] == g] for g in range(len(self.group_keys))]
         self.group_heads = np.flatnonzero(np.concatenate(([True], gi[self.order][1:] != gi[self.order][:-1])))
         self.zero = np.zeros(nb + 1, dtype=np.int64)
         rt = _round_trips(p).astype(np.int64)
@@ -261,7 +270,7 @@ class Relaxation:
 
     def fill_work(self) -> float:
         """The fill relaxation's work (states x options x stage slots x blocks), for sizing it."""
-        return float(self.states()) * len(self.p.options) * self.p.max_stages * self.nb
+        return float(self.states()) * sum(map(len, self.order_groups)) * self.p.max_stages * self.nb
 
 
 def _min_table(w: np.ndarray) -> list[np.ndarray]:

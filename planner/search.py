@@ -110,11 +110,16 @@ SOLVE_S_PER_VALUE_DET = 3e-3
 FINISH_RESERVE = 0.05
 #: Integer programs are skipped once the incumbent is provably within this fraction of the optimum.
 GAP_TOLERANCE = 0.005
-#: Candidates whose bound the fill relaxation tightens (weakest first), its grid of bottlenecks, and the
-#: work all its rounds may do together (``bounds.Relaxation.fill_work`` units, ~5 ns each here).
+#: Candidates whose bound the fill relaxation tightens (weakest first), its finest grid of bottlenecks, and
+#: the work all its rounds may do together: ``FILL_SHARE`` of ``time_limit_s`` at ``FILL_S_PER_WORK`` seconds
+#: per ``bounds.Relaxation.fill_work`` unit (measured 3 ns here; a loaded machine's margin included), at least
+#: ``FILL_BUDGET``. A candidate whose finest grid does not fit what is left gets a coarser one (down to one
+#: cell), so large models get a fill bound too (a deterministic amount of work: the limit alone decides).
 FILL_ROUNDS = 12
 FILL_CELLS = 6
 FILL_BUDGET = 5e7
+FILL_SHARE = 0.15
+FILL_S_PER_WORK = 5e-9
 
 
 class Budget:
@@ -384,7 +389,7 @@ def search(
     # small enough (bounds.FILL_WORK); a fixed number of rounds, not a clock, so the plan and its report do
     # not depend on the machine's load.
     tightened: set[int] = set()
-    fill_left = FILL_BUDGET
+    fill_left = max(FILL_BUDGET, FILL_SHARE * time_limit_s / FILL_S_PER_WORK)
     for _ in range(FILL_ROUNDS):
         if best is None or budget.expired("the fill relaxation"):
             break
@@ -400,13 +405,14 @@ def search(
         tightened.add(i)
         st = cands[i]
         prob = st.problem
-        work = Relaxation(prob).fill_work() * FILL_CELLS
-        if work > fill_left:
+        per_cell = Relaxation(prob).fill_work()
+        cells = min(FILL_CELLS, int(fill_left // max(per_cell, 1.0)))
+        if cells < 1:
             continue
-        fill_left -= work
+        fill_left -= per_cell * cells
         upper = math.floor(incumbent / prob.time_unit_s)
         t_star = min_bottleneck(prob, upper // max(1, prob.microbatches) + 1)
-        new_lb = INFEASIBLE_BOUND if t_star is None else fill_bound(prob, t_star, upper, cells=FILL_CELLS)
+        new_lb = INFEASIBLE_BOUND if t_star is None else fill_bound(prob, t_star, upper, cells=cells)
         cands[i] = replace(st, bound=max(st.bound, new_lb))
 
     # Most promising first (by the greedy's value); candidates whose bound cannot beat the incumbent are
