@@ -99,9 +99,13 @@ def data_parallel_degrees(global_batch: int, most: int, microbatches: int | None
     return [d for d in range(1, most + 1) if per % d == 0 and global_batch % d == 0]
 
 
-def candidate_microbatches(total: int, *, max_stages: int, fixed: int | None = None) -> list[int]:
+def candidate_microbatches(
+    total: int, *, max_stages: int, fixed: int | None = None, typical_stages: int | None = None
+) -> list[int]:
     """Microbatch counts to try for ``total`` samples per iteration: divisors of it, at most
-    :data:`MAX_MICROBATCH_CANDIDATES`, favouring counts near and above the possible stage count."""
+    :data:`MAX_MICROBATCH_CANDIDATES`, favouring counts near and above the possible stage count: 1x-2x
+    ``typical_stages`` (e.g. the cluster's pools, one stage each) when given, then 1x-4x ``max_stages``,
+    then an even geometric spread."""
     if fixed is not None:
         return [fixed] if total % fixed == 0 else []
     divs = [m for m in range(1, total + 1) if total % m == 0]
@@ -109,13 +113,19 @@ def candidate_microbatches(total: int, *, max_stages: int, fixed: int | None = N
         return divs
     # Keep 1, the largest, and a geometric spread that includes counts around 1x-4x the stage count.
     keep = {divs[0], divs[-1]}
-    for target in (max_stages, 2 * max_stages, 4 * max_stages):
+    targets = [typical_stages, 2 * typical_stages] if typical_stages else []
+    for target in [*targets, max_stages, 2 * max_stages, 4 * max_stages]:
+        if len(keep) >= MAX_MICROBATCH_CANDIDATES:
+            break
         keep.add(min(divs, key=lambda m, t=target: (abs(math.log(m / t)), m)))  # type: ignore[misc]
-    i = 0
-    while len(keep) < MAX_MICROBATCH_CANDIDATES and i < len(divs):
-        step = max(1, len(divs) // MAX_MICROBATCH_CANDIDATES)
-        keep.add(divs[i])
-        i += step
+    # Then, one at a time, the divisor farthest (in log) from every count kept, the larger on ties (a smaller
+    # bubble): an even geometric spread. (Taking the smallest divisors first left 512 samples with 1, 2, 4,
+    # 128, 256, 512 and nothing between, where a 70B model on 256 GPUs wants 16-64.)
+    while len(keep) < MAX_MICROBATCH_CANDIDATES:
+        rest = [m for m in divs if m not in keep]
+        if not rest:
+            break
+        keep.add(max(rest, key=lambda m: (min(abs(math.log(m / k)) for k in keep), m)))
     return sorted(keep)[:MAX_MICROBATCH_CANDIDATES] if len(keep) > MAX_MICROBATCH_CANDIDATES else sorted(keep)
 
 

@@ -316,7 +316,10 @@ def search(
     unexplored = 0  # candidates the wall-clock limit left out (their bound is unknown: 0)
     unexplored_bounds = 0  # candidates whose bound the wall-clock limit left out
     counts = candidate_microbatches(
-        global_batch, max_stages=min(blocks.num_blocks, cluster.num_devices), fixed=microbatches
+        global_batch,
+        max_stages=min(blocks.num_blocks, cluster.num_devices),
+        fixed=microbatches,
+        typical_stages=min(blocks.num_blocks, len(pools.pools)),
     )
     built: dict[int, CandidateProblem] = {}  # by microbatch: both schedules share the arrays
     for m, sched in itertools.product(counts, scheds):

@@ -269,3 +269,17 @@ def test_memory_is_a_decision_recomputation_and_sharding_make_a_model_fit_or_run
         plain.layout,
     )
     assert any(s.shard != "none" or s.recompute != "none" for s in saving.stages)
+
+
+def test_microbatch_counts_spread_over_the_divisors_and_favour_the_stage_counts() -> None:
+    from distplan.planner.candidates import MAX_MICROBATCH_CANDIDATES, candidate_microbatches
+
+    # 512 samples on 32 pools (a 256-GPU cluster): counts near 1-2x the pools are tried, not only the
+    # smallest divisors and the largest.
+    counts = candidate_microbatches(512, max_stages=160, typical_stages=32)
+    assert {32, 64} <= set(counts) and len(counts) == MAX_MICROBATCH_CANDIDATES
+    assert all(512 % m == 0 for m in counts) and 1 in counts and 512 in counts
+    # Without a typical stage count, the rest spreads evenly in log: no three smallest divisors in a row.
+    spread = candidate_microbatches(64, max_stages=16)
+    assert spread == sorted(set(spread)) and {1, 16, 32, 64} <= set(spread) and spread[:3] != [1, 2, 4]
+    assert candidate_microbatches(12, max_stages=4, fixed=5) == []
