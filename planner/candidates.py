@@ -103,18 +103,18 @@ def candidate_microbatches(
     total: int, *, max_stages: int, fixed: int | None = None, typical_stages: int | None = None
 ) -> list[int]:
     """Microbatch counts to try for ``total`` samples per iteration: divisors of it, at most
-    :data:`MAX_MICROBATCH_CANDIDATES`, favouring counts near and above the possible stage count: 1x-2x
-    ``typical_stages`` (e.g. the cluster's pools, one stage each) when given, then 1x-4x ``max_stages``,
+    :data:`MAX_MICROBATCH_CANDIDATES`, favouring counts near and above the possible stage count: 1x-4x
+    ``max_stages``, then 1x-2x ``typical_stages`` (e.g. the cluster's pools, one stage each) when given,
     then an even geometric spread."""
     if fixed is not None:
         return [fixed] if total % fixed == 0 else []
     divs = [m for m in range(1, total + 1) if total % m == 0]
     if len(divs) <= MAX_MICROBATCH_CANDIDATES:
         return divs
-    # Keep 1, the largest, and a geometric spread that includes counts around 1x-4x the stage count.
+    # Keep 1, the largest, counts around 1x-4x the stage limit and 1x-2x the typical stage count.
     keep = {divs[0], divs[-1]}
-    targets = [typical_stages, 2 * typical_stages] if typical_stages else []
-    for target in [*targets, max_stages, 2 * max_stages, 4 * max_stages]:
+    typical = [typical_stages, 2 * typical_stages] if typical_stages else []
+    for target in [max_stages, 2 * max_stages, 4 * max_stages, *typical]:
         if len(keep) >= MAX_MICROBATCH_CANDIDATES:
             break
         keep.add(min(divs, key=lambda m, t=target: (abs(math.log(m / t)), m)))  # type: ignore[misc]
