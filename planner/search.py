@@ -393,6 +393,17 @@ def search(
     # not depend on the machine's load.
     tightened: set[int] = set()
     fill_left = max(FILL_BUDGET, FILL_SHARE * time_limit_s / FILL_S_PER_WORK)
+    # The reported bound is the least over the candidates, so the budget is shared: each of the open
+    # candidates (FILL_ROUNDS at most, weakest first) gets as many cells as all of them can have alike.
+    per_cell: dict[int, float] = {}
+    even = FILL_CELLS
+    if best is not None:
+        open_all = sorted(
+            (i for i, c in enumerate(cands) if 0 < c.bound < INFEASIBLE_BOUND and c.bound_s < best.time_s),
+            key=lambda i: (cands[i].bound_s, i),
+        )[:FILL_ROUNDS]
+        per_cell = {i: Relaxation(cands[i].problem).fill_work() for i in open_all}
+        even = max(1, min(FILL_CELLS, int(fill_left // max(1.0, sum(per_cell.values())))))
     for _ in range(FILL_ROUNDS):
         if best is None or budget.expired("the fill relaxation"):
             break
@@ -408,11 +419,11 @@ def search(
         tightened.add(i)
         st = cands[i]
         prob = st.problem
-        per_cell = Relaxation(prob).fill_work()
-        cells = min(FILL_CELLS, int(fill_left // max(per_cell, 1.0)))
+        work = per_cell[i] if i in per_cell else Relaxation(prob).fill_work()
+        cells = min(even, int(fill_left // max(work, 1.0)))
         if cells < 1:
             continue
-        fill_left -= per_cell * cells
+        fill_left -= work * cells
         upper = math.floor(incumbent / prob.time_unit_s)
         t_star = min_bottleneck(prob, upper // max(1, prob.microbatches) + 1)
         new_lb = INFEASIBLE_BOUND if t_star is None else fill_bound(prob, t_star, upper, cells=cells)
