@@ -315,3 +315,27 @@ def test_matmul_precision_is_named_in_the_plan_and_priced() -> None:
         )
     with pytest.raises(PlanError, match="matmul_precision must be one of"):
         PlanRequest(fp32.request.cluster, global_batch=2, matmul_precision="int8")
+
+
+def test_a_cut_crossed_by_several_tensors_is_one_measured_transfer() -> None:
+    # Two tensors cross the cut after "b" (its output and "a"'s, read again by "c"): they are sent together,
+    # so a calibrated link charges one transfer of all their bytes, not one latency per tensor.
+    nodes = [
+        _node("x", "input", (), (2, 8, 16)),
+        _node("a", "aten.gelu.default", ("x",), (2, 8, 16), bytes_moved=2048),
+        _node("b", "aten.gelu.default", ("a",), (2, 8, 16), bytes_moved=2048),
+        _node("c", "aten.add.Tensor", ("a", "b"), (2, 8, 16), bytes_moved=3072),
+    ]
+    g = make_graph("two-cross", nodes, outputs=("c",), meta={"batch": 2})
+    link = _link()
+    c = load_cluster({"name": "lab", **_yaml_dict()}).calibrated(
+        Calibration(kind="cpu-epyc-2core", link=link)
+    )
+    cost = CostModel(g, c)
+    cut = 3  # after "b": both "a" and "b" go to the next stage
+    nbytes = cost.cut_bytes(cut, 2)
+    assert nbytes == pytest.approx(2 * (2 * 8 * 16 * 4))
+    lk = c.hosts[0].link
+    assert lk.calibration is not None
+    assert cost.send_time(cut, 2, link=lk) == pytest.approx(link.send_time(nbytes))
+    assert cost.send_time(cut, 2, link=lk, streams=2) == pytest.approx(link.send_time(2 * nbytes))
