@@ -374,7 +374,9 @@ def validate(
                 f"machine ({run_plan.world_size - max_ranks} too many). Raise max_ranks (--max-ranks) if the "
                 "machine can hold them"
             )
-        dps = "/".join(str(s.dp) for s in plan.stages) if len({s.dp for s in plan.stages}) > 1 else str(plan.dp)
+        dps = (
+            "/".join(str(s.dp) for s in plan.stages) if len({s.dp for s in plan.stages}) > 1 else str(plan.dp)
+        )
         notes.append(
             f"dp reduced from {dps} to 1: the plan's {plan.world_size} ranks exceed {max_ranks}; the "
             f"{plan.num_stages} stages, their cuts, the schedule and the {plan.num_microbatches} microbatches are unchanged"
