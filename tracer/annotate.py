@@ -843,6 +843,12 @@ def _op_failure(
         f"the model fails on its example inputs at op {target} (node {node.name!r}){where}, "
         f"which got ({shown}): {type(e).__name__}: {first[:300]} -- check the example inputs' shapes"
     )
+    if "more than 1 value per channel" in str(e):
+        # PyTorch's batch-statistics check: one sample per channel has no variance to normalise by.
+        msg += (
+            "; a batch-statistics layer (BatchNorm in training mode) needs more than one sample per channel: "
+            "trace with a batch of at least 2 (--batch 2)"
+        )
     if cap.export_error:
         msg += f"; before that, {cap.export_error}"
     return msg

@@ -254,3 +254,13 @@ def test_meta_module_with_cpu_example_inputs() -> None:
     assert g.meta["method"] == "export"
     assert g.fwd_flops == 2 * 3 * (8 * 16 + 16 * 4)
     assert all(p.device.type == "meta" for p in model.parameters())  # the model is left as it was
+
+
+def test_batchnorm_traced_at_one_sample_says_to_trace_a_larger_batch() -> None:
+    from distplan.errors import DistplanError
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)).train()
+    with pytest.raises(DistplanError, match=r"batch-statistics layer.*batch of at least 2 \(--batch 2\)"):
+        trace(model, torch.randn(1, 16), device="cpu")
+    # Two samples per channel are enough.
+    assert len(trace(model, torch.randn(2, 16), device="cpu").nodes) > 4
