@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .store import connect
+from .store import Database
 
 __all__ = ["ScheduleStore", "SchedulerRow", "SubmittedJob"]
 
@@ -106,13 +104,11 @@ class SubmittedJob:
     updated_at: float
 
 
-class ScheduleStore:
+class ScheduleStore(Database):
     """The scheduler tables of the service's database file (see the module docstring)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.RLock()
-        self._db = connect(path)
+        super().__init__(path)
         with self._lock:
             self._db.executescript(_SCHEMA)
             row = self._db.execute("SELECT value FROM meta WHERE key='schedule_schema_version'").fetchone()
@@ -125,21 +121,6 @@ class ScheduleStore:
                     f"database {self.path} has scheduler tables of version {row['value']}; this distplan "
                     f"reads {_SCHEMA_VERSION}"
                 )
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
 
     # ------------------------------------------------------------------ schedulers
     def create(self, sid: str, name: str, spec: Mapping[str, Any], state: Mapping[str, Any]) -> SchedulerRow:

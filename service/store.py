@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from distplan.service.errors import ErrorKind, legacy_kind
 
-__all__ = ["JOB_STATES", "Failure", "JobRecord", "Store", "SubjectRecord", "connect"]
+__all__ = ["JOB_STATES", "Database", "Failure", "JobRecord", "Store", "SubjectRecord"]
 
 JOB_STATES = ("queued", "running", "done", "failed")
 SubjectKind = Literal["plan", "validation", "price"]
@@ -140,27 +140,44 @@ class Failure:
         return self.kind.retryable
 
 
-def connect(path: str | Path) -> sqlite3.Connection:
-    """Open the service's SQLite file (its folder made if needed; ``":memory:"`` for none) the way every table
-    of the service is kept: one connection for all threads (callers hold a lock around each use),
-    autocommit (transactions are explicit), rows by column name, write-ahead log, 30 s busy timeout."""
-    if str(path) != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
-    db.row_factory = sqlite3.Row
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    return db
-
-
-class Store:
-    """The service's database. ``Store(path)`` creates the file, its folder and the tables if needed."""
+class Database:
+    """The service's SQLite file (its folder made if needed; ``":memory:"`` for none), kept the way every table
+    of the service is: one connection shared by the server's threads behind one lock (see the module
+    docstring), autocommit with explicit transactions (:meth:`_tx`), rows by column name, write-ahead log,
+    30 s busy timeout. The plan store and the scheduler store are both one."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        # One connection shared by the server's threads; the lock makes that safe (see module docstring).
-        self._db = connect(path)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``), rolled back on any error."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+
+class Store(Database):
+    """The service's database. ``Store(path)`` creates the file, its folder and the tables if needed."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
         with self._lock:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
@@ -196,21 +213,6 @@ class Store:
                 with contextlib.suppress(sqlite3.OperationalError):
                     db.execute(f"ALTER TABLE {table} DROP COLUMN error_status")
             db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (_SCHEMA_VERSION,))
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
 
     # ------------------------------------------------------------------ startup
     def recover(self) -> int:
