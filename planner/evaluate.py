@@ -16,6 +16,7 @@ from distplan.errors import InfeasiblePlanError, PlanError
 from distplan.graph import OpGraph, SharedParam
 from distplan.plan import (
     GraphRef,
+    LayoutStage,
     Plan,
     PlanRequest,
     Predictions,
@@ -42,22 +43,11 @@ __all__ = [
 
 
 @dataclass(frozen=True, slots=True)
-class StageSpec:
-    """A stage of a fixed layout: node positions ``[start, end)`` on ``devices`` (``dp * tp`` of them,
-    replica-major: ``devices[r * tp + t]`` is tensor-parallel rank ``t`` of replica ``r``), with its
-    recomputation and sharding (see [Note: stages and replicas] in ``distplan.plan``)."""
-
-    start: int
-    end: int
-    devices: tuple[int, ...]
-    tp: int = 1
-    recompute: str = "none"
-    shard: str = "none"
-
-    @property
-    def dp(self) -> int:
-        """Data-parallel replicas: the devices over ``tp``."""
-        return len(self.devices) // self.tp
+class StageSpec(LayoutStage):
+    """A stage of a fixed layout (the fields of :class:`distplan.plan.LayoutStage`): node positions
+    ``[start, end)`` on ``devices`` (``dp * tp`` of them, replica-major: ``devices[r * tp + t]`` is
+    tensor-parallel rank ``t`` of replica ``r``), with its recomputation and sharding (see [Note: stages and
+    replicas] in ``distplan.plan``); what the planner asks of it besides."""
 
     @property
     def config(self) -> StageConfig:
