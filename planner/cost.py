@@ -343,13 +343,6 @@ class CostModel:
         cut[0] = 0.0
         cut[-1] = 0.0
         self.cut_per_sample = cut
-        # How many tensors cross each cut: the runtime sends each one on its own (one latency each).
-        diff = np.zeros(self.n + 2, dtype=np.int64)
-        for i, last in enumerate(graph.last_uses()):
-            if last > i and nodes[i].output_bytes > 0:
-                diff[i + 1] += 1
-                diff[last + 1] -= 1
-        self.cut_tensors = np.cumsum(diff)[: self.n + 1]
         self.state_per_param = state_bytes_per_param(dtype, optimizer)
         self.opt_traffic_per_param = optimizer_bytes_per_param(dtype, optimizer)
         self.grad_bytes_per_param = _COMPUTE_BYTES[dtype]
