@@ -25,15 +25,30 @@ replicas (the data-parallel *sum*, see ``distplan.lowering.sharding``) are the g
 over the whole batch, as on one device. Sends keep their tensors alive until completed; every send is
 waited for before :meth:`PipelineExecutor.run` returns.
 
+[Note: sends on CPU threads]
+gloo moves a posted send on a background thread of the sending process. On a CPU whose cores all compute
+(one rank per core), that thread waits for the scheduler to preempt the rank's own compute: measured on a
+2-core VM, a 32 KiB activation sent before 5 ms of compute arrived a median 1.9 ms later (up to 5.6 ms),
+against 0.12 ms when the sender slept instead, so every pipeline boundary stalled the next stage by a
+scheduler time slice. After posting its sends a gloo rank yields its core once (``os.sched_yield``), which
+lets that thread write the message first (median arrival 0.10 ms in the same test). A message also waits
+for its receive to be posted, so under gloo each peer's next receive is posted as soon as the one before
+it is taken (one message ahead, in the peer's send order; its buffers are one chunk's inputs or output
+gradients): traced on a 2-stage GPipe BERT, stage 1 then got every activation 0.1-0.15 ms after it was
+sent instead of 2-8 ms, and the iteration's median fell from 39 to 32 ms. NCCL runs each pair's transfers
+in order on one stream, where a receive posted early would hold up the sends behind it (and can deadlock
+two ranks each sending to the other), so NCCL posts receives when needed and needs no yield.
+
 Limits: each stage output is kept whole until its backward (Megatron frees the data of sent outputs; we do
 not, to stay on public autograd APIs); a stage with ``dp_s`` smaller than ``lcm(dp)`` runs several chunk
-calls per microbatch (see [Note: chunks]); receives are posted when needed (no prefetch of the next
-action's inputs), so on GPUs transfers overlap compute only through the asynchronous sends.
+calls per microbatch (see [Note: chunks]); on GPUs receives are posted when needed (no prefetch of the
+next action's inputs), so transfers overlap compute only through the asynchronous sends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,13 +109,16 @@ def _wait_p2p(work: Any) -> None:
 
 @dataclass
 class _Mailbox:
-    """Receives of one rank, posted per peer in the peer's send order (see [Note: why our own executor])."""
+    """Receives of one rank, posted per peer in the peer's send order (see [Note: why our own executor]).
+    With ``ahead``, each peer's next receive is posted as soon as the one before it is taken (the first at
+    :meth:`reset`), see [Note: sends on CPU threads]."""
 
     layout: ParallelLayout
     rank: int
     tr: Sequence[int]
     device: torch.device
     buffers_for: Callable[[Message], list[torch.Tensor]]
+    ahead: bool = False
     queues: dict[int, list[Message]] = field(default_factory=dict)
     next: dict[int, int] = field(default_factory=dict)
     posted: dict[Message, tuple[list[torch.Tensor], list[Any]]] = field(default_factory=dict)
@@ -109,6 +127,11 @@ class _Mailbox:
         self.queues = self.layout.incoming(self.rank)
         self.next = {p: 0 for p in self.queues}
         self.posted.clear()
+        if self.ahead:
+            for peer, q in self.queues.items():
+                if q:
+                    self._post(q[0])
+                    self.next[peer] = 1
 
     def _post(self, m: Message) -> None:
         bufs = self.buffers_for(m)
@@ -124,6 +147,10 @@ class _Mailbox:
             self._post(q[i])
             self.next[m.src] = i + 1
         bufs, works = self.posted.pop(m)
+        i = self.next.get(m.src, 0)
+        if self.ahead and i < len(q):
+            self._post(q[i])
+            self.next[m.src] = i + 1
         for w in works:
             _wait_p2p(w)
         return bufs
@@ -161,7 +188,9 @@ class PipelineExecutor:
         self.region = region or (lambda _n: contextlib.nullcontext())
         self.actions: list[Action] = layout.actions(rank)
         self.placement = {s: layout.placement(rank, s) for s in programs}
-        self._mailbox = _Mailbox(layout, rank, tr, device, self._buffers_for)
+        # See [Note: sends on CPU threads].
+        self._cpu_transport = dist.is_initialized() and dist.get_backend() == "gloo"
+        self._mailbox = _Mailbox(layout, rank, tr, device, self._buffers_for, ahead=self._cpu_transport)
         self._sends: list[tuple[Any, torch.Tensor]] = []
         self._seq = {
             (m.kind, m.boundary, m.microbatch, m.chunk, m.src, m.dst): m
@@ -185,6 +214,8 @@ class PipelineExecutor:
         for t in tensors:
             t = t.detach().contiguous()
             self._sends.append((dist.isend(t, dst=self.tr[dst]), t))
+        if self._cpu_transport:
+            os.sched_yield()
 
     def _recv(self, m: Message) -> list[torch.Tensor]:
         with self.region("p2p"):
