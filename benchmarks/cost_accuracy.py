@@ -7,9 +7,11 @@ Calibrates this machine first (``distplan profile``; ``--calibration FILE`` reus
 of four families, one and two stages, GPipe and 1F1B, 1 to 8 microbatches, data-parallel degree 1 and 2;
 never more ranks than cores, one thread each, so that the ranks do not share a core) lowers and runs it for
 real (``distplan.lowering.timing.measure``: every rank, ``--steps`` iterations after ``--warmup``), and
-prints predicted against measured per-stage forward/backward and iteration time with the error. With
-``--noise N`` it also runs one plan N times (default 5) and reports the spread of its measured iteration
-time: the noise floor below which no prediction can be judged.
+prints predicted against measured per-stage forward/backward and iteration time with the error. Each plan
+is launched ``--launches`` times (default 3), round the cases, and its measured iteration time is the
+median over launches of each launch's median: on a shared 2-core VM one launch alone moved by up to 26%.
+With ``--noise N`` it also measures one plan N times that way and reports the spread: the noise floor
+below which no prediction can be judged.
 
 Writes ``{"rows": [{"plan", "predicted_s", "measured_s", "iteration_error", ...}], "calibrated": bool, ...}``
 (``iteration_error`` is signed, ``(predicted - measured) / measured``) to ``--json`` (default
@@ -176,9 +178,20 @@ def run_case(case: Case, plan: Any, args: argparse.Namespace) -> Any:
     )
 
 
-def row(case: Case, plan: Any, run: Any) -> dict[str, Any]:
+def merged(runs: list[Any]) -> Any:
+    """The launches of one plan as one run: every launch's measured iterations together."""
+    from distplan.lowering.timing import MeasuredRun
+
+    return MeasuredRun(layout=runs[0].layout, steps=tuple(s for r in runs for s in r.steps))
+
+
+def row(case: Case, plan: Any, runs: list[Any]) -> dict[str, Any]:
+    """One table row: predictions against the median over launches of each launch's median iteration
+    (a launch-wide disturbance moves one launch, not the row), stage and rank figures over all launches."""
     predicted = plan.predictions.iteration_time_s
-    measured = run.iteration_s
+    launches = [r.iteration_s for r in runs]
+    measured = statistics.median(launches)
+    run = merged(runs)
     stages = []
     for s, (f, b) in run.stage_times().items():
         st = plan.stages[s]
@@ -214,6 +227,7 @@ def row(case: Case, plan: Any, run: Any) -> dict[str, Any]:
         "layout": plan.layout,
         "predicted_s": predicted,
         "measured_s": measured,
+        "launches_s": launches,
         "iteration_error": (predicted - measured) / measured,
         "ranks": case.ranks,
         "stages": stages,
@@ -255,7 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-mode", default="default", choices=("quick", "default", "thorough"))
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--kind", default=None, help="device kind (default: cpu-epyc-2core on CPU)")
-    ap.add_argument("--steps", type=int, default=5, help="measured iterations per plan (median kept)")
+    ap.add_argument("--steps", type=int, default=10, help="measured iterations per launch (median kept)")
+    ap.add_argument(
+        "--launches",
+        type=int,
+        default=3,
+        help="launches of each plan, round the cases; the median over launches is the measured time",
+    )
     ap.add_argument("--warmup", type=int, default=2, help="iterations run before measuring")
     ap.add_argument("--noise", type=int, default=0, help="run the first plan this many times (noise floor)")
     ap.add_argument("--only", default=None, help="run only the cases whose name contains this text")
@@ -304,19 +324,24 @@ def main(argv: list[str] | None = None) -> int:
             cal = type(cal)(kind=kind, device=cal.device, link=cal.link, meta=cal.meta)
         calibration = cal.to_dict()
     profile_s = time.perf_counter() - t0
+    plans = [predict(case, cluster_spec(kind, case.ranks, calibration, args.device)) for case in cases]
+    runs: list[list[Any]] = [[] for _ in cases]
+    busy: list[list[float]] = [[] for _ in cases]
+    # Launches go round the cases (case 1..n, then again), so that a slow spell of the machine touches one
+    # launch of several cases rather than every launch of one.
+    for rep in range(args.launches):
+        for i, (case, plan) in enumerate(zip(cases, plans, strict=True)):
+            busy[i].append(wait_quiet(args.quiet_wait))
+            runs[i].append(run_case(case, plan, args))
+            print(
+                f"{case.name:26} launch {rep + 1}/{args.launches}: predicted {plan.predictions.iteration_time_s * 1e3:8.1f} ms"
+                f"  measured {runs[i][-1].iteration_s * 1e3:8.1f} ms",
+                flush=True,
+            )
     rows = []
-    for case in cases:
-        plan = predict(case, cluster_spec(kind, case.ranks, calibration, args.device))
-        busy = wait_quiet(args.quiet_wait)
-        run = run_case(case, plan, args)
-        rows.append(row(case, plan, run))
-        r = rows[-1]
-        r["background_busy"] = busy
-        print(
-            f"{case.name:26} predicted {r['predicted_s'] * 1e3:8.1f} ms  measured {r['measured_s'] * 1e3:8.1f} ms  "
-            f"error {r['iteration_error'] * 100:+6.1f}%",
-            flush=True,
-        )
+    for i, (case, plan) in enumerate(zip(cases, plans, strict=True)):
+        rows.append(row(case, plan, runs[i]))
+        rows[-1]["background_busy"] = max(busy[i])
     print_table(rows, calibration is not None)
     out: dict[str, Any] = {
         "rows": rows,
@@ -334,14 +359,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.noise > 1:
         case = NOISE_CASE
         plan = predict(case, cluster_spec(kind, case.ranks, calibration, args.device))
-        times = []
+        # Each of the N measurements is taken as the table takes one: the median of --launches launches.
+        times, singles = [], []
         for _ in range(args.noise):
-            wait_quiet(args.quiet_wait)
-            times.append(run_case(case, plan, args).iteration_s)
+            launch = []
+            for _ in range(args.launches):
+                wait_quiet(args.quiet_wait)
+                launch.append(run_case(case, plan, args).iteration_s)
+            singles.extend(launch)
+            times.append(statistics.median(launch))
         med = statistics.median(times)
+        one = statistics.median(singles)
         out["noise_floor"] = {
             "plan": case.name,
+            "launches_per_run": args.launches,
             "runs": times,
+            "single_launches": singles,
+            "single_launch_max_abs_deviation": max(abs(t - one) / one for t in singles),
             "median_s": med,
             "spread": (max(times) - min(times)) / med,
             "max_abs_deviation": max(abs(t - med) / med for t in times),
@@ -349,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"noise floor ({case.name}, {args.noise} runs): {', '.join(f'{t * 1e3:.1f}' for t in times)} ms; "
             f"spread {out['noise_floor']['spread'] * 100:.1f}%, largest deviation from the median "
-            f"{out['noise_floor']['max_abs_deviation'] * 100:.1f}%"
+            f"{out['noise_floor']['max_abs_deviation'] * 100:.1f}% (each the median of {args.launches} launches; "
+            f"one launch alone: largest deviation "
+            f"{out['noise_floor']['single_launch_max_abs_deviation'] * 100:.1f}%)"
         )
     path = args.json or RESULTS / (
         "cost_accuracy.json" if calibration is not None else "cost_accuracy_datasheet.json"

@@ -55,6 +55,7 @@ __all__ = [
     "LINK_SCOPES",
     "OP_CLASSES",
     "PRECISIONS",
+    "ROW_COUNTS",
     "Calibration",
     "Curve",
     "DeviceCalibration",
@@ -73,6 +74,9 @@ PRECISION_CLASSES: tuple[str, ...] = ("matmul", "attention")
 PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16", "fp16")
 #: Scaled-dot-product-attention kernels: the fused ones keep no score matrix; ``math`` stores it.
 ATTENTION_KERNELS: tuple[str, ...] = ("flash", "efficient", "cudnn", "math")
+#: Row counts ``distplan profile`` measures linears of few rows at (:attr:`DeviceCalibration.row_matmul`);
+#: from the largest on, a linear is priced by its FLOPs.
+ROW_COUNTS: tuple[int, ...] = (4, 16, 64)
 COLLECTIVES: tuple[str, ...] = ("all_reduce", "all_gather", "reduce_scatter")
 LINK_SCOPES: tuple[str, ...] = ("intra-host", "network")
 _E = CalibrationError
@@ -219,6 +223,14 @@ class DeviceCalibration:
         stream: forward and backward seconds of a one-token linear against bytes moved, its weights read
             from memory (not from a cache): how fast weights stream. A matmul costs at least this for its
             bytes, which decides small-batch matmuls (see ``distplan.profiler.compute``, [Note: cold weights]).
+        row_matmul: per row count ``T`` (:data:`ROW_COUNTS`; the rows of a linear's input: tokens x samples
+            of one microbatch), forward and backward seconds of a ``T``-row linear against its weight bytes,
+            weights cold as for :attr:`stream` (which is the ``T = 1`` member). A linear of few rows is
+            bound neither by its FLOPs nor by reading its weights once: its backward writes a weight-sized
+            gradient and adds it into the accumulated one, and a GEMM packs the weights; measured at 4-row
+            microbatches on a CPU, a 512 -> 1024 linear's backward took 3x its forward where the FLOP curve
+            said 1.3x. The cost model interpolates between the counts (see ``distplan.planner.cost``,
+            [Note: calibrated pricing]); empty when not measured.
         cache_bytes: the last-level cache one rank has (a GPU's L2; a CPU socket's last level over the ranks
             sharing it), for reference.
         attention_kernel: the scaled-dot-product-attention kernel the device ran (:data:`ATTENTION_KERNELS`);
@@ -241,6 +253,7 @@ class DeviceCalibration:
     attention: Mapping[str, OpTimes] = field(default_factory=dict)
     targets: Mapping[str, OpTimes] = field(default_factory=dict)
     stream: OpTimes | None = None
+    row_matmul: Mapping[int, OpTimes] = field(default_factory=dict)
     cache_bytes: int = 0
     attention_kernel: str = "math"
     microbatch_fwd_s: float = 0.0
@@ -276,6 +289,9 @@ class DeviceCalibration:
             raise _E(f"in_graph: expected four numbers >= 0, got {list(self.in_graph)!r}")
         if self.cache_bytes < 0:
             raise _E(f"cache_bytes: expected an integer >= 0, got {self.cache_bytes}")
+        for rows in self.row_matmul:
+            if isinstance(rows, bool) or not isinstance(rows, int) or rows < 2:
+                raise _E(f"row_matmul: row counts must be integers >= 2 (1 is `stream`), got {rows!r}")
         for t in self.targets:
             if not t.startswith("aten."):
                 raise _E(f"targets: {t!r} is not an ATen operator name (aten.<op>.<overload>)")
@@ -310,6 +326,7 @@ class DeviceCalibration:
             "attention": {k: v.to_dict() for k, v in self.attention.items()},
             "targets": {k: v.to_dict() for k, v in self.targets.items()},
             "stream": None if self.stream is None else self.stream.to_dict(),
+            "row_matmul": {str(k): v.to_dict() for k, v in sorted(self.row_matmul.items())},
             "cache_bytes": self.cache_bytes,
             "attention_kernel": self.attention_kernel,
             "microbatch_fwd_s": self.microbatch_fwd_s,
@@ -332,6 +349,11 @@ class DeviceCalibration:
             return {str(k): OpTimes.from_dict(v, f"{path}.{key}.{k}") for k, v in raw.items()}
 
         opt = get_map(m.get("optimizer", {}), f"{path}.optimizer", _E)
+        rows: dict[int, OpTimes] = {}
+        for k, v in get_map(m.get("row_matmul", {}), f"{path}.row_matmul", _E).items():
+            if not str(k).isdigit():
+                raise _E(f"{path}.row_matmul.{k}: a row count must be a positive integer, got {k!r}")
+            rows[int(k)] = OpTimes.from_dict(v, f"{path}.row_matmul.{k}")
         try:
             return cls(
                 ops=table("ops", True),
@@ -339,6 +361,7 @@ class DeviceCalibration:
                 attention=table("attention", False),
                 targets=table("targets", False),
                 stream=None if m.get("stream") is None else OpTimes.from_dict(m["stream"], f"{path}.stream"),
+                row_matmul=rows,
                 cache_bytes=get_int(m, "cache_bytes", path, _E, 0),
                 attention_kernel=get_str(m, "attention_kernel", path, _E, "math"),
                 microbatch_fwd_s=get_float(m, "microbatch_fwd_s", path, _E, 0.0),

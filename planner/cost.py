@@ -21,7 +21,10 @@ measures one by one (``DeviceCalibration.targets``: tanh, exp, reductions, ...; 
 curves] there):
 
     fwd(node) = curve[class].fwd(size(node, b)),  matmuls at least stream.fwd(bytes) (weights read from
-                memory bound small-batch matmuls)
+                memory bound small-batch matmuls); a linear of fewer rows (tokens x samples) than the largest
+                count of ``row_matmul`` instead reads the few-row curves at its weight bytes, interpolated
+                geometrically in the row count between the two measured counts around it (``stream`` is
+                the one-row member)
                 + in_graph per node + in_graph per output byte (what an op costs inside a model beyond its
                 time alone: inputs no longer hot in the cache, output in fresh memory; fitted on a
                 reference model, see ``distplan.profiler.reference``)
@@ -166,6 +169,36 @@ def _curve_times(curve: Curve, sizes: np.ndarray) -> np.ndarray:
     inside = np.exp(np.interp(x, xs, ts))
     above = curve.seconds[-1] * sizes / curve.sizes[-1]
     return np.where(sizes > curve.sizes[-1], above, inside)
+
+
+#: Operators that are a linear when they read a weight (``linear``, ``addmm``, ``mm``): rows x width in.
+_LINEAR_WORDS = ("linear", "addmm", "aten.mm.")
+
+
+def _few_row_times(
+    cal: DeviceCalibration, rows: np.ndarray, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Forward and backward seconds of linears of ``rows`` rows (each below the largest measured count) and
+    ``weights`` weight bytes, from :attr:`DeviceCalibration.row_matmul` (with :attr:`~DeviceCalibration.stream`
+    as the one-row member): geometric interpolation in the row count between the two measured counts around
+    it, each read at the node's weight bytes (see [Note: calibrated pricing])."""
+    counts = sorted(cal.row_matmul)
+    curves = [cal.row_matmul[c] for c in counts]
+    if cal.stream is not None:
+        counts, curves = [1, *counts], [cal.stream, *curves]
+    if len(counts) == 1:
+        return _curve_times(curves[0].fwd, weights), _curve_times(curves[0].bwd, weights)
+    logc = np.log(np.asarray(counts, dtype=np.float64))
+    x = np.log(np.clip(rows, counts[0], counts[-1]))
+    hi = np.clip(np.searchsorted(logc, x, side="right"), 1, len(counts) - 1)
+    lo = hi - 1
+    w = (x - logc[lo]) / (logc[hi] - logc[lo])
+    out = []
+    for part in ("fwd", "bwd"):
+        table = np.log(np.stack([_curve_times(getattr(c, part), weights) for c in curves]))
+        idx = np.arange(len(rows))
+        out.append(np.exp(table[lo, idx] * (1 - w) + table[hi, idx] * w))
+    return out[0], out[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,6 +403,20 @@ class CostModel:
             dtype=object,
         )
         self._target = np.array([n.target for n in nodes], dtype=object)
+        # Rows per sample of each linear reading a weight (its output's elements over the last dimension;
+        # 0 for other nodes), for the few-row matmul curves.
+        self._rows = np.array(
+            [
+                float(np.prod(n.outputs[0].shape[:-1])) / tb
+                if n.param_bytes > 0
+                and n.outputs
+                and len(n.outputs[0].shape) >= 2
+                and any(w in n.target for w in _LINEAR_WORDS)
+                else 0.0
+                for n in nodes
+            ],
+            dtype=np.float64,
+        )
         # Inputs and Python-level nodes (getitem on a tuple) run no op.
         self._free = np.array(
             [n.op == "placeholder" or n.target.startswith("_operator.") for n in nodes], dtype=bool
@@ -609,6 +656,12 @@ class CostModel:
             if cls == "matmul" and cal.stream is not None:
                 f = np.maximum(f, _curve_times(cal.stream.fwd, moved[mask]))
                 bw = np.maximum(bw, _curve_times(cal.stream.bwd, moved[mask]))
+            if cls == "matmul" and cal.row_matmul:
+                rows = b * self._rows[mask]
+                few = (rows > 0) & (rows < max(cal.row_matmul))
+                if few.any():
+                    weights = (self._param_read * sh)[mask][few]
+                    f[few], bw[few] = _few_row_times(cal, rows[few], weights)
             fwd[mask] = f
             bwd[mask] = bw
         # Operators measured one by one (DeviceCalibration.targets) are priced by their own curves.

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
-from distplan.calibration import Curve, DeviceCalibration, OpTimes
+from distplan.calibration import ROW_COUNTS, Curve, DeviceCalibration, OpTimes
 from distplan.errors import CalibrationError
 
 from .budget import Budget
@@ -273,6 +273,39 @@ def _stream(device: torch.device, budget: Budget, tick: Callable[[], None], llc:
     return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
 
 
+def _row_matmul(
+    device: torch.device, budget: Budget, tick: Callable[[], None], llc: int, mem: float
+) -> dict[int, OpTimes]:
+    """Linears of ``T`` rows (each of :data:`~distplan.calibration.ROW_COUNTS`) against their weight bytes
+    ``8 k^2``, weights cold as for :func:`_stream` (see [Note: cold weights]); the backward accumulates the
+    weight gradient into ``.grad`` as every microbatch after the first does. Each point is the geometric
+    mean of an up-projection (``k -> 2k``) and a down-projection (``2k -> k``) of the same weights, as an
+    MLP block has: at 4 rows on a CPU the down-projection's backward took 1.5x the up-projection's."""
+    out: dict[int, OpTimes] = {}
+    for rows in ROW_COUNTS:
+        fwd_pts, bwd_pts = [], []
+        for target in _geometric(1e4, 1e10, budget.points_per_decade):
+            k = max(4, round(math.sqrt(target / 8) / 4) * 4)
+            count = _pool(8.0 * k * k, llc)
+            if 4.0 * (count * 6 * k * k + 6 * rows * k) > mem:  # weights, their gradients, one more
+                break
+            times = []
+            for k_in, k_out in ((k, 2 * k), (2 * k, k)):
+                x = torch.randn(rows, k_in, device=device, requires_grad=True)
+                ws = [torch.randn(k_out, k_in, device=device, requires_grad=True) for _ in range(count)]
+                times.append(_fwd_bwd([functools.partial(aten.linear.default, x, w) for w in ws], budget))
+                del x, ws
+            tf = math.sqrt(times[0][0] * times[1][0])
+            tb = math.sqrt(times[0][1] * times[1][1])
+            fwd_pts.append((8.0 * k * k, tf))
+            bwd_pts.append((8.0 * k * k, tb))
+            tick()
+            if tf > budget.max_op_s:
+                break
+        out[rows] = OpTimes(_curve(fwd_pts), _curve(bwd_pts))
+    return out
+
+
 def _shape(n: int) -> tuple[int, int]:
     """A (rows, width) shape of about ``n`` elements, width as in a hidden dimension."""
     width = 64 if n < 4096 else 256 if n < 1 << 20 else 1024
@@ -470,27 +503,38 @@ def _view(device: torch.device, budget: Budget) -> OpTimes:
 
 
 def _optimizer(
-    device: torch.device, name: str, budget: Budget, tick: Callable[[], None], mem: float
+    device: torch.device, name: str, budget: Budget, tick: Callable[[], None], mem: float, llc: int
 ) -> Curve:
     """Seconds of one optimizer step per parameter tensor, against the tensor's bytes (8 equal tensors,
-    stepped together as the runtime steps a stage's parameters, divided)."""
+    stepped together as the runtime steps a stage's parameters, divided). In training the step reads
+    weights, gradients and states the forward and backward have pushed out of the cache, so successive
+    steps rotate over groups of 8 holding together at least twice the last-level cache, as the weight
+    pools do (see [Note: cold weights]); stepping the same 8 small tensors again and again found them in
+    the cache and measured 20-45% below what the runtime's steps took."""
     pts = []
     count = 8
     for target in _geometric(64, 4e9, budget.points_per_decade):
         n = max(1, int(target) // 4)
-        if count * 4 * 4.0 * n > mem:  # weights, gradients, two states
+        groups = _pool(count * 4 * 4.0 * n, llc)  # weights, gradients, two states
+        if groups * count * 4 * 4.0 * n > mem:
             break
-        params = [torch.nn.Parameter(torch.randn(n, device=device)) for _ in range(count)]
-        for p in params:
-            p.grad = torch.randn_like(p)
-        opt: torch.optim.Optimizer
-        if name == "sgd":
-            opt = torch.optim.SGD(params, lr=1e-3)
-        elif name == "adamw":
-            opt = torch.optim.AdamW(params, lr=1e-3)
-        else:
-            opt = torch.optim.Adam(params, lr=1e-3)
-        t = _median_s(opt.step, budget) / count
+        opts: list[torch.optim.Optimizer] = []
+        for _ in range(groups):
+            params = [torch.nn.Parameter(torch.randn(n, device=device)) for _ in range(count)]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            if name == "sgd":
+                opts.append(torch.optim.SGD(params, lr=1e-3))
+            elif name == "adamw":
+                opts.append(torch.optim.AdamW(params, lr=1e-3))
+            else:
+                opts.append(torch.optim.Adam(params, lr=1e-3))
+        turn = itertools.cycle(opts)
+
+        def step(turn: Iterator[torch.optim.Optimizer] = turn) -> None:
+            next(turn).step()
+
+        t = _median_s(step, budget) / count
         pts.append((4.0 * n, t))
         tick()
         if t * count > budget.max_op_s:
@@ -625,7 +669,7 @@ def measure_device(
     torch.set_num_threads(threads)
     steps = {"n": 0}
     per_curve = max(2, math.ceil(10 * budget.points_per_decade))
-    total = per_curve * (2 * len(precs) + 4 + len(optimizers)) + len(_TARGETS) + 2
+    total = per_curve * (2 * len(precs) + 4 + len(ROW_COUNTS) + len(optimizers)) + len(_TARGETS) + 2
     llc = cache_bytes(dev)
     mem = memory_limit(dev, sharing)
     sync = barrier or (lambda: None)
@@ -649,6 +693,8 @@ def measure_device(
                 attention[p] = _attention(dev, p, budget, ticker(f"attention {p}"))
             sync()
             stream = _stream(dev, budget, ticker("weight streaming"), llc, mem)
+            sync()
+            rows = _row_matmul(dev, budget, ticker("few-row matmuls"), llc, mem)
             ops = {}
             sync()
             ops["elementwise"] = _memory_class(dev, budget, ticker("elementwise"), mem, _elementwise_ops(dev))
@@ -663,7 +709,7 @@ def measure_device(
             opt = {}
             for name in optimizers:
                 sync()
-                opt[name] = _optimizer(dev, name, budget, ticker(f"optimizer {name}"), mem)
+                opt[name] = _optimizer(dev, name, budget, ticker(f"optimizer {name}"), mem, llc)
             mb_f = mb_b = 0.0
             if runtime:
                 ticker("runtime overhead")()
@@ -676,6 +722,7 @@ def measure_device(
             attention=attention,
             targets=targets,
             stream=stream,
+            row_matmul=rows,
             cache_bytes=llc // max(1, sharing),
             attention_kernel=kernel,
             microbatch_fwd_s=mb_f,

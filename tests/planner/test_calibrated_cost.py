@@ -241,6 +241,7 @@ def test_calibrated_node_times_read_the_curves() -> None:
     assert bwd[2] == 0  # a view of the input: no gradient path either
     lin_bytes = 4 * 16 * 32 + (nodes[3].bytes_moved - 4 * 16 * 32)
     mm = dev.matmul["fp32"]
+    assert dev.stream is not None
     assert fwd[3] == pytest.approx(max(mm.fwd.time(2 * 16 * 16 * 32), dev.stream.fwd.time(lin_bytes)))
     assert bwd[3] == pytest.approx(max(mm.bwd.time(2 * 16 * 16 * 32), dev.stream.bwd.time(lin_bytes)))
     # The last node also carries the loss (MSE: three elementwise passes over the outputs).
@@ -339,3 +340,73 @@ def test_a_cut_crossed_by_several_tensors_is_one_measured_transfer() -> None:
     assert lk.calibration is not None
     assert cost.send_time(cut, 2, link=lk) == pytest.approx(link.send_time(nbytes))
     assert cost.send_time(cut, 2, link=lk, streams=2) == pytest.approx(link.send_time(2 * nbytes))
+
+
+def _few_row_graph() -> Any:
+    """x -> linear 16 -> 32 (8 rows per sample, 2 samples traced)."""
+    nodes = [
+        _node("x", "input", (), (2, 8, 16)),
+        _node(
+            "lin",
+            "aten.linear.default",
+            ("x",),
+            (2, 8, 32),
+            fwd_flops=2 * 16 * 16 * 32,
+            bwd_flops=4 * 16 * 16 * 32,
+            bytes_moved=4 * (16 * 32 + 16 * 16 + 16 * 32),
+            param_bytes=4 * 16 * 32,
+            params=("lin.weight",),
+        ),
+    ]
+    return make_graph(
+        "lin", nodes, outputs=("lin",), param_sizes={"lin.weight": 4 * 16 * 32}, meta={"batch": 2}
+    )
+
+
+def test_few_row_linears_read_the_row_curves() -> None:
+    import dataclasses
+
+    g = _few_row_graph()
+    rows4, rows16 = _times(1e9, 3e-5), _times(4e9, 5e-5)
+    dev = dataclasses.replace(_device(), row_matmul={4: rows4, 16: rows16})
+    assert DeviceCalibration.from_dict(dev.to_dict()) == dev
+    c = load_cluster({"name": "lab", **_yaml_dict()}).calibrated(
+        Calibration(kind="cpu-epyc-2core", device=dev)
+    )
+    plain = load_cluster({"name": "lab", **_yaml_dict()}).calibrated(
+        Calibration(kind="cpu-epyc-2core", device=_device())
+    )
+    weights = 4 * 16 * 32
+    loss = CostModel(g, c)._loss_times(dev, 1.0)  # the last node carries the loss
+
+    def lin(cluster: Cluster, microbatch: float) -> tuple[float, float]:
+        f, b = CostModel(g, cluster).time_prefix("cpu-epyc-2core", microbatch)
+        lf, lb = CostModel(g, cluster)._loss_times(dev, microbatch)
+        return float(f[-1]) - lf, float(b[-1]) - lb
+
+    assert loss[0] > 0
+    # 8 rows: halfway (in log rows) between the 4-row and 16-row curves, read at the weight bytes.
+    f, b = lin(c, 1)
+    assert f == pytest.approx((rows4.fwd.time(weights) * rows16.fwd.time(weights)) ** 0.5)
+    assert b == pytest.approx((rows4.bwd.time(weights) * rows16.bwd.time(weights)) ** 0.5)
+    # 2 rows: between the one-row stream curve and the 4-row one.
+    f, _ = lin(c, 0.25)
+    stream = dev.stream
+    assert stream is not None
+    assert f == pytest.approx((stream.fwd.time(weights) * rows4.fwd.time(weights)) ** 0.5)
+    # From the largest count on, a linear is priced by its FLOPs as without the row curves.
+    assert lin(c, 2) == pytest.approx(lin(plain, 2))
+    assert lin(c, 1) != pytest.approx(lin(plain, 1))
+
+
+def test_malformed_row_curves_name_the_field() -> None:
+    import dataclasses
+
+    bad = dataclasses.replace(_device(), row_matmul={4: _times(1e9, 3e-5)}).to_dict()
+    bad["row_matmul"]["four"] = bad["row_matmul"].pop("4")
+    with pytest.raises(
+        CalibrationError, match=r"device.row_matmul.four: a row count must be a positive integer"
+    ):
+        DeviceCalibration.from_dict(bad)
+    with pytest.raises(CalibrationError, match=r"row_matmul: row counts must be integers >= 2"):
+        dataclasses.replace(_device(), row_matmul={1: _times(1e9, 3e-5)})

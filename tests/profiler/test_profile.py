@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from distplan.calibration import OP_CLASSES, Calibration
+from distplan.calibration import OP_CLASSES, ROW_COUNTS, Calibration
 from distplan.errors import CalibrationError
 from distplan.profiler import profile
 
@@ -50,12 +50,14 @@ def test_profile_cli_writes_a_calibration_of_every_class_and_the_link(tmp_path: 
     assert set(dev.classes()) == set(OP_CLASSES)
     assert set(dev.matmul) == {"fp32"} and set(dev.attention) == {"fp32"}
     assert set(dev.optimizer) == {"adam", "adamw", "sgd"}
+    assert set(dev.row_matmul) == set(ROW_COUNTS)
     # Operators far from their class's cost per byte get their own curves.
     assert {"aten.tanh.default", "aten.exp.default", "aten.mean.dim"} <= set(dev.targets)
     assert dev.node_times("aten.tanh.default", "elementwise", "fp32") is dev.targets["aten.tanh.default"]
     assert dev.node_times("aten.add.Tensor", "elementwise", "fp32") is dev.ops["elementwise"]
     curves = [t.fwd for t in dev.ops.values()] + [t.bwd for t in dev.ops.values()]
     curves += [dev.matmul["fp32"].fwd, dev.matmul["fp32"].bwd, *dev.optimizer.values()]
+    curves += [c for t in dev.row_matmul.values() for c in (t.fwd, t.bwd)]
     for c in curves:
         assert _non_decreasing(c.seconds)
     # More work takes longer: the largest matmul measured is slower than the smallest.
