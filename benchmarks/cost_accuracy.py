@@ -8,7 +8,7 @@ of four families, one and two stages, GPipe and 1F1B, 1 to 8 microbatches, data-
 never more ranks than cores, one thread each, so that the ranks do not share a core) lowers and runs it for
 real (``distplan.lowering.timing.measure``: every rank, ``--steps`` iterations after ``--warmup``), and
 prints predicted against measured per-stage forward/backward and iteration time with the error. Each plan
-is launched ``--launches`` times (default 3), round the cases, and its measured iteration time is the
+is launched ``--launches`` times (default 5), round the cases, and its measured iteration time is the
 median over launches of each launch's median: on a shared 2-core VM one launch alone moved by up to 26%.
 With ``--noise N`` it also measures one plan N times that way and reports the spread: the noise floor
 below which no prediction can be judged.
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--launches",
         type=int,
-        default=3,
+        default=5,
         help="launches of each plan, round the cases; the median over launches is the measured time",
     )
     ap.add_argument("--warmup", type=int, default=2, help="iterations run before measuring")
