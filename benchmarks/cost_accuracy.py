@@ -157,6 +157,45 @@ def wait_quiet(limit_s: float, threshold: float = 0.25) -> float:
     return busy
 
 
+def speed_probe() -> float:
+    """Seconds of a fixed one-thread workload (a 256 x 256 matmul chain, then an add over 16 MB), the median
+    of 5: how fast this machine runs right now. On a shared VM the host itself slows it down at times (a
+    traced step lost 18 ms with both ranks idle), which no load figure inside the VM shows."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(256, 256)
+        x = torch.zeros(4 << 20)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            y = a
+            for _ in range(20):
+                y = y @ a
+                y = y / y.abs().max()
+            for _ in range(4):
+                x.add_(1.0)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def wait_fast(limit_s: float, best: list[float], slack: float = 1.15) -> float:
+    """Wait (at most ``limit_s``) until :func:`speed_probe` runs within ``slack`` of the fastest probe seen
+    (``best[0]``, updated), so that launches run on the machine the calibration measured rather than in
+    one of its slow spells; returns the last probe over the fastest (recorded with the rows)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        t = speed_probe()
+        best[0] = min(best[0], t)
+        if t <= slack * best[0] or time.monotonic() >= deadline:
+            return t / best[0]
+        time.sleep(2.0)
+
+
 def predict(case: Case, cluster: dict[str, Any]) -> Any:
     from distplan.planner import evaluate
 
@@ -284,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=120.0,
         help="before each measurement, wait up to this many seconds for other work to leave the CPU idle "
-        "(under 25%% busy); the busy fraction seen is recorded with each row",
+        "(under 25%% busy), then as long again for a speed probe within 15%% of its fastest (the host's own "
+        "slow spells); both are recorded with each row",
     )
     ap.add_argument(
         "--priority",
@@ -305,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c for c in CASES if args.only is None or args.only in c.name]
     calibration: dict[str, Any] | None = None
     calibration_busy: float | None = None
+    fastest = [speed_probe()]
     t0 = time.perf_counter()
     if not args.no_calibration:
         from distplan.calibration import Calibration
@@ -317,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"calibrating this machine ({args.profile_mode}) ...", flush=True)
             # The calibration is every prediction's basis: give it twice as long to find a quiet machine.
             calibration_busy = wait_quiet(2 * args.quiet_wait)
+            wait_fast(2 * args.quiet_wait, fastest)
             cal = distplan.profile(kind, device=args.device, mode=args.profile_mode)
             RESULTS.mkdir(exist_ok=True)
             cal.save(RESULTS / f"calibration-{args.device}.json")
@@ -327,11 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     plans = [predict(case, cluster_spec(kind, case.ranks, calibration, args.device)) for case in cases]
     runs: list[list[Any]] = [[] for _ in cases]
     busy: list[list[float]] = [[] for _ in cases]
+    slow: list[list[float]] = [[] for _ in cases]
     # Launches go round the cases (case 1..n, then again), so that a slow spell of the machine touches one
     # launch of several cases rather than every launch of one.
     for rep in range(args.launches):
         for i, (case, plan) in enumerate(zip(cases, plans, strict=True)):
             busy[i].append(wait_quiet(args.quiet_wait))
+            slow[i].append(wait_fast(args.quiet_wait, fastest))
             runs[i].append(run_case(case, plan, args))
             print(
                 f"{case.name:26} launch {rep + 1}/{args.launches}: predicted {plan.predictions.iteration_time_s * 1e3:8.1f} ms"
@@ -342,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, (case, plan) in enumerate(zip(cases, plans, strict=True)):
         rows.append(row(case, plan, runs[i]))
         rows[-1]["background_busy"] = max(busy[i])
+        rows[-1]["probe_over_fastest"] = slow[i]
     print_table(rows, calibration is not None)
     out: dict[str, Any] = {
         "rows": rows,
@@ -365,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             launch = []
             for _ in range(args.launches):
                 wait_quiet(args.quiet_wait)
+                wait_fast(args.quiet_wait, fastest)
                 launch.append(run_case(case, plan, args).iteration_s)
             singles.extend(launch)
             times.append(statistics.median(launch))
