@@ -30,6 +30,7 @@ this streaming curve, which is what decides small-batch matmuls.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import math
@@ -56,6 +57,7 @@ __all__ = [
     "attention_kernel",
     "cache_bytes",
     "measure_device",
+    "merge_devices",
     "precisions_for",
 ]
 
@@ -80,17 +82,63 @@ def _geometric(lo: float, hi: float, per_decade: float) -> list[float]:
 
 
 def _curve(points: Sequence[tuple[float, float]]) -> Curve:
-    """A curve from (size, seconds) points: sizes deduplicated and sorted, seconds made non-decreasing
-    (a larger op never takes less time; a dip is noise)."""
+    """A curve from (size, seconds) points: per size the median (the geometric mean of the middle two of
+    an even count: several ranks measure each size), then made non-decreasing by pooling adjacent
+    violators (a larger op never takes less time; a dip is noise). Pooling averages a spike with its
+    neighbours (geometrically, by point count) where a running maximum would carry one slow measurement
+    up to every larger size."""
     by_size: dict[float, list[float]] = {}
     for x, t in points:
-        by_size.setdefault(float(x), []).append(t)
+        by_size.setdefault(float(x), []).append(max(float(t), 1e-9))
     xs = sorted(by_size)
-    ts: list[float] = []
+    blocks: list[list[float]] = []  # [sum of log seconds, weight, sizes covered]
     for x in xs:
-        v = sorted(by_size[x])[len(by_size[x]) // 2]
-        ts.append(max(v, ts[-1]) if ts else v)
-    return Curve(tuple(xs), tuple(max(t, 1e-9) for t in ts))
+        logs = sorted(math.log(t) for t in by_size[x])
+        mid = len(logs) // 2
+        v = logs[mid] if len(logs) % 2 else (logs[mid - 1] + logs[mid]) / 2
+        blocks.append([v * len(logs), float(len(logs)), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            a, b = blocks[-2], blocks.pop()
+            a[0] += b[0]
+            a[1] += b[1]
+            a[2] += b[2]
+    ts: list[float] = []
+    for total, weight, n in blocks:
+        ts.extend([math.exp(total / weight)] * int(n))
+    return Curve(tuple(xs), tuple(ts))
+
+
+def merge_devices(parts: Sequence[DeviceCalibration]) -> DeviceCalibration:
+    """One device calibration from several ranks' measurements of the same device kind (taken at once):
+    every curve's points pooled (:func:`_curve`: the median per size), the other figures rank 0's. Sizes
+    one rank measured and another did not (a curve stops at the first size past the mode's longest op)
+    keep the ranks that have them."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def curve(cs: Sequence[Curve]) -> Curve:
+        return _curve([pt for c in cs for pt in zip(c.sizes, c.seconds, strict=True)])
+
+    def times(ts: Sequence[OpTimes]) -> OpTimes:
+        return OpTimes(curve([t.fwd for t in ts]), curve([t.bwd for t in ts]))
+
+    def table(get: Callable[[DeviceCalibration], Any]) -> dict[Any, OpTimes]:
+        keys = [k for k in get(parts[0]) if all(k in get(p) for p in parts)]
+        return {k: times([get(p)[k] for p in parts]) for k in keys}
+
+    first = parts[0]
+    streams = [p.stream for p in parts if p.stream is not None]
+    opt_keys = [k for k in first.optimizer if all(k in p.optimizer for p in parts)]
+    return dataclasses.replace(
+        first,
+        ops=table(lambda d: d.ops),
+        matmul=table(lambda d: d.matmul),
+        attention=table(lambda d: d.attention),
+        targets=table(lambda d: d.targets),
+        row_matmul=table(lambda d: d.row_matmul),
+        stream=times(streams) if len(streams) == len(parts) else first.stream,
+        optimizer={k: curve([p.optimizer[k] for p in parts]) for k in opt_keys},
+    )
 
 
 def precisions_for(device: torch.device) -> tuple[str, ...]:

@@ -3,7 +3,8 @@
 A plan's ranks compute side by side: on a CPU they share the memory bandwidth and the last-level cache of
 the socket, on GPUs the host's PCIe. So when ``distplan profile`` measures a link between ``world`` ranks it
 also measures the device part *on every rank at once* (each rank one thread, or one GPU, each op class
-started together after a barrier) and keeps rank 0's figures, then measures the link. :func:`measure_ranks`
+started together after a barrier) and pools the ranks' points into one curve per op (the median per size,
+``distplan.profiler.compute.merge_devices``), then measures the link. :func:`measure_ranks`
 starts the processes and gathers the result; a rank that fails is reported with its last lines.
 """
 
@@ -44,8 +45,8 @@ def measure_ranks(
     progress: Progress | None = None,
     source: str = "",
 ) -> tuple[DeviceCalibration | None, LinkCalibration]:
-    """Measure on ``world`` ranks of this host: the device part on all of them at once (rank 0's figures
-    kept) when ``with_device``, then the link between them.
+    """Measure on ``world`` ranks of this host: the device part on all of them at once (their points
+    pooled) when ``with_device``, then the link between them.
 
     Args:
         world: ranks to start (>= 2); one CPU thread each, or one GPU each (rank ``r`` on GPU ``r``).
@@ -120,7 +121,7 @@ def _rank_main(config_path: str) -> int:
     import torch
     import torch.distributed as dist
 
-    from .compute import measure_device
+    from .compute import measure_device, merge_devices
     from .links import link_part
 
     cfg = json.loads(Path(config_path).read_text())
@@ -154,6 +155,10 @@ def _rank_main(config_path: str) -> int:
             sharing=world if device == "cpu" else 1,
             runtime=False,  # measured by the launching process, outside this group
         )
+        # Every rank measured the same kind at the same time: pool their points (merge_devices).
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, device_part.to_dict())
+        device_part = merge_devices([DeviceCalibration.from_dict(p, "device") for p in parts])
     dist.barrier()
     link = link_part(dev, cfg["backend"], budget, cfg["source"], progress)
     if rank == 0:

@@ -1,0 +1,61 @@
+"""How measured points become curves, and how several ranks' measurements become one calibration."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from distplan.calibration import Curve, DeviceCalibration, OpTimes
+from distplan.profiler.compute import _curve, merge_devices
+
+
+def test_a_curve_never_falls_and_a_spike_is_averaged_not_carried() -> None:
+    # One slow measurement at a small size: a running maximum would lift every larger size to it.
+    c = _curve([(1.0, 1.0), (2.0, 9.0), (4.0, 1.0), (8.0, 1.0), (16.0, 20.0)])
+    assert all(b >= a for a, b in zip(c.seconds, c.seconds[1:], strict=False))
+    pooled = 9.0 ** (1 / 3)  # sizes 2, 4 and 8 pooled geometrically
+    assert c.seconds[0] == pytest.approx(1.0)
+    assert c.seconds[1:4] == pytest.approx((pooled,) * 3)
+    assert c.seconds[-1] == pytest.approx(20.0)
+    # Two measurements of one size: their geometric mean, not the larger.
+    assert _curve([(1.0, 1.0), (1.0, 4.0)]).seconds == pytest.approx((2.0,))
+
+
+def _dev(scale: float, sizes: tuple[float, ...] = (1.0, 10.0, 100.0)) -> DeviceCalibration:
+    def times(rate: float) -> OpTimes:
+        c = Curve(sizes, tuple(scale * x / rate for x in sizes))
+        return OpTimes(c, c)
+
+    return DeviceCalibration(
+        ops={"elementwise": times(1.0)},
+        matmul={"fp32": times(10.0)},
+        stream=times(2.0),
+        row_matmul={4: times(3.0)},
+        optimizer={"adam": Curve(sizes, tuple(scale * x for x in sizes))},
+        source="rank",
+    )
+
+
+def test_ranks_measuring_at_once_are_pooled_into_one_curve_per_op() -> None:
+    a, b = _dev(1.0), _dev(4.0)
+    m = merge_devices([a, b])
+    for got, x, y in [
+        (m.ops["elementwise"].fwd, a.ops["elementwise"].fwd, b.ops["elementwise"].fwd),
+        (m.matmul["fp32"].bwd, a.matmul["fp32"].bwd, b.matmul["fp32"].bwd),
+        (m.row_matmul[4].fwd, a.row_matmul[4].fwd, b.row_matmul[4].fwd),
+        (m.optimizer["adam"], a.optimizer["adam"], b.optimizer["adam"]),
+    ]:
+        assert got.sizes == x.sizes
+        assert got.seconds == pytest.approx(
+            [math.sqrt(p * q) for p, q in zip(x.seconds, y.seconds, strict=True)]
+        )
+    assert m.stream is not None and m.stream.fwd.seconds[0] == pytest.approx(1.0)  # sqrt(0.5 * 2.0)
+    assert m.source == "rank" and merge_devices([a]) is a
+    # A size only one rank reached stays; a table entry one rank lacks is dropped.
+    longer = _dev(1.0, (1.0, 10.0, 100.0, 1000.0))
+    short = dataclasses.replace(_dev(1.0), row_matmul={})
+    m = merge_devices([longer, short])
+    assert m.ops["elementwise"].fwd.sizes == (1.0, 10.0, 100.0, 1000.0)
+    assert m.row_matmul == {}
