@@ -62,7 +62,7 @@ def profile(
             ``a100-sxm-80g``); default a name made from the device (:func:`default_kind_name`).
         device: ``cpu``, ``cuda`` or ``cuda:N``; default CUDA when available.
         ranks: processes for the link measurement; default :func:`default_ranks`; 1 measures no link.
-        mode: ``quick`` (seconds), ``default`` (about a minute) or ``thorough`` (several minutes).
+        mode: ``quick`` (under a minute), ``default`` (a couple of minutes) or ``thorough`` (several minutes).
         precisions: matmul precisions (``fp32``, ``tf32``, ``bf16``, ``fp16``); default the device's own.
         threads: CPU threads of the compute measurement (default 1 on CPU: one rank per core).
         out: write the calibration there as JSON too.

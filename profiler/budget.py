@@ -2,7 +2,7 @@
 
 A mode fixes how many sizes each curve gets, how long ``torch.utils.benchmark`` repeats each measurement
 (it warms up, then repeats blocks of calls for at least ``min_run_time`` and reports the median), and the
-largest single op and transfer it times. The default takes about a minute on a 2-core CPU.
+largest single op and transfer it times. The default takes about two and a half minutes on a 2-core CPU.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def profile_command(
         help="Processes the link is measured between (1: no link). Default: every GPU on CUDA; 2 on a CPU "
         "with 2 cores or more.",
     ),
-    quick: bool = typer.Option(False, "--quick", help="A few seconds, coarse curves. Default: off."),
+    quick: bool = typer.Option(False, "--quick", help="Under a minute, coarse curves. Default: off."),
     thorough: bool = typer.Option(
         False, "--thorough", help="Several minutes, fine curves and larger sizes. Default: off."
     ),
@@ -56,8 +56,8 @@ def profile_command(
     """Measure this machine's device and link and write a calibration file for the cost model.
 
     The device part times matmuls, attention, memory-bound ops, per-op and per-microbatch overheads and the
-    optimizer; the link part times point-to-point transfers and collectives over gloo or NCCL. Takes about
-    a minute by default."""
+    optimizer; the link part times point-to-point transfers and collectives over gloo or NCCL. Takes a
+    couple of minutes by default."""
     from distplan.presentation.progress import ProgressLine
 
     if quick and thorough:
