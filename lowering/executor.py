@@ -128,29 +128,29 @@ class _Mailbox:
         self.next = {p: 0 for p in self.queues}
         self.posted.clear()
         if self.ahead:
-            for peer, q in self.queues.items():
-                if q:
-                    self._post(q[0])
-                    self.next[peer] = 1
+            for peer in self.queues:
+                self._post_next(peer)
 
-    def _post(self, m: Message) -> None:
+    def _post_next(self, peer: int) -> bool:
+        """Post the receive of ``peer``'s next message of this iteration; False when none is left."""
+        q = self.queues.get(peer, [])
+        i = self.next.get(peer, 0)
+        if i >= len(q):
+            return False
+        m = q[i]
         bufs = self.buffers_for(m)
         works = [dist.irecv(b, src=self.tr[m.src]) for b in bufs]
         self.posted[m] = (bufs, works)
+        self.next[peer] = i + 1
+        return True
 
     def get(self, m: Message) -> list[torch.Tensor]:
-        q = self.queues.get(m.src, [])
         while m not in self.posted:
-            i = self.next.get(m.src, 0)
-            if i >= len(q):
+            if not self._post_next(m.src):
                 raise LoweringError(f"rank {self.rank} expects {m} from rank {m.src}, which never sends it")
-            self._post(q[i])
-            self.next[m.src] = i + 1
         bufs, works = self.posted.pop(m)
-        i = self.next.get(m.src, 0)
-        if self.ahead and i < len(q):
-            self._post(q[i])
-            self.next[m.src] = i + 1
+        if self.ahead:
+            self._post_next(m.src)
         for w in works:
             _wait_p2p(w)
         return bufs
