@@ -81,6 +81,35 @@ def _geometric(lo: float, hi: float, per_decade: float) -> list[float]:
     return [lo * (hi / lo) ** (i / n) for i in range(n + 1)]
 
 
+class _Sweep:
+    """The sizes of one curve: ``values`` in order, ending before a size whose op would take longer than the
+    mode's ``max_op_s``, extrapolated from the last size timed as ``seconds * (size / last) ** power``
+    (``power`` 2 where time grows with the square of the swept value, as attention's with its length), or
+    after one that did take longer (report each op's seconds with :meth:`took`). Without the first test,
+    at one size per decade (``--quick``) the first size past the limit took up to 40x it, out of the cache:
+    2 s of the 2.3 s each operator's curve took, half of the mode's time."""
+
+    def __init__(self, values: Sequence[float], budget: Budget, power: float = 1.0) -> None:
+        self.values = list(values)
+        self.limit = budget.max_op_s
+        self.power = power
+        self.last: tuple[float, float] | None = None  # (value, seconds) of the last size timed
+        self._current = 0.0
+
+    def __iter__(self) -> Iterator[float]:
+        for v in self.values:
+            if self.last is not None:
+                prev, secs = self.last
+                if secs > self.limit or secs * (v / prev) ** self.power > self.limit:
+                    return
+            self._current = v
+            yield v
+
+    def took(self, seconds: float) -> None:
+        """Record the seconds the op at the current size took."""
+        self.last = (self._current, seconds)
+
+
 def _curve(points: Sequence[tuple[float, float]]) -> Curve:
     """A curve from (size, seconds) points: per size the median (the geometric mean of the middle two of
     an even count: several ranks measure each size), then made non-decreasing by pooling adjacent
@@ -262,7 +291,8 @@ def _matmul(
 ) -> OpTimes:
     fwd_pts, bwd_pts = [], []
     prec = functools.partial(matmul_precision, precision, device)
-    for target in _geometric(1e4, 1e14, budget.points_per_decade):
+    sweep = _Sweep(_geometric(1e4, 1e14, budget.points_per_decade), budget)
+    for target in sweep:
         # A linear of T = 2h tokens from width h to 3h: 2 T K N = 12 h^3 FLOPs (a transformer's matmuls
         # range from h -> h to h -> 4h on T = batch x sequence tokens).
         h = max(4, round((target / 12) ** (1 / 3) / 4) * 4)
@@ -277,8 +307,7 @@ def _matmul(
         fwd_pts.append((flops, tf))
         bwd_pts.append((flops, tb))
         tick()
-        if tf > budget.max_op_s:
-            break
+        sweep.took(tf)
     return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
 
 
@@ -287,7 +316,9 @@ def _attention(device: torch.device, precision: str, budget: Budget, tick: Calla
     prec = functools.partial(matmul_precision, precision, device)
     heads, dim = 4, 32
     lengths = sorted({max(8, round(x / 8) * 8) for x in _geometric(8, 16384, budget.points_per_decade)})
-    for s in lengths:
+    sweep = _Sweep(lengths, budget, power=2.0)
+    for s in sweep:
+        s = int(s)
         q, k, v = (torch.randn(1, heads, s, dim, device=device, requires_grad=True) for _ in range(3))
         sdpa = functools.partial(aten.scaled_dot_product_attention.default, q, k, v, None, 0.0, True)
         tf, tb = _fwd_bwd(sdpa, budget, prec)
@@ -295,8 +326,7 @@ def _attention(device: torch.device, precision: str, budget: Budget, tick: Calla
         fwd_pts.append((flops, tf))
         bwd_pts.append((flops, tb))
         tick()
-        if tf > budget.max_op_s:
-            break
+        sweep.took(tf)
     return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
 
 
@@ -304,7 +334,8 @@ def _stream(device: torch.device, budget: Budget, tick: Callable[[], None], llc:
     """A one-token linear (matrix-vector product) against bytes moved (input + weight + output): how fast
     cold weights stream, forward and backward (see [Note: cold weights])."""
     fwd_pts, bwd_pts = [], []
-    for target in _geometric(1e3, 1e11, budget.points_per_decade):
+    sweep = _Sweep(_geometric(1e3, 1e11, budget.points_per_decade), budget)
+    for target in sweep:
         k = max(4, round(math.sqrt(target / 4) / 4) * 4)
         count = _pool(4.0 * k * k, llc)
         if 4.0 * count * (3 * k * k + 4 * k) > mem:  # weights, their gradients, one more for the backward
@@ -316,8 +347,7 @@ def _stream(device: torch.device, budget: Budget, tick: Callable[[], None], llc:
         fwd_pts.append((nbytes, tf))
         bwd_pts.append((nbytes, tb))
         tick()
-        if tf > budget.max_op_s:
-            break
+        sweep.took(tf)
     return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
 
 
@@ -332,7 +362,8 @@ def _row_matmul(
     out: dict[int, OpTimes] = {}
     for rows in ROW_COUNTS:
         fwd_pts, bwd_pts = [], []
-        for target in _geometric(1e4, 1e10, budget.points_per_decade):
+        sweep = _Sweep(_geometric(1e4, 1e10, budget.points_per_decade), budget)
+        for target in sweep:
             k = max(4, round(math.sqrt(target / 8) / 4) * 4)
             count = _pool(8.0 * k * k, llc)
             if 4.0 * (count * 6 * k * k + 6 * rows * k) > mem:  # weights, their gradients, one more
@@ -348,8 +379,7 @@ def _row_matmul(
             fwd_pts.append((8.0 * k * k, tf))
             bwd_pts.append((8.0 * k * k, tb))
             tick()
-            if tf > budget.max_op_s:
-                break
+            sweep.took(tf)
         out[rows] = OpTimes(_curve(fwd_pts), _curve(bwd_pts))
     return out
 
@@ -399,7 +429,8 @@ def _memory_class(
     Each entry of ``ops`` maps a byte budget to (leaf input x, op(x), bytes one op moves); the op's own
     weights, if any, are leaves that require grad."""
     fwd_pts, bwd_pts = [], []
-    for target in _geometric(64, 1e11, budget.points_per_decade):
+    sweep = _Sweep(_geometric(64, 1e11, budget.points_per_decade), budget)
+    for target in sweep:
         if (CHAIN + 4) * target > mem:  # the input, a constant, the chain's saved values, a gradient
             break
         tfs, tbs, sizes = [], [], []
@@ -413,8 +444,7 @@ def _memory_class(
         fwd_pts.append((size, math.exp(sum(map(math.log, tfs)) / len(tfs))))
         bwd_pts.append((size, math.exp(sum(map(math.log, tbs)) / len(tbs))))
         tick()
-        if max(tfs) > budget.max_op_s:
-            break
+        sweep.took(max(tfs))
     return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
 
 
@@ -448,7 +478,8 @@ def _targets(
     sizes = _geometric(64, 1e11, max(1.0, budget.points_per_decade * 2 / 3))
     for name, per_elem, op, chains in _TARGETS:
         fwd_pts, bwd_pts = [], []
-        for target in sizes:
+        sweep = _Sweep(sizes, budget)
+        for target in sweep:
             if (CHAIN + 4) * target > mem:
                 break
             rows, width = _shape(max(1, int(target) // per_elem))
@@ -460,8 +491,7 @@ def _targets(
                 tf, tb = _fwd_bwd(functools.partial(op, x), budget)
             fwd_pts.append((nbytes, tf))
             bwd_pts.append((nbytes, tb))
-            if tf > budget.max_op_s:
-                break
+            sweep.took(tf)
         out[name] = OpTimes(_curve(fwd_pts), _curve(bwd_pts))
         tick()
     return out
@@ -519,7 +549,8 @@ def _embedding(
     dense gradient as large as the table (keyed by bytes moved, the table included, as the tracer counts)."""
     fwd_pts, bwd_pts = [], []
     dim = 64
-    for target in _geometric(256, 1e10, budget.points_per_decade):
+    sweep = _Sweep(_geometric(256, 1e10, budget.points_per_decade), budget)
+    for target in sweep:
         tokens = max(1, int(target) // (4 * dim))
         # A table several times the tokens it serves, as vocabularies are, within the memory limit.
         vocab = max(1024, min(16 * tokens, int(mem / 8 / (4 * dim))))
@@ -533,8 +564,7 @@ def _embedding(
         fwd_pts.append((out_bytes, tf))
         bwd_pts.append((4.0 * vocab * dim + 8.0 * tokens + out_bytes, tb))
         tick()
-        if max(tf, tb) > budget.max_op_s:
-            break
+        sweep.took(max(tf, tb))
     return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
 
 
@@ -561,7 +591,8 @@ def _optimizer(
     the cache and measured 20-45% below what the runtime's steps took."""
     pts = []
     count = 8
-    for target in _geometric(64, 4e9, budget.points_per_decade):
+    sweep = _Sweep(_geometric(64, 4e9, budget.points_per_decade), budget)
+    for target in sweep:
         n = max(1, int(target) // 4)
         groups = _pool(count * 4 * 4.0 * n, llc)  # weights, gradients, two states
         if groups * count * 4 * 4.0 * n > mem:
@@ -585,8 +616,7 @@ def _optimizer(
         t = _median_s(step, budget) / count
         pts.append((4.0 * n, t))
         tick()
-        if t * count > budget.max_op_s:
-            break
+        sweep.took(t * count)
     return _curve(pts)
 
 
