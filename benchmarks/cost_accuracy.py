@@ -308,14 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-mode", default="default", choices=("quick", "default", "thorough"))
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--kind", default=None, help="device kind (default: cpu-epyc-2core on CPU)")
-    ap.add_argument("--steps", type=int, default=10, help="measured iterations per launch (median kept)")
+    ap.add_argument("--steps", type=int, default=30, help="measured iterations per launch (median kept)")
     ap.add_argument(
         "--launches",
         type=int,
         default=5,
         help="launches of each plan, round the cases; the median over launches is the measured time",
     )
-    ap.add_argument("--warmup", type=int, default=2, help="iterations run before measuring")
+    ap.add_argument("--warmup", type=int, default=3, help="iterations run before measuring")
     ap.add_argument("--noise", type=int, default=0, help="run the first plan this many times (noise floor)")
     ap.add_argument("--only", default=None, help="run only the cases whose name contains this text")
     ap.add_argument(

@@ -1,6 +1,6 @@
 """GPT-2 XL (1.56B parameters; a full fp32 copy is 6.2 GB, four copies do not fit this 24 GiB machine beside
 the runtime) lowered on 4 CPU ranks: each rank builds the model on meta, materialises only its stage and
-trains two SGD steps; its peak RSS stays below 1.5 x its parameter + gradient + optimizer bytes plus the
+trains one SGD step; its peak RSS stays below 1.5 x its parameter + gradient + optimizer bytes plus the
 runtime overhead, measured by the same ranks on the same plan at hidden size 64
 (``benchmarks/rank_memory.py``, whose JSON this test reads)."""
 
@@ -24,7 +24,7 @@ def test_gpt2_xl_on_four_cpu_ranks_holds_only_its_stage(tmp_path: Path) -> None:
     out = tmp_path / "rank_memory.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "rank_memory.py"), "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "rank_memory.py"), "--steps", "1", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=2600,
@@ -49,4 +49,4 @@ def test_gpt2_xl_on_four_cpu_ranks_holds_only_its_stage(tmp_path: Path) -> None:
     held = sum(row["param_bytes"] for row in rows)
     assert res["full_fp32_copy_bytes"] <= held < 1.1 * res["full_fp32_copy_bytes"]
     losses = [row["losses"] for row in rows if row["losses"][0] is not None]
-    assert len(losses) == 1 and len(losses[0]) == 2
+    assert len(losses) == 1 and len(losses[0]) == 1
