@@ -43,7 +43,7 @@ def project_root() -> str:
 
 
 def spawn_ranks(
-    module: str, config: Path, world: int, folder: Path, *, threads: int = 1, pin: bool = False
+    module: str, config: Path, world: int, folder: Path, *, threads: int = 1
 ) -> list[subprocess.Popen[bytes]]:
     """Start ``world`` processes ``python -m module config`` on this machine, rank ``R`` logging to
     ``folder/rank<R>.log``.
@@ -54,11 +54,6 @@ def spawn_ranks(
         world: number of ranks (>= 1).
         folder: where the logs go (exists).
         threads: ``OMP_NUM_THREADS`` of each rank (1 keeps ranks from sharing cores).
-        pin: give rank ``R`` cores ``R * threads ...`` of this process's CPU set of its own (threads the
-            rank starts inherit them), where there are enough cores for every rank; left as it is
-            otherwise. For measurements: unpinned, the scheduler moved ranks between the 2 cores of a VM
-            here and a 2-stage GPipe BERT's launches took a median 39-55 ms per iteration against 33-38 ms
-            pinned.
 
     Returns:
         One ``Popen`` per rank, rank order; each leads a session of its own.
@@ -93,12 +88,6 @@ def spawn_ranks(
             )
         )
         log.close()
-    if pin and hasattr(os, "sched_setaffinity"):
-        cores = sorted(os.sched_getaffinity(0))
-        if world * threads <= len(cores):
-            for r, p in enumerate(procs):
-                with contextlib.suppress(OSError):  # a rank that already exited
-                    os.sched_setaffinity(p.pid, set(cores[r * threads : (r + 1) * threads]))
     return procs
 
 

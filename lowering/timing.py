@@ -236,8 +236,7 @@ def measure(
 
     Each rank lowers the plan (:func:`distplan.lowering.lower`), trains ``warmup + steps`` iterations on a
     seeded batch, the ranks starting each iteration together (a barrier), and keeps what each measured
-    iteration took (:meth:`Runner.step_times`). CPU ranks are pinned to cores of their own
-    (``distplan.ranks.spawn_ranks``), as ``distplan profile`` pins the ranks it measures with.
+    iteration took (:meth:`Runner.step_times`).
 
     Args:
         plan: the plan.
@@ -291,9 +290,7 @@ def measure(
             "timeout_s": timeout_s,
         }
         (d / "config.json").write_text(json.dumps(cfg))
-        procs = spawn_ranks(
-            "distplan.lowering.timing", d / "config.json", world, d, threads=threads, pin=device == "cpu"
-        )
+        procs = spawn_ranks("distplan.lowering.timing", d / "config.json", world, d, threads=threads)
         deadline = time.monotonic() + timeout_s
         try:
             while any(p.poll() is None for p in procs):

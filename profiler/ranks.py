@@ -84,7 +84,7 @@ def measure_ranks(
             "timeout_s": timeout_s,
         }
         (d / "config.json").write_text(json.dumps(cfg))
-        procs = spawn_ranks("distplan.profiler.ranks", d / "config.json", world, d, pin=dev == "cpu")
+        procs = spawn_ranks("distplan.profiler.ranks", d / "config.json", world, d)
         deadline = time.monotonic() + timeout_s
         timed_out = False
         try:
