@@ -1,15 +1,18 @@
 """How far the cost model's predictions are from what the plans really take, on this machine.
 
-    python benchmarks/cost_accuracy.py [--json OUT.json] [--no-calibration] [--device cuda] [--quick]
+    python benchmarks/cost_accuracy.py [--json OUT.json] [--no-calibration] [--device cuda] [--calibrate-once]
 
-Calibrates this machine first (``distplan profile``; ``--calibration FILE`` reuses a file instead,
-``--no-calibration`` predicts from the datasheet figures alone), then for every plan of :data:`CASES` (models
-of four families, one and two stages, GPipe and 1F1B, 1 to 8 microbatches, data-parallel degree 1 and 2;
-never more ranks than cores, one thread each, so that the ranks do not share a core) lowers and runs it for
-real (``distplan.lowering.timing.measure``: every rank, ``--steps`` iterations after ``--warmup``), and
-prints predicted against measured per-stage forward/backward and iteration time with the error. Each plan
-is launched ``--launches`` times (default 5), round the cases, and its measured iteration time is the
-median over launches of each launch's median: on a shared 2-core VM one launch alone moved by up to 26%.
+For every plan of :data:`CASES` (models of four families, one and two stages, GPipe and 1F1B, 1 to 8
+microbatches, data-parallel degree 1 and 2; never more ranks than cores, one thread each, so that the ranks
+do not share a core) it lowers and runs the plan for real (``distplan.lowering.timing.measure``: every rank,
+``--steps`` iterations after ``--warmup``) and prints predicted against measured per-stage forward/backward
+and iteration time with the error. It runs ``--launches`` rounds (default 5); each round calibrates this
+machine (``distplan profile``) and then launches every plan once, priced with that calibration, as a user
+profiles and then plans (``--calibrate-once`` calibrates before the first round only, ``--calibration
+FILE`` reuses a file, ``--no-calibration`` predicts from the datasheet figures alone). A row's prediction
+is the median of its rounds' predictions, its measured iteration time the median over launches of each
+launch's median: on this shared 2-core VM one launch alone moved by up to 26%, and the machine's speed
+drifts by up to a third over tens of minutes.
 With ``--noise N`` it also measures one plan N times that way and reports the spread: the noise floor
 below which no prediction can be judged.
 
@@ -224,10 +227,14 @@ def merged(runs: list[Any]) -> Any:
     return MeasuredRun(layout=runs[0].layout, steps=tuple(s for r in runs for s in r.steps))
 
 
-def row(case: Case, plan: Any, runs: list[Any]) -> dict[str, Any]:
-    """One table row: predictions against the median over launches of each launch's median iteration
-    (a launch-wide disturbance moves one launch, not the row), stage and rank figures over all launches."""
-    predicted = plan.predictions.iteration_time_s
+def row(case: Case, plans: list[Any], runs: list[Any]) -> dict[str, Any]:
+    """One table row: the median of the rounds' predictions (one plan per round, each priced with the
+    calibration taken at the start of its round) against the median over launches of each launch's median
+    iteration (a launch-wide disturbance moves one launch, not the row); stage predictions from the round
+    whose prediction is the median, stage and rank measurements over all launches."""
+    preds = [p.predictions.iteration_time_s for p in plans]
+    predicted = statistics.median(preds)
+    plan = sorted(plans, key=lambda p: p.predictions.iteration_time_s)[(len(plans) - 1) // 2]
     launches = [r.iteration_s for r in runs]
     measured = statistics.median(launches)
     run = merged(runs)
@@ -267,6 +274,7 @@ def row(case: Case, plan: Any, runs: list[Any]) -> dict[str, Any]:
         "predicted_s": predicted,
         "measured_s": measured,
         "launches_s": launches,
+        "predicted_per_round_s": preds,
         "iteration_error": (predicted - measured) / measured,
         "ranks": case.ranks,
         "stages": stages,
@@ -306,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-calibration", action="store_true", help="predict from datasheet figures only")
     ap.add_argument("--calibration", type=Path, default=None, help="use this calibration file (no profiling)")
     ap.add_argument("--profile-mode", default="default", choices=("quick", "default", "thorough"))
+    ap.add_argument(
+        "--calibrate-once",
+        action="store_true",
+        help="calibrate once before every launch rather than again at the start of each round of launches",
+    )
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--kind", default=None, help="device kind (default: cpu-epyc-2core on CPU)")
     ap.add_argument("--steps", type=int, default=30, help="measured iterations per launch (median kept)")
@@ -344,10 +357,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--kind is required with --device cuda (the catalogue name of the GPU, e.g. h100-sxm-80g)")
     cases = [c for c in CASES if args.only is None or args.only in c.name]
     calibration: dict[str, Any] | None = None
-    calibration_busy: float | None = None
+    calibration_busy: list[float] = []
     fastest = [speed_probe()]
-    t0 = time.perf_counter()
-    if not args.no_calibration:
+    profile_s: list[float] = []
+
+    def calibrate() -> dict[str, Any] | None:
+        """The calibration the next round's predictions use: none, the file given, or a fresh profile."""
+        if args.no_calibration:
+            return None
         from distplan.calibration import Calibration
 
         if args.calibration is not None:
@@ -357,23 +374,36 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"calibrating this machine ({args.profile_mode}) ...", flush=True)
             # The calibration is every prediction's basis: give it twice as long to find a quiet machine.
-            calibration_busy = wait_quiet(2 * args.quiet_wait)
+            calibration_busy.append(wait_quiet(2 * args.quiet_wait))
             wait_fast(2 * args.quiet_wait, fastest)
+            t0 = time.perf_counter()
             cal = distplan.profile(kind, device=args.device, mode=args.profile_mode)
+            profile_s.append(round(time.perf_counter() - t0, 1))
             RESULTS.mkdir(exist_ok=True)
             cal.save(RESULTS / f"calibration-{args.device}.json")
         if cal.kind != kind:
             cal = type(cal)(kind=kind, device=cal.device, link=cal.link, meta=cal.meta)
-        calibration = cal.to_dict()
-    profile_s = time.perf_counter() - t0
-    plans = [predict(case, cluster_spec(kind, case.ranks, calibration, args.device)) for case in cases]
+        return cal.to_dict()
+
+    # Each round calibrates afresh (unless --calibrate-once or a file is given), then launches every case
+    # once, priced with that round's calibration: this VM's speed drifts by up to a third over tens of
+    # minutes (a 2-stage GPT-2's forward 3.2 ms in one run, 4.1-4.8 ms in one an hour later), so a
+    # calibration predicts the minutes after it, as it does for a user who profiles and then plans. Rounds go
+    # round the cases (case 1..n, then again), so that a slow spell touches one launch of several cases.
+    fresh = not args.no_calibration and args.calibration is None and not args.calibrate_once
+    plans: list[list[Any]] = [[] for _ in cases]
     runs: list[list[Any]] = [[] for _ in cases]
     busy: list[list[float]] = [[] for _ in cases]
     slow: list[list[float]] = [[] for _ in cases]
-    # Launches go round the cases (case 1..n, then again), so that a slow spell of the machine touches one
-    # launch of several cases rather than every launch of one.
     for rep in range(args.launches):
-        for i, (case, plan) in enumerate(zip(cases, plans, strict=True)):
+        if rep == 0 or fresh:
+            calibration = calibrate()
+            priced = [
+                predict(case, cluster_spec(kind, case.ranks, calibration, args.device)) for case in cases
+            ]
+        for i, case in enumerate(cases):
+            plan = priced[i]
+            plans[i].append(plan)
             busy[i].append(wait_quiet(args.quiet_wait))
             slow[i].append(wait_fast(args.quiet_wait, fastest))
             runs[i].append(run_case(case, plan, args))
@@ -383,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     rows = []
-    for i, (case, plan) in enumerate(zip(cases, plans, strict=True)):
-        rows.append(row(case, plan, runs[i]))
+    for i, case in enumerate(cases):
+        rows.append(row(case, plans[i], runs[i]))
         rows[-1]["background_busy"] = max(busy[i])
         rows[-1]["probe_over_fastest"] = slow[i]
     print_table(rows, calibration is not None)
@@ -393,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         "calibrated": calibration is not None,
         "device": args.device,
         "kind": kind,
-        "profile_s": round(profile_s, 1),
+        "calibrations": len(profile_s),
+        "profile_s": profile_s,
         "calibration_background_busy": calibration_busy,
         "nice": os.nice(0),
         "load_average": os.getloadavg(),

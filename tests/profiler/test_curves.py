@@ -8,7 +8,8 @@ import math
 import pytest
 
 from distplan.calibration import Curve, DeviceCalibration, OpTimes
-from distplan.profiler.compute import _curve, merge_devices
+from distplan.profiler.budget import MODES
+from distplan.profiler.compute import _curve, _Sweep, merge_devices
 
 
 def test_a_curve_never_falls_and_a_spike_is_averaged_not_carried() -> None:
@@ -21,6 +22,28 @@ def test_a_curve_never_falls_and_a_spike_is_averaged_not_carried() -> None:
     assert c.seconds[-1] == pytest.approx(20.0)
     # Two measurements of one size: their geometric mean, not the larger.
     assert _curve([(1.0, 1.0), (1.0, 4.0)]).seconds == pytest.approx((2.0,))
+
+
+def test_a_sweep_stops_before_a_size_that_would_take_too_long_and_after_one_that_did() -> None:
+    budget = MODES["quick"]  # longest op 10 ms
+    limit = budget.max_op_s
+    sizes = [10.0**k for k in range(8)]
+
+    def swept(seconds_of: dict[float, float], power: float = 1.0) -> list[float]:
+        sweep, seen = _Sweep(sizes, budget, power=power), []
+        for v in sweep:
+            seen.append(v)
+            sweep.took(seconds_of.get(v, 0.0))
+        return seen
+
+    # Linear in size: 1e3 takes 0.2 of the limit, so 1e4 (2x the limit, extrapolated) is never run.
+    linear = {v: 0.2 * limit * v / 1e3 for v in sizes}
+    assert swept(linear) == sizes[:4]
+    # Squared (attention's length): 1e2 at 0.05 extrapolates 1e3 to 5x the limit.
+    assert swept({v: 0.05 * limit * (v / 1e2) ** 2 for v in sizes}, power=2.0) == sizes[:3]
+    # An op slower than extrapolated (out of the cache) ends the sweep right after it.
+    jump = {v: (0.05 * limit if v < 1e3 else 3 * limit) for v in sizes}
+    assert swept(jump) == sizes[:4]
 
 
 def _dev(scale: float, sizes: tuple[float, ...] = (1.0, 10.0, 100.0)) -> DeviceCalibration:
