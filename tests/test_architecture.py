@@ -304,7 +304,22 @@ for name in preload:
         pass  # the child that needs it reports it
 assert not [m for m in sys.modules if m == "distplan" or m.startswith("distplan.")], "distplan preloaded"
 failed = []
+running = {}  # pid -> (module, read end of the pipe its traceback comes through)
+width = len(os.sched_getaffinity(0))  # one child per core at a time
+
+
+def reap():
+    pid, status = os.wait()
+    module, read = running.pop(pid)
+    with os.fdopen(read) as f:
+        why = f.read()
+    if status != 0:
+        failed.append(f"{module}: {why.strip() or 'exit status %d' % status}")
+
+
 for module in modules:
+    while len(running) >= width:
+        reap()
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -317,11 +332,10 @@ for module in modules:
             code = 1
         os._exit(code)
     os.close(write)
-    with os.fdopen(read) as f:
-        why = f.read()
-    _, status = os.waitpid(pid, 0)
-    if status != 0:
-        failed.append(f"{module}: {why.strip() or 'exit status %d' % status}")
+    running[pid] = (module, read)
+while running:
+    reap()
+failed.sort()
 print("\n\n".join(failed))
 sys.exit(1 if failed else 0)
 """
