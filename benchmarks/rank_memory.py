@@ -124,7 +124,8 @@ def worker(config_path: str) -> int:
 def balanced_layout(graph: Any, stages: int, microbatches: int) -> str:
     """A 1F1B layout with ``stages`` stages of about equal parameter bytes, one rank each."""
     total = sum(n.param_bytes for n in graph.nodes)
-    cuts, acc = [], 0
+    cuts: list[int] = []
+    acc = 0
     for i, n in enumerate(graph.nodes):
         acc += n.param_bytes
         if len(cuts) < stages - 1 and acc >= total * (len(cuts) + 1) / stages:
