@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--calibrate-once",
         action="store_true",
-        help="calibrate once before every launch rather than again at the start of each round of launches",
+        help="calibrate once, before the first round, rather than again at the start of each round of launches",
     )
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--kind", default=None, help="device kind (default: cpu-epyc-2core on CPU)")
