@@ -43,6 +43,7 @@ from torch import nn
 
 from distplan.errors import LoweringError
 from distplan.graph import OpGraph
+from distplan.host_memory import keep_freed_memory
 from distplan.lowering._model import (
     CapturedModel,
     ModelSource,
@@ -578,6 +579,7 @@ def lower(
     else:
         dev = torch.device("cpu")
         backend = "gloo"
+        keep_freed_memory()  # see [Note: freed memory on CPU ranks] in distplan.host_memory
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=torch_rank, world_size=world, timeout=timeout)

@@ -36,6 +36,7 @@ import itertools
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from torch.utils.benchmark import Timer
 
 from distplan.calibration import ROW_COUNTS, Curve, DeviceCalibration, OpTimes
 from distplan.errors import CalibrationError
+from distplan.host_memory import keep_freed_memory
 
 from .budget import Budget
 
@@ -81,27 +83,55 @@ def _geometric(lo: float, hi: float, per_decade: float) -> list[float]:
     return [lo * (hi / lo) ** (i / n) for i in range(n + 1)]
 
 
+@dataclass(frozen=True)
+class Peers:
+    """Collectives over the ranks that measure one device kind at once (``distplan.profiler.ranks``).
+
+    ``barrier()`` waits for all of them; ``any(flag)`` is True on every rank when it is on one (a barrier
+    too); ``min(x)`` is the smallest ``x`` any of them passed. Every rank must make the same calls in the
+    same order, so every decision that ends a loop of measurements goes through them.
+    """
+
+    barrier: Callable[[], None]
+    any: Callable[[bool], bool]
+    min: Callable[[float], float]
+
+
 class _Sweep:
     """The sizes of one curve: ``values`` in order, ending before a size whose op would take longer than the
     mode's ``max_op_s``, extrapolated from the last size timed as ``seconds * (size / last) ** power``
     (``power`` 2 where time grows with the square of the swept value, as attention's with its length), or
     after one that did take longer (report each op's seconds with :meth:`took`). Without the first test,
     at one size per decade (``--quick``) the first size past the limit took up to 40x it, out of the cache:
-    2 s of the 2.3 s each operator's curve took, half of the mode's time."""
+    2 s of the 2.3 s each operator's curve took, half of the mode's time.
 
-    def __init__(self, values: Sequence[float], budget: Budget, power: float = 1.0) -> None:
+    With ``peers`` (ranks measuring at once, see :class:`Peers`) every rank takes every size together: the
+    ranks agree before each size whether to go on (one rank's op over the limit stops them all), so each
+    size is timed while the others time the same size. Started together only per class, a rank that had
+    finished its sweep left the other to time its largest (memory-bound) sizes alone: measured here, an Adam
+    step over 18 MB took 8.6 ms alone against 11-12.5 ms beside a second rank doing the same, and the
+    pooled curve priced the data-parallel MLP's optimizer at 13 ms where it took 19."""
+
+    def __init__(
+        self, values: Sequence[float], budget: Budget, power: float = 1.0, peers: Peers | None = None
+    ) -> None:
         self.values = list(values)
         self.limit = budget.max_op_s
         self.power = power
+        self.peers = peers
         self.last: tuple[float, float] | None = None  # (value, seconds) of the last size timed
         self._current = 0.0
 
     def __iter__(self) -> Iterator[float]:
         for v in self.values:
+            stop = False
             if self.last is not None:
                 prev, secs = self.last
-                if secs > self.limit or secs * (v / prev) ** self.power > self.limit:
-                    return
+                stop = secs > self.limit or secs * (v / prev) ** self.power > self.limit
+            if self.peers is not None:
+                stop = self.peers.any(stop)  # every rank calls it at every size: also their barrier
+            if stop:
+                return
             self._current = v
             yield v
 
@@ -287,11 +317,17 @@ def _fwd_bwd(
 
 # ---------------------------------------------------------------------------------------------- classes
 def _matmul(
-    device: torch.device, precision: str, budget: Budget, tick: Callable[[], None], llc: int, mem: float
+    device: torch.device,
+    precision: str,
+    budget: Budget,
+    tick: Callable[[], None],
+    llc: int,
+    mem: float,
+    peers: Peers | None = None,
 ) -> OpTimes:
     fwd_pts, bwd_pts = [], []
     prec = functools.partial(matmul_precision, precision, device)
-    sweep = _Sweep(_geometric(1e4, 1e14, budget.points_per_decade), budget)
+    sweep = _Sweep(_geometric(1e4, 1e14, budget.points_per_decade), budget, peers=peers)
     for target in sweep:
         # A linear of T = 2h tokens from width h to 3h: 2 T K N = 12 h^3 FLOPs (a transformer's matmuls
         # range from h -> h to h -> 4h on T = batch x sequence tokens).
@@ -311,12 +347,14 @@ def _matmul(
     return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
 
 
-def _attention(device: torch.device, precision: str, budget: Budget, tick: Callable[[], None]) -> OpTimes:
+def _attention(
+    device: torch.device, precision: str, budget: Budget, tick: Callable[[], None], peers: Peers | None = None
+) -> OpTimes:
     fwd_pts, bwd_pts = [], []
     prec = functools.partial(matmul_precision, precision, device)
     heads, dim = 4, 32
     lengths = sorted({max(8, round(x / 8) * 8) for x in _geometric(8, 16384, budget.points_per_decade)})
-    sweep = _Sweep(lengths, budget, power=2.0)
+    sweep = _Sweep(lengths, budget, power=2.0, peers=peers)
     for s in sweep:
         s = int(s)
         q, k, v = (torch.randn(1, heads, s, dim, device=device, requires_grad=True) for _ in range(3))
@@ -330,11 +368,18 @@ def _attention(device: torch.device, precision: str, budget: Budget, tick: Calla
     return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
 
 
-def _stream(device: torch.device, budget: Budget, tick: Callable[[], None], llc: int, mem: float) -> OpTimes:
+def _stream(
+    device: torch.device,
+    budget: Budget,
+    tick: Callable[[], None],
+    llc: int,
+    mem: float,
+    peers: Peers | None = None,
+) -> OpTimes:
     """A one-token linear (matrix-vector product) against bytes moved (input + weight + output): how fast
     cold weights stream, forward and backward (see [Note: cold weights])."""
     fwd_pts, bwd_pts = [], []
-    sweep = _Sweep(_geometric(1e3, 1e11, budget.points_per_decade), budget)
+    sweep = _Sweep(_geometric(1e3, 1e11, budget.points_per_decade), budget, peers=peers)
     for target in sweep:
         k = max(4, round(math.sqrt(target / 4) / 4) * 4)
         count = _pool(4.0 * k * k, llc)
@@ -352,7 +397,12 @@ def _stream(device: torch.device, budget: Budget, tick: Callable[[], None], llc:
 
 
 def _row_matmul(
-    device: torch.device, budget: Budget, tick: Callable[[], None], llc: int, mem: float
+    device: torch.device,
+    budget: Budget,
+    tick: Callable[[], None],
+    llc: int,
+    mem: float,
+    peers: Peers | None = None,
 ) -> dict[int, OpTimes]:
     """Linears of ``T`` rows (each of :data:`~distplan.calibration.ROW_COUNTS`) against their weight bytes
     ``8 k^2``, weights cold as for :func:`_stream` (see [Note: cold weights]); the backward accumulates the
@@ -362,7 +412,7 @@ def _row_matmul(
     out: dict[int, OpTimes] = {}
     for rows in ROW_COUNTS:
         fwd_pts, bwd_pts = [], []
-        sweep = _Sweep(_geometric(1e4, 1e10, budget.points_per_decade), budget)
+        sweep = _Sweep(_geometric(1e4, 1e10, budget.points_per_decade), budget, peers=peers)
         for target in sweep:
             k = max(4, round(math.sqrt(target / 8) / 4) * 4)
             count = _pool(8.0 * k * k, llc)
@@ -423,13 +473,14 @@ def _memory_class(
     ops: Sequence[
         tuple[str, Callable[[int], tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], float]]]
     ],
+    peers: Peers | None = None,
 ) -> OpTimes:
     """Curves of memory-bound ops against bytes moved, the geometric mean over ``ops`` at each size.
 
     Each entry of ``ops`` maps a byte budget to (leaf input x, op(x), bytes one op moves); the op's own
     weights, if any, are leaves that require grad."""
     fwd_pts, bwd_pts = [], []
-    sweep = _Sweep(_geometric(64, 1e11, budget.points_per_decade), budget)
+    sweep = _Sweep(_geometric(64, 1e11, budget.points_per_decade), budget, peers=peers)
     for target in sweep:
         if (CHAIN + 4) * target > mem:  # the input, a constant, the chain's saved values, a gradient
             break
@@ -471,14 +522,14 @@ _TARGETS: tuple[tuple[str, int, Callable[[torch.Tensor], torch.Tensor], bool], .
 
 
 def _targets(
-    device: torch.device, budget: Budget, tick: Callable[[], None], mem: float
+    device: torch.device, budget: Budget, tick: Callable[[], None], mem: float, peers: Peers | None = None
 ) -> dict[str, OpTimes]:
     """Curves of the operators of :data:`_TARGETS`, each against the bytes it moves."""
     out: dict[str, OpTimes] = {}
     sizes = _geometric(64, 1e11, max(1.0, budget.points_per_decade * 2 / 3))
     for name, per_elem, op, chains in _TARGETS:
         fwd_pts, bwd_pts = [], []
-        sweep = _Sweep(sizes, budget)
+        sweep = _Sweep(sizes, budget, peers=peers)
         for target in sweep:
             if (CHAIN + 4) * target > mem:
                 break
@@ -543,13 +594,18 @@ def _norm_ops(device: torch.device) -> list[tuple[str, _Build]]:
 
 
 def _embedding(
-    device: torch.device, budget: Budget, tick: Callable[[], None], llc: int, mem: float
+    device: torch.device,
+    budget: Budget,
+    tick: Callable[[], None],
+    llc: int,
+    mem: float,
+    peers: Peers | None = None,
 ) -> OpTimes:
     """Embedding: the forward reads only the gathered rows (keyed by output bytes); the backward writes a
     dense gradient as large as the table (keyed by bytes moved, the table included, as the tracer counts)."""
     fwd_pts, bwd_pts = [], []
     dim = 64
-    sweep = _Sweep(_geometric(256, 1e10, budget.points_per_decade), budget)
+    sweep = _Sweep(_geometric(256, 1e10, budget.points_per_decade), budget, peers=peers)
     for target in sweep:
         tokens = max(1, int(target) // (4 * dim))
         # A table several times the tokens it serves, as vocabularies are, within the memory limit.
@@ -581,7 +637,13 @@ def _view(device: torch.device, budget: Budget) -> OpTimes:
 
 
 def _optimizer(
-    device: torch.device, name: str, budget: Budget, tick: Callable[[], None], mem: float, llc: int
+    device: torch.device,
+    name: str,
+    budget: Budget,
+    tick: Callable[[], None],
+    mem: float,
+    llc: int,
+    peers: Peers | None = None,
 ) -> Curve:
     """Seconds of one optimizer step per parameter tensor, against the tensor's bytes (8 equal tensors,
     stepped together as the runtime steps a stage's parameters, divided). In training the step reads
@@ -591,7 +653,7 @@ def _optimizer(
     the cache and measured 20-45% below what the runtime's steps took."""
     pts = []
     count = 8
-    sweep = _Sweep(_geometric(64, 4e9, budget.points_per_decade), budget)
+    sweep = _Sweep(_geometric(64, 4e9, budget.points_per_decade), budget, peers=peers)
     for target in sweep:
         n = max(1, int(target) // 4)
         groups = _pool(count * 4 * 4.0 * n, llc)  # weights, gradients, two states
@@ -695,7 +757,7 @@ def measure_device(
     optimizers: Sequence[str] = ("adam", "adamw", "sgd"),
     progress: Progress | None = None,
     source: str = "",
-    barrier: Callable[[], None] | None = None,
+    peers: Peers | None = None,
     sharing: int = 1,
     runtime: bool = True,
 ) -> DeviceCalibration:
@@ -710,8 +772,9 @@ def measure_device(
         optimizers: optimizers whose per-tensor step is measured.
         progress: called with (what, done, total) as measurements finish.
         source: provenance written into the result.
-        barrier: called before each op class, when several ranks measure at once (they start each class
-            together, so every measurement runs beside the others, as the ranks of a plan do).
+        peers: the ranks measuring at once, if several (:class:`Peers`): they start each op class and each
+            size together, so every measurement runs beside the others, as the ranks of a plan do, and they
+            use the smallest memory limit any of them has.
         sharing: ranks sharing this device's last-level cache while measuring (the CPU cores of a host);
             the calibration records the cache per rank.
         runtime: also measure the pipeline runtime's per-microbatch cost (:func:`runtime_overhead`) and what
@@ -745,12 +808,17 @@ def measure_device(
     if threads < 1:
         raise CalibrationError(f"threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
+    if dev.type == "cpu":
+        keep_freed_memory()  # the ranks' allocator (see [Note: freed memory on CPU ranks])
     steps = {"n": 0}
     per_curve = max(2, math.ceil(10 * budget.points_per_decade))
     total = per_curve * (2 * len(precs) + 4 + len(ROW_COUNTS) + len(optimizers)) + len(_TARGETS) + 2
     llc = cache_bytes(dev)
     mem = memory_limit(dev, sharing)
-    sync = barrier or (lambda: None)
+    if peers is not None:
+        # The same sizes on every rank: a size one rank skipped would leave the others waiting for it.
+        mem = peers.min(mem)
+    sync = peers.barrier if peers is not None else (lambda: None)
 
     def ticker(what: str) -> Callable[[], None]:
         def tick() -> None:
@@ -766,28 +834,30 @@ def measure_device(
             matmul, attention = {}, {}
             for p in precs:
                 sync()
-                matmul[p] = _matmul(dev, p, budget, ticker(f"matmul {p}"), llc, mem)
+                matmul[p] = _matmul(dev, p, budget, ticker(f"matmul {p}"), llc, mem, peers=peers)
                 sync()
-                attention[p] = _attention(dev, p, budget, ticker(f"attention {p}"))
+                attention[p] = _attention(dev, p, budget, ticker(f"attention {p}"), peers=peers)
             sync()
-            stream = _stream(dev, budget, ticker("weight streaming"), llc, mem)
+            stream = _stream(dev, budget, ticker("weight streaming"), llc, mem, peers=peers)
             sync()
-            rows = _row_matmul(dev, budget, ticker("few-row matmuls"), llc, mem)
+            rows = _row_matmul(dev, budget, ticker("few-row matmuls"), llc, mem, peers=peers)
             ops = {}
             sync()
-            ops["elementwise"] = _memory_class(dev, budget, ticker("elementwise"), mem, _elementwise_ops(dev))
+            ops["elementwise"] = _memory_class(
+                dev, budget, ticker("elementwise"), mem, _elementwise_ops(dev), peers=peers
+            )
             sync()
-            ops["norm"] = _memory_class(dev, budget, ticker("norm"), mem, _norm_ops(dev))
+            ops["norm"] = _memory_class(dev, budget, ticker("norm"), mem, _norm_ops(dev), peers=peers)
             sync()
-            ops["embedding"] = _embedding(dev, budget, ticker("embedding"), llc, mem)
+            ops["embedding"] = _embedding(dev, budget, ticker("embedding"), llc, mem, peers=peers)
             sync()
             ops["view"] = _view(dev, budget)
             sync()
-            targets = _targets(dev, budget, ticker("operators"), mem)
+            targets = _targets(dev, budget, ticker("operators"), mem, peers=peers)
             opt = {}
             for name in optimizers:
                 sync()
-                opt[name] = _optimizer(dev, name, budget, ticker(f"optimizer {name}"), mem, llc)
+                opt[name] = _optimizer(dev, name, budget, ticker(f"optimizer {name}"), mem, llc, peers=peers)
             mb_f = mb_b = 0.0
             if runtime:
                 ticker("runtime overhead")()

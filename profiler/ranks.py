@@ -2,8 +2,8 @@
 
 A plan's ranks compute side by side: on a CPU they share the memory bandwidth and the last-level cache of
 the socket, on GPUs the host's PCIe. So when ``distplan profile`` measures a link between ``world`` ranks it
-also measures the device part *on every rank at once* (each rank one thread, or one GPU, each op class
-started together after a barrier) and pools the ranks' points into one curve per op (the median per size,
+also measures the device part *on every rank at once* (each rank one thread, or one GPU; the ranks take
+each size of each op class together, see ``distplan.profiler.compute.Peers``) and pools the ranks' points into one curve per op (the median per size,
 ``distplan.profiler.compute.merge_devices``), then measures the link. :func:`measure_ranks`
 starts the processes and gathers the result; a rank that fails is reported with its last lines.
 """
@@ -24,6 +24,7 @@ from typing import Any
 
 from distplan.calibration import DeviceCalibration, LinkCalibration
 from distplan.errors import CalibrationError
+from distplan.host_memory import keep_freed_memory
 from distplan.ranks import kill_ranks, spawn_ranks
 
 from .budget import MODES, Budget
@@ -133,6 +134,7 @@ def _rank_main(config_path: str) -> int:
     else:
         torch.set_num_threads(1)
         dev = torch.device("cpu")
+        keep_freed_memory()  # as CPU ranks do (see [Note: freed memory on CPU ranks])
     dist.init_process_group(cfg["backend"], timeout=timedelta(seconds=float(cfg["timeout_s"])))
     rank, world = dist.get_rank(), dist.get_world_size()
     progress_file = Path(cfg["progress"])
@@ -151,7 +153,7 @@ def _rank_main(config_path: str) -> int:
             threads=1 if device == "cpu" else None,
             progress=progress,
             source=cfg["source"],
-            barrier=dist.barrier,
+            peers=_peers(dev),
             sharing=world if device == "cpu" else 1,
             runtime=False,  # measured by the launching process, outside this group
         )
@@ -169,6 +171,26 @@ def _rank_main(config_path: str) -> int:
         Path(cfg["out"]).write_text(json.dumps(result))
     dist.destroy_process_group()
     return 0
+
+
+def _peers(dev: Any) -> Any:
+    """:class:`~distplan.profiler.compute.Peers` over this process group (tensors on ``dev``: NCCL takes
+    only CUDA ones)."""
+    import torch
+    import torch.distributed as dist
+
+    from .compute import Peers
+
+    def reduce(x: float, op: Any) -> float:
+        t = torch.tensor([x], dtype=torch.float64, device=dev)
+        dist.all_reduce(t, op=op)
+        return float(t.item())
+
+    return Peers(
+        barrier=dist.barrier,
+        any=lambda flag: reduce(1.0 if flag else 0.0, dist.ReduceOp.MAX) > 0.5,
+        min=lambda x: reduce(x, dist.ReduceOp.MIN),
+    )
 
 
 if __name__ == "__main__":

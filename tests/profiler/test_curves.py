@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 
 import pytest
 
 from distplan.calibration import Curve, DeviceCalibration, OpTimes
 from distplan.profiler.budget import MODES
-from distplan.profiler.compute import _curve, _Sweep, merge_devices
+from distplan.profiler.compute import Peers, _curve, _Sweep, merge_devices
 
 
 def test_a_curve_never_falls_and_a_spike_is_averaged_not_carried() -> None:
@@ -44,6 +45,53 @@ def test_a_sweep_stops_before_a_size_that_would_take_too_long_and_after_one_that
     # An op slower than extrapolated (out of the cache) ends the sweep right after it.
     jump = {v: (0.05 * limit if v < 1e3 else 3 * limit) for v in sizes}
     assert swept(jump) == sizes[:4]
+
+
+def test_ranks_sweeping_together_take_every_size_together() -> None:
+    """Two ranks whose ops take different times: the slower one's limit stops both at the same size, and
+    neither starts a size before the other has finished the one before (their agreement is a barrier)."""
+    budget = MODES["quick"]
+    limit = budget.max_op_s
+    sizes = [10.0**k for k in range(8)]
+    gate = threading.Barrier(2)
+    flags: list[bool] = [False, False]
+    lock = threading.Lock()
+    log: list[tuple[int, str, float]] = []
+
+    def any_(rank: int, flag: bool) -> bool:
+        flags[rank] = flag
+        gate.wait()
+        out = any(flags)
+        gate.wait()  # both have read before either writes again
+        return out
+
+    def run(rank: int, slowdown: float, seen: list[float]) -> None:
+        peers = Peers(barrier=gate.wait, any=lambda f: any_(rank, f), min=lambda x: x)
+        sweep = _Sweep(sizes, budget, peers=peers)
+        for v in sweep:
+            with lock:
+                log.append((rank, "start", v))
+            seen.append(v)
+            sweep.took(slowdown * 0.2 * limit * v / 1e3)  # rank 1: 1e3 alone over the limit
+            with lock:
+                log.append((rank, "end", v))
+
+    seen: list[list[float]] = [[], []]
+    threads = [threading.Thread(target=run, args=(r, 1.0 + 9.0 * r, seen[r])) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    # Rank 1's op at 1e2 took 0.2 of the limit, so 1e3 extrapolates to twice it: both ranks stop there,
+    # though rank 0 alone would have timed 1e3 too (0.2 of the limit).
+    assert seen[0] == seen[1] == sizes[:3]
+    alone = _Sweep(sizes, budget)
+    assert [alone.took(0.2 * limit * v / 1e3) or v for v in alone] == sizes[:4]
+    for v in seen[0]:
+        starts = [i for i, (_, what, size) in enumerate(log) if what == "start" and size == v]
+        ends_before = [i for i, (_, what, size) in enumerate(log) if what == "end" and size < v]
+        assert all(e < min(starts) for e in ends_before)
 
 
 def _dev(scale: float, sizes: tuple[float, ...] = (1.0, 10.0, 100.0)) -> DeviceCalibration:
