@@ -237,6 +237,13 @@ class DeviceCalibration:
             ``math`` stores the score matrix for the backward.
         microbatch_fwd_s / microbatch_bwd_s: the pipeline runtime's fixed cost of one microbatch's forward /
             backward on one stage (schedule bookkeeping, argument flattening, autograd set-up), beyond its ops.
+        boundary_fwd_s / boundary_bwd_s: what each pipeline boundary of a stage adds to one microbatch's
+            forward / backward on its rank, beyond the transfer itself: posting the send and the receive
+            and handing the core to the backend's thread (measured on a CPU with gloo: 0.2-0.45 ms a
+            message, outside every timed region; see ``distplan.profiler.compute.pipeline_overhead``).
+            A first or last stage has one boundary, a middle stage two.
+        step_s: the runtime's fixed cost of one iteration on a rank beyond its microbatches (clearing the
+            gradients, slicing the batch, collecting the loss).
         in_graph: what an op costs inside a whole model beyond its time alone (its inputs no longer hot in
             the cache, its output in fresh memory): ``(forward s per node, forward s per output byte,
             backward s per node, backward s per output byte)``, fitted on a reference model run whole (see
@@ -258,6 +265,9 @@ class DeviceCalibration:
     attention_kernel: str = "math"
     microbatch_fwd_s: float = 0.0
     microbatch_bwd_s: float = 0.0
+    boundary_fwd_s: float = 0.0
+    boundary_bwd_s: float = 0.0
+    step_s: float = 0.0
     in_graph: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     optimizer: Mapping[str, Curve] = field(default_factory=dict)
     threads: int = 1
@@ -279,7 +289,7 @@ class DeviceCalibration:
             raise _E(
                 f"attention_kernel: expected one of {', '.join(ATTENTION_KERNELS)}, got {self.attention_kernel!r}"
             )
-        for f in ("microbatch_fwd_s", "microbatch_bwd_s"):
+        for f in ("microbatch_fwd_s", "microbatch_bwd_s", "boundary_fwd_s", "boundary_bwd_s", "step_s"):
             v = getattr(self, f)
             if not (math.isfinite(v) and v >= 0):
                 raise _E(f"{f}: expected a number >= 0, got {v!r}")
@@ -331,6 +341,9 @@ class DeviceCalibration:
             "attention_kernel": self.attention_kernel,
             "microbatch_fwd_s": self.microbatch_fwd_s,
             "microbatch_bwd_s": self.microbatch_bwd_s,
+            "boundary_fwd_s": self.boundary_fwd_s,
+            "boundary_bwd_s": self.boundary_bwd_s,
+            "step_s": self.step_s,
             "in_graph": list(self.in_graph),
             "optimizer": {k: v.to_dict() for k, v in self.optimizer.items()},
             "threads": self.threads,
@@ -366,6 +379,9 @@ class DeviceCalibration:
                 attention_kernel=get_str(m, "attention_kernel", path, _E, "math"),
                 microbatch_fwd_s=get_float(m, "microbatch_fwd_s", path, _E, 0.0),
                 microbatch_bwd_s=get_float(m, "microbatch_bwd_s", path, _E, 0.0),
+                boundary_fwd_s=get_float(m, "boundary_fwd_s", path, _E, 0.0),
+                boundary_bwd_s=get_float(m, "boundary_bwd_s", path, _E, 0.0),
+                step_s=get_float(m, "step_s", path, _E, 0.0),
                 in_graph=_four(m.get("in_graph", [0.0, 0.0, 0.0, 0.0]), f"{path}.in_graph"),
                 optimizer={str(k): Curve.from_dict(v, f"{path}.optimizer.{k}") for k, v in opt.items()},
                 threads=get_int(m, "threads", path, _E, 1, minimum=1),
@@ -571,6 +587,8 @@ class Calibration:
             if "view" in d.ops:
                 out["view_overhead_us"] = d.ops["view"].fwd.seconds[0] * 1e6
             out["microbatch_overhead_us"] = (d.microbatch_fwd_s + d.microbatch_bwd_s) * 1e6
+            out["boundary_overhead_us"] = (d.boundary_fwd_s + d.boundary_bwd_s) * 1e6
+            out["step_overhead_us"] = d.step_s * 1e6
             out["attention_kernel"] = d.attention_kernel
         lk = self.link
         if lk is not None:

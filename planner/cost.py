@@ -148,6 +148,7 @@ __all__ = [
     "StageConfig",
     "StageCost",
     "boundary_rows",
+    "boundary_sides",
     "iteration_time",
     "optimizer_bytes_per_param",
     "state_bytes_per_param",
@@ -306,6 +307,13 @@ def iteration_time(stages: Sequence[StageCost], *, schedule: str, microbatches: 
     busy = sum(m * (s.fwd_s + s.bwd_s) + s.tied_allreduce_s + s.allreduce_s + s.optimizer_s for s in stages)
     bubble = 1.0 - busy / (len(stages) * total) if total > 0 else 0.0
     return IterationCost(total, max(0.0, bubble))
+
+
+def boundary_sides(start: int, end: int, n: int) -> int:
+    """Pipeline boundaries of the stage ``[start, end)`` of an ``n``-node graph: one for a first or last
+    stage of several, two for a middle stage, none for a single stage (each costs the runtime
+    ``DeviceCalibration.boundary_fwd_s`` / ``boundary_bwd_s`` per microbatch)."""
+    return int(start > 0) + int(end < n)
 
 
 def _op_class(target: str) -> str:
@@ -1046,6 +1054,9 @@ class CostModel:
             # tensors (split by tensor parallelism, divided over the replicas by sharding).
             f += cal.microbatch_fwd_s
             b += cal.microbatch_bwd_s
+            sides = boundary_sides(start, end, self.n)
+            f += cal.boundary_fwd_s * sides
+            b += cal.boundary_bwd_s * sides
             opt, passes = self._tensor_prefix(kind)
             extras = self._shared_extra_tensors(start, end)
             ratio = held / pbytes if pbytes > 0 else 1.0
@@ -1053,6 +1064,7 @@ class CostModel:
             optimizer = (float(opt[end] - opt[start]) + sum(self.optimizer_time(x, kind) for x in extras)) * (
                 ratio * step_share
             )
+            optimizer += cal.step_s  # the runtime's own per-iteration work, in the same tail
             one_pass = float(passes[end] - passes[start]) * ratio
             elem = cal.ops.get("elementwise")
             if elem is not None and dp > 1:

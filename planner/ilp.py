@@ -95,7 +95,9 @@ class StageOption:
     ``mem_prefix``, ``act`` (per in-flight microbatch) and ``once`` (held once) into ``act_prefix``,
     ``inputs`` into ``input_kib`` (per in-flight microbatch, at the stage's first boundary), ``ar`` into
     ``ar_prefix`` (plus ``ar_latency``), ``comm`` into ``comm_classes``; ``extra_kib`` is held whatever the
-    range. ``label``: the configuration, for notes and layouts (``dp2tp4 rc=full``).
+    range; ``edge_fwd`` / ``edge_bwd`` are added per microbatch for each pipeline boundary of the stage (one
+    for the first or last stage of several, two for a middle one; ``planner.cost.boundary_sides``).
+    ``label``: the configuration, for notes and layouts (``dp2tp4 rc=full``).
     """
 
     pool: int
@@ -113,6 +115,8 @@ class StageOption:
     fwd_const: int = 0
     bwd_const: int = 0
     ar_latency: int = 0
+    edge_fwd: int = 0
+    edge_bwd: int = 0
     recompute: str = "none"
     shard: str = "none"
 
@@ -237,7 +241,8 @@ def solve_stage_problem(
     hosts = sorted({q.host for q in pools})
     gpipe = p.schedule == "gpipe"
     t_hi = max(f[-1] + b[-1] for f, b in zip(p.fwd_prefix, p.bwd_prefix, strict=True))
-    t_hi += max((o.fwd_const + o.bwd_const for o in opts), default=0) + 1
+    edge_hi = 2 * max((o.edge_fwd + o.edge_bwd for o in opts), default=0)
+    t_hi += max((o.fwd_const + o.bwd_const for o in opts), default=0) + edge_hi + 1
 
     # Variables ----------------------------------------------------------------------------------------
     end = [model.new_int_var(1, nb, f"end[{s}]") for s in range(ns)]
@@ -293,8 +298,8 @@ def solve_stage_problem(
     # (d) stage compute time by the option's time class, (e) bottleneck.
     f_max = b_max = None
     if gpipe:
-        f_hi = max(x[-1] for x in p.fwd_prefix) + max((o.fwd_const for o in opts), default=0) + 1
-        b_hi = max(x[-1] for x in p.bwd_prefix) + max((o.bwd_const for o in opts), default=0) + 1
+        f_hi = max(x[-1] for x in p.fwd_prefix) + max((o.fwd_const for o in opts), default=0) + edge_hi + 1
+        b_hi = max(x[-1] for x in p.bwd_prefix) + max((o.bwd_const for o in opts), default=0) + edge_hi + 1
         f_max, b_max = model.new_int_var(0, f_hi, "Fmax"), model.new_int_var(0, b_hi, "Bmax")
         stage_f = [model.new_int_var(0, f_hi, f"F[{s}]") for s in range(ns)]
         stage_b = [model.new_int_var(0, b_hi, f"B[{s}]") for s in range(ns)]
@@ -303,14 +308,21 @@ def solve_stage_problem(
         for f, bw in zip(p.fwd_prefix, p.bwd_prefix, strict=True)
     ]
     for s in range(ns):
+        # Pipeline boundaries of slot s: the one before it (s > 0) and the one after it (slot s + 1 used).
+        sides = int(s > 0) + (used[s + 1] if s + 1 < ns else 0)
         for oi, o in enumerate(opts):
             if gpipe:
-                ff = span(p.fwd_prefix[o.time], "fwd", o.time, s) + o.fwd_const
-                bb = span(p.bwd_prefix[o.time], "bwd", o.time, s) + o.bwd_const
+                ff = span(p.fwd_prefix[o.time], "fwd", o.time, s) + o.fwd_const + o.edge_fwd * sides
+                bb = span(p.bwd_prefix[o.time], "bwd", o.time, s) + o.bwd_const + o.edge_bwd * sides
                 model.add(stage_f[s] >= ff).only_enforce_if(y[s, oi])
                 model.add(stage_b[s] >= bb).only_enforce_if(y[s, oi])
             else:
-                tt = span(tfb[o.time], "tfb", o.time, s) + o.fwd_const + o.bwd_const
+                tt = (
+                    span(tfb[o.time], "tfb", o.time, s)
+                    + o.fwd_const
+                    + o.bwd_const
+                    + (o.edge_fwd + o.edge_bwd) * sides
+                )
                 model.add(stage_t[s] >= tt).only_enforce_if(y[s, oi])
     for s in range(ns):
         rt = cf[s] + cb[s] if s + 1 < ns else 0

@@ -31,7 +31,7 @@ from distplan.errors import PlanError
 
 from .candidates import Candidate, PlanSpace, Pools, device_pools, stage_configs
 from .coarsen import Blocks
-from .cost import CostModel, boundary_rows
+from .cost import CostModel, boundary_rows, boundary_sides
 from .evaluate import StageSpec
 from .ilp import PoolSupply, SharedGroup, StageOption, StageProblem, StageSlot
 from .parallelism import StageConfig
@@ -144,6 +144,7 @@ def build_problem(
     consts: list[tuple[float, float, float, float]] = []  # fwd, bwd, ar latency, extra bytes
     comm_classes: dict[tuple[int, int], int] = {}
     supplies: list[PoolSupply] = []
+    edges: list[tuple[float, float]] = []  # per pool: the runtime's cost of a pipeline boundary (fwd, bwd)
     tcache: dict[object, tuple[np.ndarray, np.ndarray, float, float]] = {}
     acache: dict[object, tuple[np.ndarray, float]] = {}
     for pi, pool in enumerate(pl.pools):
@@ -152,6 +153,7 @@ def build_problem(
         cap = cluster.kinds[kind].usable_memory_bytes
         supplies.append(PoolSupply(pool.host, pl.kinds.index(kind), len(pool.devices), cap // KIB, link_i))
         cal = cluster.kinds[kind].calibration
+        edges.append((cal.boundary_fwd_s, cal.boundary_bwd_s) if cal is not None else (0.0, 0.0))
         any_dp = math.lcm(*range(1, len(pool.devices) + 1))
         for cfg in stage_configs(
             microbatch=any_dp if least_rows else b,
@@ -164,6 +166,7 @@ def build_problem(
             part = held(tp) - unshard
             fc = cal.microbatch_fwd_s if cal is not None else 0.0
             bc = cal.microbatch_bwd_s if cal is not None else 0.0
+            step_c = cal.step_s if cal is not None else 0.0
             per_mb_link = link_i if (tp > 1 or sh in ("optimizer+gradients", "full")) else None
 
             def time_arrays(
@@ -276,7 +279,7 @@ def build_problem(
                 )
             )
             configs.append(cfg)
-            consts.append((fc + lat_f, bc + lat_b, ar_built[1], extra))
+            consts.append((fc + lat_f, bc + lat_b, ar_built[1] + step_c, extra))
     # Dominance (see [Note: options]): per pool, degrees and recomputation, drop an option another beats or
     # ties everywhere (ties keep the first in configuration order).
     groups: dict[tuple[int, int, int, str], list[int]] = {}
@@ -401,6 +404,8 @@ def build_problem(
                 fwd_const=round(fcst / unit),
                 bwd_const=round(bcst / unit),
                 ar_latency=round(alat / unit),
+                edge_fwd=round(edges[o.pool][0] / unit),
+                edge_bwd=round(edges[o.pool][1] / unit),
                 recompute=o.recompute,
                 shard=o.shard,
             )
@@ -474,8 +479,9 @@ def stage_terms(p: StageProblem, a: int, e: int, oi: int, inflight: int, copies_
     per microbatch, memory per device (with ``copies_kib`` of shared-parameter copies) and all-reduce term
     (without shared parameters)."""
     o = p.options[oi]
-    f = p.fwd_prefix[o.time][e] - p.fwd_prefix[o.time][a] + o.fwd_const
-    bw = p.bwd_prefix[o.time][e] - p.bwd_prefix[o.time][a] + o.bwd_const
+    sides = boundary_sides(a, e, p.num_blocks)
+    f = p.fwd_prefix[o.time][e] - p.fwd_prefix[o.time][a] + o.fwd_const + o.edge_fwd * sides
+    bw = p.bwd_prefix[o.time][e] - p.bwd_prefix[o.time][a] + o.bwd_const + o.edge_bwd * sides
     mem = p.mem_prefix[o.state][e] - p.mem_prefix[o.state][a] + copies_kib + o.extra_kib
     if o.act >= 0:
         mem += inflight * (p.act_prefix[o.act][e] - p.act_prefix[o.act][a])

@@ -79,7 +79,7 @@ def profile(
     import torch
     import torch.distributed as dist
 
-    from .compute import _cpu_name, measure_device, runtime_overhead
+    from .compute import _cpu_name, measure_device, pipeline_overhead, runtime_overhead
     from .ranks import measure_ranks
     from .reference import in_graph_costs
 
@@ -116,8 +116,18 @@ def profile(
         )
         assert dev is not None
         if not dist.is_initialized():  # inside a job of its own, this process cannot lower a one-rank plan
-            mb_f, mb_b = runtime_overhead(device, budget)
-            dev = dataclasses.replace(dev, microbatch_fwd_s=mb_f, microbatch_bwd_s=mb_b)
+            if progress is not None:
+                progress("runtime overhead", 0, 1)
+            one = runtime_overhead(device, budget)
+            bf, bb = pipeline_overhead(device, budget, one)
+            dev = dataclasses.replace(
+                dev,
+                microbatch_fwd_s=one.microbatch_fwd_s,
+                microbatch_bwd_s=one.microbatch_bwd_s,
+                step_s=one.step_s,
+                boundary_fwd_s=bf,
+                boundary_bwd_s=bb,
+            )
             dev = in_graph_costs(device, budget, dev)
     else:
         # One rank, or ranks of several threads each: measure the device here, the link on its own.

@@ -35,6 +35,7 @@ import functools
 import itertools
 import math
 import os
+import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -682,14 +683,44 @@ def _optimizer(
     return _curve(pts)
 
 
-def runtime_overhead(device: str, budget: Budget) -> tuple[float, float]:
-    """distplan's pipeline runtime's own cost per microbatch on one stage, forward and backward (seconds).
+@dataclass(frozen=True, slots=True)
+class RuntimeOverhead:
+    """What distplan's pipeline runtime adds on one rank beyond the ops it runs (seconds).
+
+    Attributes:
+        microbatch_fwd_s / microbatch_bwd_s: per microbatch on a stage, forward / backward.
+        step_s: per iteration, beyond its microbatches.
+    """
+
+    microbatch_fwd_s: float
+    microbatch_bwd_s: float
+    step_s: float
+
+
+def _profiled_cluster(devices: int) -> dict[str, Any]:
+    """A cluster of ``devices`` devices of one host for plans that are run, not priced (any figures do)."""
+    return {
+        "name": "profiled",
+        "kinds": [
+            {"name": "profiled", "memory_gib": 1, "memory_bandwidth_gbyte_s": 1, "peak_tflops": {"fp32": 1}}
+        ],
+        "hosts": [
+            {"name": "h", "devices": [{"kind": "profiled"}] * devices, "link": {"bandwidth_gbyte_s": 1}}
+        ],
+    }
+
+
+def runtime_overhead(device: str, budget: Budget) -> RuntimeOverhead:
+    """distplan's pipeline runtime's own cost on one stage: per microbatch, forward and backward, and per
+    iteration (seconds).
 
     A one-stage plan of a tiny model is lowered for real (:func:`distplan.lowering.lower`, in a process
     group of this process alone) and stepped with 1 and 8 microbatches; the time per extra microbatch minus
     what the runner measured inside its stage and loss regions is what the runtime adds around them
-    (input chunks, actions, bookkeeping), split evenly between the forward and the backward. Needs this
-    process outside any process group (``distplan profile`` calls it from the launching process).
+    (input chunks, actions, bookkeeping), split evenly between the forward and the backward; what the
+    one-microbatch step spent outside those regions beyond that is the per-iteration part (clearing the
+    gradients, slicing the batch, collecting the loss). Needs this process outside any process group
+    (``distplan profile`` calls it from the launching process).
     """
     import os
 
@@ -704,13 +735,7 @@ def runtime_overhead(device: str, budget: Budget) -> tuple[float, float]:
     dev = torch.device(device)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8)).to(dev)
     graph = trace(model, (torch.randn(1, 8),))
-    cluster = {
-        "name": "profiled",
-        "kinds": [
-            {"name": "profiled", "memory_gib": 1, "memory_bandwidth_gbyte_s": 1, "peak_tflops": {"fp32": 1}}
-        ],
-        "hosts": [{"name": "h", "devices": [{"kind": "profiled"}], "link": {"bandwidth_gbyte_s": 1}}],
-    }
+    cluster = _profiled_cluster(1)
     saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -738,7 +763,7 @@ def runtime_overhead(device: str, budget: Budget) -> tuple[float, float]:
             per_step[m] = (total, inside)
         (t1, in1), (t8, in8) = per_step[1], per_step[8]
         outside = max(0.0, ((t8 - in8) - (t1 - in1)) / 7)
-        return outside / 2, outside / 2
+        return RuntimeOverhead(outside / 2, outside / 2, max(0.0, (t1 - in1) - outside))
     finally:
         dist.destroy_process_group()
         for k, v in saved.items():
@@ -746,6 +771,64 @@ def runtime_overhead(device: str, budget: Budget) -> tuple[float, float]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+#: Iterations each launch of :func:`pipeline_overhead` measures, per mode (the median is kept).
+_PIPELINE_STEPS = {"quick": 8, "default": 16, "thorough": 40}
+
+
+def pipeline_overhead(device: str, budget: Budget, one_rank: RuntimeOverhead) -> tuple[float, float]:
+    """What a pipeline boundary adds to one microbatch on each of its two ranks beyond the transfer,
+    forward and backward (seconds): posting the send and the receive, and on a CPU handing the core to
+    gloo's thread (see [Note: sends on CPU threads] in ``distplan.lowering.executor``).
+
+    A two-stage GPipe plan of the built-in ``mlp-tiny`` (messages of a few hundred bytes) is run for real
+    on two ranks of this host (:func:`distplan.lowering.timing.measure`) with 1 and 8 microbatches; per
+    rank, the iteration minus every timed region (compute, loss, transfer waits, all-reduce, optimizer) is
+    the runtime's own time, and its growth per microbatch minus ``one_rank``'s (a stage without
+    boundaries) is the boundary's part, split evenly between the forward and the backward. Measured on
+    this 2-core VM: 0.6-0.9 ms per microbatch per boundary (one rank's runtime alone: 0.06 ms), which
+    left every pipeline row of ``benchmarks/cost_accuracy.py`` under-predicted.
+
+    Raises:
+        CalibrationError: when the plan cannot be run here (fewer than two devices, a rank that failed).
+    """
+    from distplan.errors import DistplanError
+    from distplan.lowering.timing import measure
+    from distplan.planner import evaluate
+    from distplan.tracer import resolve_model, trace_bundle
+
+    graph = trace_bundle(resolve_model("mlp-tiny", batch=1, device="meta"))
+    n = len(graph)
+    cut = min(range(1, n), key=lambda p: (abs(p - n // 2), p))
+    outside: dict[int, list[float]] = {}
+    for m in (1, 8):
+        plan = evaluate(
+            graph,
+            cluster=_profiled_cluster(2),
+            layout=f"gpipe m{m}x1 | 0:{cut}@0 | {cut}:{n}@1",
+            global_batch=m,
+        )
+        try:
+            run = measure(
+                plan, "mlp-tiny", steps=_PIPELINE_STEPS.get(budget.name, 16), warmup=3, device=device
+            )
+        except DistplanError as e:
+            raise CalibrationError(f"the pipeline overhead could not be measured: {e}") from e
+        outside[m] = [
+            statistics.median(
+                step[r].iteration_s
+                - step[r].compute_s
+                - (step[r].p2p_wait_s or 0.0)
+                - step[r].allreduce_s
+                - step[r].optimizer_s
+                for step in run.steps
+            )
+            for r in range(2)
+        ]
+    slope = sum((outside[8][r] - outside[1][r]) / 7 for r in range(2)) / 2
+    extra = max(0.0, slope - one_rank.microbatch_fwd_s - one_rank.microbatch_bwd_s)
+    return extra / 2, extra / 2
 
 
 def measure_device(
@@ -858,10 +941,10 @@ def measure_device(
             for name in optimizers:
                 sync()
                 opt[name] = _optimizer(dev, name, budget, ticker(f"optimizer {name}"), mem, llc, peers=peers)
-            mb_f = mb_b = 0.0
+            overhead = RuntimeOverhead(0.0, 0.0, 0.0)
             if runtime:
                 ticker("runtime overhead")()
-                mb_f, mb_b = runtime_overhead(str(dev), budget)
+                overhead = runtime_overhead(str(dev), budget)
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
         kernel = attention_kernel(dev, precs[0])
         out = DeviceCalibration(
@@ -873,8 +956,9 @@ def measure_device(
             row_matmul=rows,
             cache_bytes=llc // max(1, sharing),
             attention_kernel=kernel,
-            microbatch_fwd_s=mb_f,
-            microbatch_bwd_s=mb_b,
+            microbatch_fwd_s=overhead.microbatch_fwd_s,
+            microbatch_bwd_s=overhead.microbatch_bwd_s,
+            step_s=overhead.step_s,
             optimizer=opt,
             threads=threads,
             device_name=name,

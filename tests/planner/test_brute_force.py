@@ -287,6 +287,7 @@ def _random_problem(seed: int):
             pools.append(PoolSupply(h, k, rng.randint(1, 3), rng.randint(60, 200), 1 + h))
     classes = ((1, 1), (2, 1), (1, 2))
     options = []
+    edges = [(rng.choice((0, 0, 2, 9)), rng.choice((0, 1, 5))) for _ in pools]
     n_time = n_mem = n_act = n_ar = 0
     fwd, bwd, mem, act, inp, ar = [], [], [], [], [], []
     for pi, q in enumerate(pools):
@@ -320,6 +321,8 @@ def _random_problem(seed: int):
                     fwd_const=rng.randint(0, 3),
                     bwd_const=rng.randint(0, 3),
                     ar_latency=rng.randint(0, 3),
+                    edge_fwd=edges[pi][0],  # the runtime's cost per pipeline boundary: per pool (kind)
+                    edge_bwd=edges[pi][1],
                     recompute=kind,
                 )
             )

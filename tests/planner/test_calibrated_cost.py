@@ -115,6 +115,13 @@ def test_unknown_kind_or_malformed_calibration_names_file_and_field(tmp_path: Pa
         match=r"lab.yaml: \S*cpu.json: calibration.device.ops.norm.fwd.seconds\[2\]: expected a positive number",
     ):
         load_cluster(tmp_path / "lab.yaml")
+    bad = Calibration(kind="cpu-epyc-2core", device=_device()).to_dict()
+    bad["device"]["boundary_bwd_s"] = -2e-4
+    (tmp_path / "cpu.json").write_text(json.dumps(bad))
+    with pytest.raises(
+        CalibrationError, match=r"cpu.json: .*calibration.device.boundary_bwd_s: expected a number >= 0(\.0)?, got -0.0002"
+    ):
+        load_cluster(tmp_path / "lab.yaml")
     (tmp_path / "lab.yaml").write_text(CPU_YAML + "calibrations: [missing.json]\n")
     with pytest.raises(CalibrationError, match=r"lab.yaml: cannot read calibration file '.*missing.json'"):
         load_cluster(tmp_path / "lab.yaml")
@@ -261,7 +268,28 @@ def test_calibrated_node_times_read_the_curves() -> None:
         send_link=None,
     )
     assert st.fwd_s == pytest.approx(float(f[-1]) + dev.microbatch_fwd_s)
-    assert st.optimizer_s == pytest.approx(dev.optimizer["adam"].time(4 * 16 * 32))
+    assert st.bwd_s == pytest.approx(float(b[-1]) + dev.microbatch_bwd_s)
+    # ... and once per iteration the runtime's own step, in the tail with the optimizer.
+    assert st.optimizer_s == pytest.approx(dev.optimizer["adam"].time(4 * 16 * 32) + dev.step_s)
+    # A stage of a pipeline pays for each of its boundaries per microbatch: one at either end, two inside.
+    n = len(g)
+    for start, end, sides in ((0, 3, 1), (3, n, 1), (1, 3, 2)):
+        part = cost.stage_cost(
+            start,
+            end,
+            kind="cpu-epyc-2core",
+            microbatch=2,
+            inflight=1,
+            dp=1,
+            allreduce_link=c.hosts[0].link,
+            send_link=None,
+        )
+        assert part.fwd_s == pytest.approx(
+            float(f[end] - f[start]) + dev.microbatch_fwd_s + sides * dev.boundary_fwd_s
+        ), (start, end)
+        assert part.bwd_s == pytest.approx(
+            float(b[end] - b[start]) + dev.microbatch_bwd_s + sides * dev.boundary_bwd_s
+        ), (start, end)
 
 
 def test_a_kind_without_fused_attention_stores_the_scores() -> None:
