@@ -3,7 +3,8 @@
 A mode fixes how many sizes each curve gets, how long ``torch.utils.benchmark`` repeats each measurement
 (it warms up, then repeats blocks of calls for at least ``min_run_time`` and reports the median), and the
 largest single op and transfer it times (a curve stops before a size whose op would take longer). The
-default takes about two minutes on a 2-core CPU (119 s here), ``quick`` about 45 s.
+default takes about two minutes on a 2-core CPU (115-129 s here, with the runs of the runtime's own
+costs), ``quick`` about 45 s.
 """
 
 from __future__ import annotations
