@@ -119,7 +119,8 @@ def test_unknown_kind_or_malformed_calibration_names_file_and_field(tmp_path: Pa
     bad["device"]["boundary_bwd_s"] = -2e-4
     (tmp_path / "cpu.json").write_text(json.dumps(bad))
     with pytest.raises(
-        CalibrationError, match=r"cpu.json: .*calibration.device.boundary_bwd_s: expected a number >= 0(\.0)?, got -0.0002"
+        CalibrationError,
+        match=r"cpu.json: .*calibration.device.boundary_bwd_s: expected a number >= 0(\.0)?, got -0.0002",
     ):
         load_cluster(tmp_path / "lab.yaml")
     (tmp_path / "lab.yaml").write_text(CPU_YAML + "calibrations: [missing.json]\n")
