@@ -141,6 +141,20 @@ class _Sweep:
         self.last = (self._current, seconds)
 
 
+@dataclass(frozen=True, slots=True)
+class _Pace:
+    """What every curve of one op class is measured under: the mode, the progress tick after each size, and
+    the ranks measuring beside this one (each size taken together, see :class:`_Sweep`)."""
+
+    budget: Budget
+    tick: Callable[[], None]
+    peers: Peers | None = None
+
+    def sweep(self, values: Sequence[float], power: float = 1.0) -> _Sweep:
+        """The sizes of one curve (:class:`_Sweep`)."""
+        return _Sweep(values, self.budget, power, self.peers)
+
+
 def _curve(points: Sequence[tuple[float, float]]) -> Curve:
     """A curve from (size, seconds) points: per size the median (the geometric mean of the middle two of
     an even count: several ranks measure each size), then made non-decreasing by pooling adjacent
@@ -317,18 +331,10 @@ def _fwd_bwd(
 
 
 # ---------------------------------------------------------------------------------------------- classes
-def _matmul(
-    device: torch.device,
-    precision: str,
-    budget: Budget,
-    tick: Callable[[], None],
-    llc: int,
-    mem: float,
-    peers: Peers | None = None,
-) -> OpTimes:
+def _matmul(device: torch.device, precision: str, pace: _Pace, llc: int, mem: float) -> OpTimes:
     fwd_pts, bwd_pts = [], []
     prec = functools.partial(matmul_precision, precision, device)
-    sweep = _Sweep(_geometric(1e4, 1e14, budget.points_per_decade), budget, peers=peers)
+    sweep = pace.sweep(_geometric(1e4, 1e14, pace.budget.points_per_decade))
     for target in sweep:
         # A linear of T = 2h tokens from width h to 3h: 2 T K N = 12 h^3 FLOPs (a transformer's matmuls
         # range from h -> h to h -> 4h on T = batch x sequence tokens).
@@ -339,48 +345,39 @@ def _matmul(
             break
         x = torch.randn(t, k, device=device, requires_grad=True)
         ws = [torch.randn(n, k, device=device, requires_grad=True) for _ in range(count)]
-        tf, tb = _fwd_bwd([functools.partial(aten.linear.default, x, w) for w in ws], budget, prec)
+        tf, tb = _fwd_bwd([functools.partial(aten.linear.default, x, w) for w in ws], pace.budget, prec)
         flops = 2.0 * t * k * n
         fwd_pts.append((flops, tf))
         bwd_pts.append((flops, tb))
-        tick()
+        pace.tick()
         sweep.took(tf)
     return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
 
 
-def _attention(
-    device: torch.device, precision: str, budget: Budget, tick: Callable[[], None], peers: Peers | None = None
-) -> OpTimes:
+def _attention(device: torch.device, precision: str, pace: _Pace) -> OpTimes:
     fwd_pts, bwd_pts = [], []
     prec = functools.partial(matmul_precision, precision, device)
     heads, dim = 4, 32
-    lengths = sorted({max(8, round(x / 8) * 8) for x in _geometric(8, 16384, budget.points_per_decade)})
-    sweep = _Sweep(lengths, budget, power=2.0, peers=peers)
+    lengths = sorted({max(8, round(x / 8) * 8) for x in _geometric(8, 16384, pace.budget.points_per_decade)})
+    sweep = pace.sweep(lengths, power=2.0)
     for s in sweep:
         s = int(s)
         q, k, v = (torch.randn(1, heads, s, dim, device=device, requires_grad=True) for _ in range(3))
         sdpa = functools.partial(aten.scaled_dot_product_attention.default, q, k, v, None, 0.0, True)
-        tf, tb = _fwd_bwd(sdpa, budget, prec)
+        tf, tb = _fwd_bwd(sdpa, pace.budget, prec)
         flops = 4.0 * heads * s * s * dim  # torch's FlopCounter formula for SDPA's forward (QK^T and PV)
         fwd_pts.append((flops, tf))
         bwd_pts.append((flops, tb))
-        tick()
+        pace.tick()
         sweep.took(tf)
     return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
 
 
-def _stream(
-    device: torch.device,
-    budget: Budget,
-    tick: Callable[[], None],
-    llc: int,
-    mem: float,
-    peers: Peers | None = None,
-) -> OpTimes:
+def _stream(device: torch.device, pace: _Pace, llc: int, mem: float) -> OpTimes:
     """A one-token linear (matrix-vector product) against bytes moved (input + weight + output): how fast
     cold weights stream, forward and backward (see [Note: cold weights])."""
     fwd_pts, bwd_pts = [], []
-    sweep = _Sweep(_geometric(1e3, 1e11, budget.points_per_decade), budget, peers=peers)
+    sweep = pace.sweep(_geometric(1e3, 1e11, pace.budget.points_per_decade))
     for target in sweep:
         k = max(4, round(math.sqrt(target / 4) / 4) * 4)
         count = _pool(4.0 * k * k, llc)
@@ -388,23 +385,16 @@ def _stream(
             break
         x = torch.randn(1, k, device=device, requires_grad=True)
         ws = [torch.randn(k, k, device=device, requires_grad=True) for _ in range(count)]
-        tf, tb = _fwd_bwd([functools.partial(aten.linear.default, x, w) for w in ws], budget)
+        tf, tb = _fwd_bwd([functools.partial(aten.linear.default, x, w) for w in ws], pace.budget)
         nbytes = 4.0 * (k * k + 2 * k)
         fwd_pts.append((nbytes, tf))
         bwd_pts.append((nbytes, tb))
-        tick()
+        pace.tick()
         sweep.took(tf)
     return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
 
 
-def _row_matmul(
-    device: torch.device,
-    budget: Budget,
-    tick: Callable[[], None],
-    llc: int,
-    mem: float,
-    peers: Peers | None = None,
-) -> dict[int, OpTimes]:
+def _row_matmul(device: torch.device, pace: _Pace, llc: int, mem: float) -> dict[int, OpTimes]:
     """Linears of ``T`` rows (each of :data:`~distplan.calibration.ROW_COUNTS`) against their weight bytes
     ``8 k^2``, weights cold as for :func:`_stream` (see [Note: cold weights]); the backward accumulates the
     weight gradient into ``.grad`` as every microbatch after the first does. Each point is the geometric
@@ -413,7 +403,7 @@ def _row_matmul(
     out: dict[int, OpTimes] = {}
     for rows in ROW_COUNTS:
         fwd_pts, bwd_pts = [], []
-        sweep = _Sweep(_geometric(1e4, 1e10, budget.points_per_decade), budget, peers=peers)
+        sweep = pace.sweep(_geometric(1e4, 1e10, pace.budget.points_per_decade))
         for target in sweep:
             k = max(4, round(math.sqrt(target / 8) / 4) * 4)
             count = _pool(8.0 * k * k, llc)
@@ -423,13 +413,15 @@ def _row_matmul(
             for k_in, k_out in ((k, 2 * k), (2 * k, k)):
                 x = torch.randn(rows, k_in, device=device, requires_grad=True)
                 ws = [torch.randn(k_out, k_in, device=device, requires_grad=True) for _ in range(count)]
-                times.append(_fwd_bwd([functools.partial(aten.linear.default, x, w) for w in ws], budget))
+                times.append(
+                    _fwd_bwd([functools.partial(aten.linear.default, x, w) for w in ws], pace.budget)
+                )
                 del x, ws
             tf = math.sqrt(times[0][0] * times[1][0])
             tb = math.sqrt(times[0][1] * times[1][1])
             fwd_pts.append((8.0 * k * k, tf))
             bwd_pts.append((8.0 * k * k, tb))
-            tick()
+            pace.tick()
             sweep.took(tf)
         out[rows] = OpTimes(_curve(fwd_pts), _curve(bwd_pts))
     return out
@@ -468,34 +460,32 @@ _ELEMENTWISE: tuple[tuple[str, int, Callable[[torch.Tensor, torch.Tensor], torch
 
 def _memory_class(
     device: torch.device,
-    budget: Budget,
-    tick: Callable[[], None],
+    pace: _Pace,
     mem: float,
     ops: Sequence[
         tuple[str, Callable[[int], tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], float]]]
     ],
-    peers: Peers | None = None,
 ) -> OpTimes:
     """Curves of memory-bound ops against bytes moved, the geometric mean over ``ops`` at each size.
 
     Each entry of ``ops`` maps a byte budget to (leaf input x, op(x), bytes one op moves); the op's own
     weights, if any, are leaves that require grad."""
     fwd_pts, bwd_pts = [], []
-    sweep = _Sweep(_geometric(64, 1e11, budget.points_per_decade), budget, peers=peers)
+    sweep = pace.sweep(_geometric(64, 1e11, pace.budget.points_per_decade))
     for target in sweep:
         if (CHAIN + 4) * target > mem:  # the input, a constant, the chain's saved values, a gradient
             break
         tfs, tbs, sizes = [], [], []
         for _, build in ops:
             x, op, nbytes = build(int(target))
-            tf, tb = _fwd_bwd(functools.partial(_chain, op, x), budget, per=CHAIN)
+            tf, tb = _fwd_bwd(functools.partial(_chain, op, x), pace.budget, per=CHAIN)
             tfs.append(tf)
             tbs.append(tb)
             sizes.append(nbytes)
         size = math.exp(sum(map(math.log, sizes)) / len(sizes))
         fwd_pts.append((size, math.exp(sum(map(math.log, tfs)) / len(tfs))))
         bwd_pts.append((size, math.exp(sum(map(math.log, tbs)) / len(tbs))))
-        tick()
+        pace.tick()
         sweep.took(max(tfs))
     return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
 
@@ -522,15 +512,13 @@ _TARGETS: tuple[tuple[str, int, Callable[[torch.Tensor], torch.Tensor], bool], .
 )
 
 
-def _targets(
-    device: torch.device, budget: Budget, tick: Callable[[], None], mem: float, peers: Peers | None = None
-) -> dict[str, OpTimes]:
+def _targets(device: torch.device, pace: _Pace, mem: float) -> dict[str, OpTimes]:
     """Curves of the operators of :data:`_TARGETS`, each against the bytes it moves."""
     out: dict[str, OpTimes] = {}
-    sizes = _geometric(64, 1e11, max(1.0, budget.points_per_decade * 2 / 3))
+    sizes = _geometric(64, 1e11, max(1.0, pace.budget.points_per_decade * 2 / 3))
     for name, per_elem, op, chains in _TARGETS:
         fwd_pts, bwd_pts = [], []
-        sweep = _Sweep(sizes, budget, peers=peers)
+        sweep = pace.sweep(sizes)
         for target in sweep:
             if (CHAIN + 4) * target > mem:
                 break
@@ -538,14 +526,14 @@ def _targets(
             x = (torch.rand(rows, width, device=device) + 0.5).requires_grad_()
             nbytes = float(per_elem * rows * width) + (4.0 * rows if not chains else 0.0)
             if chains:
-                tf, tb = _fwd_bwd(functools.partial(_chain, op, x), budget, per=CHAIN)
+                tf, tb = _fwd_bwd(functools.partial(_chain, op, x), pace.budget, per=CHAIN)
             else:
-                tf, tb = _fwd_bwd(functools.partial(op, x), budget)
+                tf, tb = _fwd_bwd(functools.partial(op, x), pace.budget)
             fwd_pts.append((nbytes, tf))
             bwd_pts.append((nbytes, tb))
             sweep.took(tf)
         out[name] = OpTimes(_curve(fwd_pts), _curve(bwd_pts))
-        tick()
+        pace.tick()
     return out
 
 
@@ -594,19 +582,12 @@ def _norm_ops(device: torch.device) -> list[tuple[str, _Build]]:
     return [("layer_norm", layer_norm), ("softmax", softmax)]
 
 
-def _embedding(
-    device: torch.device,
-    budget: Budget,
-    tick: Callable[[], None],
-    llc: int,
-    mem: float,
-    peers: Peers | None = None,
-) -> OpTimes:
+def _embedding(device: torch.device, pace: _Pace, llc: int, mem: float) -> OpTimes:
     """Embedding: the forward reads only the gathered rows (keyed by output bytes); the backward writes a
     dense gradient as large as the table (keyed by bytes moved, the table included, as the tracer counts)."""
     fwd_pts, bwd_pts = [], []
     dim = 64
-    sweep = _Sweep(_geometric(256, 1e10, budget.points_per_decade), budget, peers=peers)
+    sweep = pace.sweep(_geometric(256, 1e10, pace.budget.points_per_decade))
     for target in sweep:
         tokens = max(1, int(target) // (4 * dim))
         # A table several times the tokens it serves, as vocabularies are, within the memory limit.
@@ -616,11 +597,11 @@ def _embedding(
             break
         idx = torch.randint(0, vocab, (1, tokens), device=device)
         tables = [torch.randn(vocab, dim, device=device, requires_grad=True) for _ in range(count)]
-        tf, tb = _fwd_bwd([functools.partial(aten.embedding.default, w, idx) for w in tables], budget)
+        tf, tb = _fwd_bwd([functools.partial(aten.embedding.default, w, idx) for w in tables], pace.budget)
         out_bytes = 4.0 * tokens * dim
         fwd_pts.append((out_bytes, tf))
         bwd_pts.append((4.0 * vocab * dim + 8.0 * tokens + out_bytes, tb))
-        tick()
+        pace.tick()
         sweep.took(max(tf, tb))
     return OpTimes(_curve(fwd_pts), _curve(bwd_pts))
 
@@ -637,15 +618,7 @@ def _view(device: torch.device, budget: Budget) -> OpTimes:
     return OpTimes(Curve((1.0,), (tf,)), Curve((1.0,), (tb,)))
 
 
-def _optimizer(
-    device: torch.device,
-    name: str,
-    budget: Budget,
-    tick: Callable[[], None],
-    mem: float,
-    llc: int,
-    peers: Peers | None = None,
-) -> Curve:
+def _optimizer(device: torch.device, name: str, pace: _Pace, mem: float, llc: int) -> Curve:
     """Seconds of one optimizer step per parameter tensor, against the tensor's bytes (8 equal tensors,
     stepped together as the runtime steps a stage's parameters, divided). In training the step reads
     weights, gradients and states the forward and backward have pushed out of the cache, so successive
@@ -654,7 +627,7 @@ def _optimizer(
     the cache and measured 20-45% below what the runtime's steps took."""
     pts = []
     count = 8
-    sweep = _Sweep(_geometric(64, 4e9, budget.points_per_decade), budget, peers=peers)
+    sweep = pace.sweep(_geometric(64, 4e9, pace.budget.points_per_decade))
     for target in sweep:
         n = max(1, int(target) // 4)
         groups = _pool(count * 4 * 4.0 * n, llc)  # weights, gradients, two states
@@ -676,9 +649,9 @@ def _optimizer(
         def step(turn: Iterator[torch.optim.Optimizer] = turn) -> None:
             next(turn).step()
 
-        t = _median_s(step, budget) / count
+        t = _median_s(step, pace.budget) / count
         pts.append((4.0 * n, t))
-        tick()
+        pace.tick()
         sweep.took(t * count)
     return _curve(pts)
 
@@ -911,36 +884,37 @@ def measure_device(
 
         return tick
 
+    def pace(what: str) -> _Pace:
+        return _Pace(budget, ticker(what), peers)
+
     try:
         torch.manual_seed(0)
         with torch.random.fork_rng(devices=[]):
             matmul, attention = {}, {}
             for p in precs:
                 sync()
-                matmul[p] = _matmul(dev, p, budget, ticker(f"matmul {p}"), llc, mem, peers=peers)
+                matmul[p] = _matmul(dev, p, pace(f"matmul {p}"), llc, mem)
                 sync()
-                attention[p] = _attention(dev, p, budget, ticker(f"attention {p}"), peers=peers)
+                attention[p] = _attention(dev, p, pace(f"attention {p}"))
             sync()
-            stream = _stream(dev, budget, ticker("weight streaming"), llc, mem, peers=peers)
+            stream = _stream(dev, pace("weight streaming"), llc, mem)
             sync()
-            rows = _row_matmul(dev, budget, ticker("few-row matmuls"), llc, mem, peers=peers)
+            rows = _row_matmul(dev, pace("few-row matmuls"), llc, mem)
             ops = {}
             sync()
-            ops["elementwise"] = _memory_class(
-                dev, budget, ticker("elementwise"), mem, _elementwise_ops(dev), peers=peers
-            )
+            ops["elementwise"] = _memory_class(dev, pace("elementwise"), mem, _elementwise_ops(dev))
             sync()
-            ops["norm"] = _memory_class(dev, budget, ticker("norm"), mem, _norm_ops(dev), peers=peers)
+            ops["norm"] = _memory_class(dev, pace("norm"), mem, _norm_ops(dev))
             sync()
-            ops["embedding"] = _embedding(dev, budget, ticker("embedding"), llc, mem, peers=peers)
+            ops["embedding"] = _embedding(dev, pace("embedding"), llc, mem)
             sync()
             ops["view"] = _view(dev, budget)
             sync()
-            targets = _targets(dev, budget, ticker("operators"), mem, peers=peers)
+            targets = _targets(dev, pace("operators"), mem)
             opt = {}
             for name in optimizers:
                 sync()
-                opt[name] = _optimizer(dev, name, budget, ticker(f"optimizer {name}"), mem, llc, peers=peers)
+                opt[name] = _optimizer(dev, name, pace(f"optimizer {name}"), mem, llc)
             overhead = RuntimeOverhead(0.0, 0.0, 0.0)
             if runtime:
                 ticker("runtime overhead")()
