@@ -1069,11 +1069,13 @@ class CostModel:
             elem = cal.ops.get("elementwise")
             if elem is not None and dp > 1:
                 # The runner concatenates the gradients, all-reduces the buffer and copies each gradient
-                # back (lowering.sharding.coalesced_all_reduce); the loss is summed over the replicas too.
+                # back (lowering.sharding.coalesced_all_reduce). The last stage's loss is summed over the
+                # replicas in that buffer too (Runner._sync_gradients), or on its own where FSDP2
+                # reduces the gradients.
                 grad = held * to_grad
                 one_pass += sum(elem.fwd.time(2 * x) for x in extras)
                 allreduce += elem.fwd.time(2 * grad) + one_pass
-                if end == self.n:
+                if end == self.n and cfg.shard != "none":
                     allreduce += self.allreduce_time(self.param_elem_bytes, dp=dp, link=allreduce_link)
         parts, total = self.memory_parts(
             start, end, microbatch=microbatch, inflight=inflight, kind=kind, config=cfg
