@@ -82,6 +82,14 @@ class StepTimes:
             sum(sum(v) for v in self.fwd_s.values()) + sum(sum(v) for v in self.bwd_s.values()) + self.loss_s
         )
 
+    @property
+    def untimed_s(self) -> float:
+        """The iteration minus every timed region (compute, loss, transfer waits, all-reduces, optimizer):
+        what the runtime spent on its own between them."""
+        return (
+            self.iteration_s - self.compute_s - (self.p2p_wait_s or 0.0) - self.allreduce_s - self.optimizer_s
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "rank": self.rank,

@@ -760,8 +760,8 @@ def pipeline_overhead(device: str, budget: Budget, one_rank: RuntimeOverhead) ->
     rank, the iteration minus every timed region (compute, loss, transfer waits, all-reduce, optimizer) is
     the runtime's own time, and its growth per microbatch minus ``one_rank``'s (a stage without
     boundaries) is the boundary's part, split evenly between the forward and the backward. Measured on
-    this 2-core VM: 0.6-0.9 ms per microbatch per boundary (one rank's runtime alone: 0.06 ms), which
-    left every pipeline row of ``benchmarks/cost_accuracy.py`` under-predicted.
+    this 2-core VM: 0.41-0.49 ms per microbatch per boundary (one rank's runtime alone: 0.06 ms); unpriced,
+    it left every pipeline row of ``benchmarks/cost_accuracy.py`` under-predicted.
 
     Raises:
         CalibrationError: when the plan cannot be run here (fewer than two devices, a rank that failed).
@@ -788,17 +788,7 @@ def pipeline_overhead(device: str, budget: Budget, one_rank: RuntimeOverhead) ->
             )
         except DistplanError as e:
             raise CalibrationError(f"the pipeline overhead could not be measured: {e}") from e
-        outside[m] = [
-            statistics.median(
-                step[r].iteration_s
-                - step[r].compute_s
-                - (step[r].p2p_wait_s or 0.0)
-                - step[r].allreduce_s
-                - step[r].optimizer_s
-                for step in run.steps
-            )
-            for r in range(2)
-        ]
+        outside[m] = [statistics.median(step[r].untimed_s for step in run.steps) for r in range(2)]
     slope = sum((outside[8][r] - outside[1][r]) / 7 for r in range(2)) / 2
     extra = max(0.0, slope - one_rank.microbatch_fwd_s - one_rank.microbatch_bwd_s)
     return extra / 2, extra / 2
